@@ -1,0 +1,1 @@
+"""Throughput benchmarks (installed as mlx_openelm.bench)."""

@@ -1,0 +1,1 @@
+"""Checkpoint conversion (installed as mlx_openelm.convert)."""

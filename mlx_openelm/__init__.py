@@ -1,0 +1,39 @@
+"""mlx-openelm: Apple's OpenELM models on Apple silicon with MLX.
+
+The public API is imported lazily, so `import mlx_openelm` (and the CLI's
+`--help`) does not load MLX.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "load": "loading",
+    "load_model": "loading",
+    "Model": "model",
+    "make_cache": "model",
+    "KVCache": "cache",
+    "ModelArgs": "config",
+    "Tokenizer": "tokenizer",
+    "generate_step": "generation",
+    "stream_generate": "generation",
+    "generate": "generation",
+    "GenerationResponse": "generation",
+    "make_sampler": "sampling",
+    "make_logits_processors": "sampling",
+    "OpenELMError": "errors",
+}
+
+__all__ = list(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'mlx_openelm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,21 @@
+"""Errors meant for users: each message names the file, key or option at fault."""
+
+
+class OpenELMError(Exception):
+    """Base class for every error mlx-openelm reports to a user."""
+
+
+class ConfigError(OpenELMError, ValueError):
+    """A config.json (or preset, or option) that is not a valid OpenELM architecture."""
+
+
+class CheckpointError(OpenELMError):
+    """Weights that are missing, unreadable, unexpected or wrongly shaped."""
+
+
+class TokenizerError(OpenELMError):
+    """A tokenizer that cannot be found or read."""
+
+
+class ContextLengthError(OpenELMError, ValueError):
+    """A request that does not fit in the model's context window."""

@@ -1,0 +1,239 @@
+"""Load OpenELM checkpoints (Hugging Face folders or converted MLX folders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ModelArgs, read_config
+from .errors import CheckpointError, ConfigError
+from .model import Model
+from .tokenizer import Tokenizer, resolve_tokenizer_path
+
+DTYPES = {
+    "float32": mx.float32,
+    "fp32": mx.float32,
+    "float16": mx.float16,
+    "fp16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "bf16": mx.bfloat16,
+}
+DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}
+
+# Saved by Hugging Face's OpenELM but never used by the model.
+IGNORED_KEYS = frozenset({"transformer.classifier.weight"})
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+DTypeLike = Union[str, mx.Dtype, None]
+
+
+def parse_dtype(dtype: DTypeLike, option: str = "dtype") -> Optional[mx.Dtype]:
+    """'float16' / 'bf16' / mx.float32 / None -> mx.Dtype or None. Errors name `option`."""
+    if dtype is None or isinstance(dtype, mx.Dtype):
+        if dtype is not None and dtype not in DTYPE_NAMES:
+            raise ConfigError(f"{option}: unsupported dtype {dtype}; choose float32, float16 or bfloat16")
+        return dtype
+    key = str(dtype).lower()
+    if key not in DTYPES:
+        raise ConfigError(f"{option}: unknown dtype {dtype!r}; choose float32, float16 or bfloat16")
+    return DTYPES[key]
+
+
+def fp16_is_safe(args: ModelArgs) -> bool:
+    """OpenELM-3B (model_dim 3072) overflows float16 activations; smaller sizes do not."""
+    return args.model_dim < 3072
+
+
+def default_dtype(args: ModelArgs, stored: Optional[mx.Dtype] = None) -> mx.Dtype:
+    """The compute dtype that suits the current device.
+
+    The CPU backend emulates half precision (and quantized matmuls with half
+    activations are far slower), so it computes in float32. On a GPU: bfloat16
+    for bfloat16 checkpoints and for models that overflow float16, else float16.
+    """
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    if stored == mx.bfloat16 or not fp16_is_safe(args):
+        return mx.bfloat16
+    return mx.float16
+
+
+def _load_safetensors(path: Path) -> dict[str, mx.array]:
+    try:
+        return mx.load(str(path))
+    except Exception as e:  # MLX raises bare RuntimeError/ValueError on corrupt files
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from the index when sharded."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            shard = folder / name
+            if not shard.is_file():
+                raise CheckpointError(f"{index}: lists shard '{name}', which is missing from {folder}")
+            files.append(shard)
+        return files
+    single = folder / SAFETENSORS_FILE
+    if single.is_file():
+        return [single]
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    hint = f" (found {', '.join(found)} but no {SAFETENSORS_INDEX})" if found else ""
+    raise CheckpointError(f"{folder}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}{hint}")
+
+
+def read_weights(folder: Path) -> dict[str, mx.array]:
+    """All tensors of a checkpoint folder, by name (shards merged)."""
+    weights: dict[str, mx.array] = {}
+    for path in weight_files(folder):
+        for name, array in _load_safetensors(path).items():
+            if name in weights:
+                raise CheckpointError(f"{path}: tensor '{name}' also appears in another shard")
+            weights[name] = array
+    return weights
+
+
+# ---- quantization ------------------------------------------------------------------
+
+def quantization_spec(
+    quantization: Mapping[str, Any], path: str, module: nn.Module, source: str = "config.json"
+) -> Optional[dict[str, int]]:
+    """{'bits', 'group_size'} for the module at `path`, or None to keep it in float.
+
+    `quantization` is config.json's entry:
+    ``{"bits": 4, "group_size": 64, "layers": {"<module path>": {"bits": 8, "group_size": 64} | false}}``.
+    """
+    if not hasattr(module, "to_quantized"):
+        return None
+    layers = quantization.get("layers", {})
+    spec = layers.get(path, {})
+    if spec is False or spec is None:
+        return None
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"{source}: quantization.layers['{path}'] must be an object or false")
+    try:
+        bits = int(spec.get("bits", quantization["bits"]))
+        group_size = int(spec.get("group_size", quantization["group_size"]))
+    except KeyError as e:
+        raise ConfigError(f"{source}: quantization entry is missing key {e}") from None
+    return {"bits": bits, "group_size": group_size}
+
+
+def apply_quantization(model: Model, quantization: Mapping[str, Any], source: str = "config.json") -> None:
+    """Swap Linear/Embedding layers for quantized ones as `quantization` prescribes."""
+    mode = quantization.get("mode", "affine")
+    if mode != "affine":
+        raise ConfigError(f"{source}: quantization mode {mode!r} is not supported (only 'affine')")
+
+    def predicate(path: str, module: nn.Module):
+        spec = quantization_spec(quantization, path, module, source)
+        return False if spec is None else {**spec, "mode": mode}
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+# ---- loading -----------------------------------------------------------------------
+
+def _check_names_and_shapes(model: Model, weights: Mapping[str, mx.array], source: Path) -> None:
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected) - IGNORED_KEYS)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(
+            f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    for name in sorted(set(expected) & set(weights)):
+        if tuple(weights[name].shape) != tuple(expected[name].shape):
+            problems.append(
+                f"tensor '{name}' has shape {tuple(weights[name].shape)}, "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match config.json: " + "; ".join(problems))
+
+
+def stored_float_dtype(weights: Mapping[str, mx.array]) -> Optional[mx.Dtype]:
+    for array in weights.values():
+        if mx.issubdtype(array.dtype, mx.floating):
+            return array.dtype
+    return None
+
+
+def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
+    """Load an OpenELM model from a folder holding `config.json` and safetensors weights.
+
+    Works for Apple's Hugging Face checkpoints (fp32 or bf16, single file or sharded)
+    and for folders written by `mlx-openelm convert` (quantized or not: config.json's
+    `quantization` entry says which). `dtype` is the compute dtype; by default the one
+    that suits the device (see `default_dtype`).
+    """
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: model folder not found")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a model folder (config.json + safetensors), got a file")
+    config_path = folder / "config.json"
+    config = read_config(config_path)
+    args = ModelArgs.from_dict(config, source=str(config_path))
+    compute_dtype = parse_dtype(dtype)
+
+    weights = read_weights(folder)
+    for name in IGNORED_KEYS:
+        weights.pop(name, None)
+    model = Model(args)
+    if "quantization" in config:
+        if not isinstance(config["quantization"], Mapping):
+            raise ConfigError(f"{config_path}: 'quantization' must be an object")
+        apply_quantization(model, config["quantization"], str(config_path))
+    _check_names_and_shapes(model, weights, folder)
+
+    if compute_dtype is None:
+        compute_dtype = default_dtype(args, stored_float_dtype(weights))
+    weights = {
+        name: array.astype(compute_dtype) if mx.issubdtype(array.dtype, mx.floating) else array
+        for name, array in weights.items()
+    }
+    model.load_weights(list(weights.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def load(
+    path: Union[str, Path], tokenizer: Union[str, Path, None] = None, dtype: DTypeLike = None
+) -> tuple[Model, Tokenizer]:
+    """Load a model folder and its SentencePiece tokenizer.
+
+    The tokenizer is `tokenizer` (a `tokenizer.model` file or a folder holding one)
+    or else `tokenizer.model` inside the model folder.
+    """
+    tokenizer_path = resolve_tokenizer_path(path, tokenizer)
+    tok = Tokenizer(tokenizer_path)
+    model = load_model(path, dtype=dtype)
+    if tok.vocab_size > model.args.vocab_size:
+        raise CheckpointError(
+            f"{tokenizer_path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+            f"{model.args.vocab_size}; is this the right tokenizer?"
+        )
+    return model, tok
+
+
+def model_dtype(model: nn.Module) -> mx.Dtype:
+    """The float dtype the model computes in (its norms' weights are never quantized)."""
+    return model.transformer.norm.weight.dtype

@@ -1,0 +1,115 @@
+"""Samplers and logits processors, built as closures.
+
+A sampler maps log-probabilities (B, vocab) to token ids (B,). A logits processor
+maps (token history (n,), logits (B, vocab)) to adjusted logits.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def apply_top_k(logits: mx.array, k: int) -> mx.array:
+    """Keep the k largest entries per row, set the rest to -inf."""
+    vocab = logits.shape[-1]
+    if k <= 0 or k >= vocab:
+        return logits
+    dropped = mx.argpartition(-logits, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logits, dropped, mx.array(-math.inf, logits.dtype), axis=-1)
+
+
+def apply_top_p(logits: mx.array, p: float) -> mx.array:
+    """Nucleus filter: keep the smallest set of most likely tokens whose mass reaches p."""
+    if p >= 1.0:
+        return logits
+    order = mx.argsort(-logits, axis=-1)
+    sorted_probs = mx.take_along_axis(mx.softmax(logits, axis=-1), order, axis=-1)
+    mass_before = mx.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = mass_before < p  # the most likely token always survives
+    keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+    return mx.where(keep, logits, -math.inf)
+
+
+def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
+    """Keep tokens whose probability is at least `min_p` times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    threshold = mx.max(logprobs, axis=-1, keepdims=True) + math.log(min_p)
+    return mx.where(logprobs >= threshold, logits, -math.inf)
+
+
+def validate_sampling(temp: float, top_k: int, top_p: float, min_p: float) -> None:
+    if not (temp >= 0 and math.isfinite(temp)):
+        raise ValueError(f"temp must be a finite number >= 0, got {temp}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+    if not 0.0 <= min_p < 1.0:
+        raise ValueError(f"min_p must be in [0, 1) (0 disables it), got {min_p}")
+
+
+def make_sampler(
+    temp: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+) -> Sampler:
+    """Greedy at `temp == 0`; otherwise temperature, then top-k, top-p, min-p, then a draw.
+
+    The order follows Hugging Face's warpers. With `seed`, draws come from the
+    sampler's own PRNG key, so two samplers with one seed give the same tokens.
+    """
+    validate_sampling(temp, top_k, top_p, min_p)
+    if temp == 0:
+        return greedy
+    key = mx.random.key(seed) if seed is not None else None
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        logits = logprobs / temp
+        logits = apply_top_k(logits, top_k)
+        logits = apply_top_p(logits, top_p)
+        logits = apply_min_p(logits, min_p)
+        if key is None:
+            return mx.random.categorical(logits, axis=-1)
+        key, draw_key = mx.random.split(key)
+        return mx.random.categorical(logits, axis=-1, key=draw_key)
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float) -> LogitsProcessor:
+    """Hugging Face's repetition penalty over every token seen (prompt included):
+    positive logits of seen tokens are divided by `penalty`, negative ones multiplied."""
+    if not (penalty > 0 and math.isfinite(penalty)):
+        raise ValueError(f"repetition_penalty must be a positive number, got {penalty}")
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        seen = logits[:, tokens]
+        logits[:, tokens] = mx.where(seen < 0, seen * penalty, seen / penalty)
+        return logits
+
+    return process
+
+
+def make_logits_processors(repetition_penalty: Optional[float] = None) -> list[LogitsProcessor]:
+    if repetition_penalty is None or repetition_penalty == 1.0:
+        if repetition_penalty is not None and not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
+        return []
+    return [make_repetition_penalty(repetition_penalty)]

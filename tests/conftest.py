@@ -1,0 +1,55 @@
+"""Fixtures: synthetic OpenELM checkpoints (real names and keys, random weights) and a tokenizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from synthetic import TINY_CONFIG, UNTIED_CONFIG, random_weights, train_tokenizer, write_hf_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return copy.deepcopy(TINY_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights():
+    return random_weights(TINY_CONFIG, seed=0, classifier=True)
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory, tiny_weights, tokenizer_path):
+    """fp32, one model.safetensors, tied head, q/k norm, a vestigial classifier, tokenizer inside."""
+    folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny"
+    return write_hf_checkpoint(folder, TINY_CONFIG, tiny_weights, tokenizer=tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def sharded_checkpoint(tmp_path_factory, tiny_weights):
+    folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-sharded"
+    return write_hf_checkpoint(folder, TINY_CONFIG, tiny_weights, shards=3)
+
+
+@pytest.fixture(scope="session")
+def bf16_checkpoint(tmp_path_factory, tiny_weights):
+    folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-Instruct"
+    return write_hf_checkpoint(folder, TINY_CONFIG, tiny_weights, dtype="bfloat16")
+
+
+@pytest.fixture(scope="session")
+def untied_weights():
+    return random_weights(UNTIED_CONFIG, seed=1)
+
+
+@pytest.fixture(scope="session")
+def untied_checkpoint(tmp_path_factory, untied_weights):
+    """Separate lm_head.weight, no q/k norm."""
+    folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-untied"
+    return write_hf_checkpoint(folder, UNTIED_CONFIG, untied_weights)
