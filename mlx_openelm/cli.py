@@ -115,6 +115,7 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, max_tokens, temp
     import json
 
     from .generation import stream_generate
+    from .hub import resolve_model_path
     from .loading import load
 
     if prompt == "-":
@@ -122,7 +123,7 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, max_tokens, temp
     kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
     if not quiet and not as_json:
         click.echo(f"Loading {model_path} ...", err=True)
-    model, tokenizer = load(model_path, tokenizer=tokenizer_path, dtype=dtype)
+    model, tokenizer = load(resolve_model_path(model_path), tokenizer=tokenizer_path, dtype=dtype)
 
     pieces, last = [], None
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
