@@ -44,10 +44,11 @@ def make_divisible(value: float, divisor: int, min_value: Optional[int] = None) 
     return int(rounded)
 
 
-def _linspace(start: float, stop: float, num: int) -> list[float]:
+def _linspace(start: float, stop: float, num: int, decimals: int) -> list[float]:
+    """numpy.linspace rounded to `decimals` places, as Apple's config code does."""
     if num == 1:
-        return [float(start)]
-    return [start + (stop - start) * i / (num - 1) for i in range(num)]
+        return [round(float(start), decimals)]
+    return [round(start + (stop - start) * i / (num - 1), decimals) for i in range(num)]
 
 
 @dataclass(frozen=True)
@@ -144,12 +145,12 @@ class ModelArgs:
         if "num_query_heads" in config:
             num_query_heads = _int_list(config["num_query_heads"], "num_query_heads", fail)
         else:
-            # CoreNet form: linearly scaled attention width between two multipliers.
+            # CoreNet form: attention width scaled linearly (multipliers rounded to 2 places).
             if len(qkv_multipliers) != 2:
                 raise fail("'num_query_heads' is missing and 'qkv_multipliers' is not a [min, max] pair")
             widths = [
                 make_divisible(model_dim * m, head_dim * num_gqa_groups)
-                for m in _linspace(qkv_multipliers[0], qkv_multipliers[1], num_layers)
+                for m in _linspace(qkv_multipliers[0], qkv_multipliers[1], num_layers, decimals=2)
             ]
             num_query_heads = [w // head_dim for w in widths]
         if "num_kv_heads" in config:
@@ -161,7 +162,7 @@ class ModelArgs:
             raise fail("missing required key 'ffn_multipliers'")
         ffn_multipliers = _number_list(config["ffn_multipliers"], "ffn_multipliers", fail)
         if len(ffn_multipliers) == 2 and num_layers != 2:
-            ffn_multipliers = [round(m, 2) for m in _linspace(ffn_multipliers[0], ffn_multipliers[1], num_layers)]
+            ffn_multipliers = _linspace(ffn_multipliers[0], ffn_multipliers[1], num_layers, decimals=2)
         elif len(ffn_multipliers) == 1 and num_layers != 1:
             ffn_multipliers = ffn_multipliers * num_layers
 

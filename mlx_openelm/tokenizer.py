@@ -66,7 +66,9 @@ class Tokenizer:
         return [self.bos_id] + ids if add_bos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """Text of `ids`; ids past the tokenizer (a padded model vocab, e.g. CoreNet's 32128) are skipped."""
+        size = self.vocab_size
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < size])
 
     def piece_bytes(self, token: int) -> bytes:
         if 0 <= token < len(self._piece_bytes):
