@@ -74,3 +74,8 @@ def test_random_token_sequences_match_sentencepiece(tokenizer):
 def test_ids_past_the_tokenizer_decode_to_nothing(tokenizer):
     detokenizer = tokenizer.detokenizer()
     assert detokenizer.add_token(tokenizer.vocab_size + 5) == ""
+
+
+def test_decode_skips_ids_past_the_tokenizer(tokenizer):
+    ids = tokenizer.encode("Once upon", add_bos=False)
+    assert tokenizer.decode(ids + [tokenizer.vocab_size + 3]) == "Once upon"
