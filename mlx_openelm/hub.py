@@ -1,16 +1,188 @@
-"""Resolve `--model` / `--tokenizer` references to local paths."""
+"""Resolve `--model` / `--tokenizer` references to local paths.
+
+A reference is a local path or a Hugging Face repo id (``apple/OpenELM-270M-Instruct``,
+``mlx-community/...``). Repo ids are fetched once into the standard Hugging Face cache
+through `huggingface_hub` (an optional dependency: ``pip install 'mlx-openelm[hub]'``)
+and work offline afterwards (``HF_HUB_OFFLINE=1``). `generate`, `chat` and `convert`
+share these functions.
+
+Apple's OpenELM repos carry no tokenizer. `resolve_tokenizer` looks, in order, at the
+tokenizer given, the model folder, and a default Llama-2 tokenizer repo
+(`DEFAULT_TOKENIZER_REPO`, overridden by the ``MLX_OPENELM_TOKENIZER_REPO`` environment
+variable; set it to an empty string to turn the fallback off).
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
-from typing import Union
+from typing import Callable, Optional, Sequence, Union
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OpenELMError, TokenizerError
+
+TOKENIZER_FILE = "tokenizer.model"
+# An ungated mirror of meta-llama/Llama-2-7b-hf (whose tokenizer OpenELM uses); only its
+# tokenizer.model is ever fetched.
+DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"
+TOKENIZER_REPO_ENV = "MLX_OPENELM_TOKENIZER_REPO"
+MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", TOKENIZER_FILE)
+INSTALL_HINT = "pip install 'mlx-openelm[hub]'"
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TRUE = {"1", "on", "yes", "true"}
+
+PathLike = Union[str, Path]
 
 
-def resolve_model_path(reference: Union[str, Path]) -> Path:
-    """A local model folder for `reference` (a path today; Hugging Face repo ids to come)."""
+def looks_like_repo_id(reference: PathLike) -> bool:
+    """True for ``owner/name`` strings that are not an existing local path."""
+    text = str(reference)
+    return bool(_REPO_ID.match(text)) and ".." not in text and not Path(text).expanduser().exists()
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, read now rather than at import."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in _TRUE:
+            return True
+    return False
+
+
+def hub_cache_dir() -> Optional[Path]:
+    """The Hugging Face cache folder, read from the environment now (None: the library default)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return None
+
+
+def _cache_description() -> str:
+    cache = hub_cache_dir()
+    if cache is None:
+        try:
+            from huggingface_hub import constants
+
+            cache = Path(constants.HF_HUB_CACHE)
+        except ImportError:  # pragma: no cover - only reached with huggingface_hub present
+            return "the Hugging Face cache"
+    return f"the Hugging Face cache ({cache})"
+
+
+def download(
+    repo_id: str,
+    allow_patterns: Sequence[str] = MODEL_PATTERNS,
+    error: type[OpenELMError] = CheckpointError,
+) -> Path:
+    """The local snapshot folder of `repo_id`, downloading the files matching `allow_patterns`.
+
+    Offline (``HF_HUB_OFFLINE=1``) only the cache is looked at. Errors are `error`
+    instances whose message says what to do.
+    """
+    try:
+        import huggingface_hub
+        from huggingface_hub import errors as hub_errors
+    except ImportError:
+        raise error(
+            f"{repo_id} looks like a Hugging Face repo id, and fetching it needs huggingface_hub: "
+            f"{INSTALL_HINT} (or pass a local folder)"
+        ) from None
+    offline = hub_offline()
+    try:
+        folder = huggingface_hub.snapshot_download(
+            repo_id,
+            allow_patterns=list(allow_patterns),
+            cache_dir=hub_cache_dir(),
+            local_files_only=offline,
+        )
+    except hub_errors.GatedRepoError:
+        raise error(
+            f"{repo_id} is gated on the Hugging Face Hub: accept its license on huggingface.co/{repo_id} "
+            "and log in (`hf auth login`), or pass a local folder"
+        ) from None
+    except hub_errors.RepositoryNotFoundError:
+        raise error(
+            f"{repo_id}: no such local folder, and no such repo on the Hugging Face Hub "
+            "(or it is private: log in with `hf auth login`)"
+        ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise error(f"{repo_id}: its main revision was not found on the Hugging Face Hub") from None
+    except hub_errors.LocalEntryNotFoundError:
+        if offline:
+            raise error(
+                f"{repo_id} is not in {_cache_description()} and HF_HUB_OFFLINE is set: download it once "
+                f"while online (unset HF_HUB_OFFLINE and run again, or `hf download {repo_id}`), "
+                "or pass a local folder"
+            ) from None
+        raise error(
+            f"{repo_id} is not in {_cache_description()} and the Hugging Face Hub cannot be reached: "
+            "check your connection, or pass a local folder"
+        ) from None
+    except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError) as e:
+        raise error(f"{repo_id}: cannot fetch it from the Hugging Face Hub ({e})") from None
+    return Path(folder)
+
+
+def resolve_model_path(reference: PathLike) -> Path:
+    """A local model folder for `reference`: an existing path, else a Hugging Face repo id."""
     path = Path(reference).expanduser()
     if path.exists():
         return path
-    raise CheckpointError(f"{reference}: model folder not found")
+    if looks_like_repo_id(reference):
+        return download(str(reference), MODEL_PATTERNS, CheckpointError)
+    raise CheckpointError(f"{reference}: model folder not found (nor a Hugging Face repo id like owner/name)")
+
+
+def _tokenizer_from_repo(repo_id: str) -> Path:
+    folder = download(repo_id, [TOKENIZER_FILE], TokenizerError)
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise TokenizerError(f"{repo_id} holds no {TOKENIZER_FILE}")
+    return path
+
+
+def default_tokenizer_repo() -> Optional[str]:
+    """The fallback tokenizer repo: $MLX_OPENELM_TOKENIZER_REPO if set (empty: none), else the default."""
+    repo = os.environ.get(TOKENIZER_REPO_ENV, DEFAULT_TOKENIZER_REPO).strip()
+    return repo or None
+
+
+def resolve_tokenizer(
+    model_folder: Optional[PathLike],
+    tokenizer: Optional[PathLike] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> Path:
+    """The tokenizer.model file to use for `model_folder`.
+
+    `tokenizer` (a file, a folder holding tokenizer.model, or a repo id) wins; else the
+    model folder's own tokenizer.model; else the default tokenizer repo's (from the cache
+    offline, downloaded online); else a `TokenizerError` saying what to pass.
+    """
+    if tokenizer is not None:
+        path = Path(tokenizer).expanduser()
+        if path.is_dir():
+            path = path / TOKENIZER_FILE
+        if path.is_file():
+            return path
+        if looks_like_repo_id(tokenizer):
+            return _tokenizer_from_repo(str(tokenizer))
+        raise TokenizerError(f"{tokenizer}: tokenizer file not found")
+    if model_folder is not None and (Path(model_folder) / TOKENIZER_FILE).is_file():
+        return Path(model_folder) / TOKENIZER_FILE
+    repo = default_tokenizer_repo()
+    reason = f"the fallback is off ({TOKENIZER_REPO_ENV} is empty)"
+    if repo is not None:
+        try:
+            path = _tokenizer_from_repo(repo)
+        except OpenELMError as e:
+            reason = f"the default tokenizer repo could not be used: {e}"
+        else:
+            if log is not None:
+                log(f"No {TOKENIZER_FILE} in {model_folder}; using the Llama-2 tokenizer from {repo}")
+            return path
+    raise TokenizerError(
+        f"no {TOKENIZER_FILE} in {model_folder}. Apple's OpenELM checkpoints ship without a tokenizer: pass "
+        f"--tokenizer with the Llama-2 tokenizer.model (a file, a folder holding it, or a Hugging Face repo "
+        f"id such as {DEFAULT_TOKENIZER_REPO}), or copy it into the model folder ({reason})"
+    )

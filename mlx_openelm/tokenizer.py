@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import codecs
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import TokenizerError
 
 TOKENIZER_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # SentencePiece's word-boundary marker
+
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 def resolve_tokenizer_path(model_path: Union[str, Path, None], tokenizer: Union[str, Path, None]) -> Path:
@@ -64,6 +66,53 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         ids = self.sp.encode(text)
         return [self.bos_id] + ids if add_bos else ids
+
+    def chat_segments(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[Optional[str]]:
+        """OpenELM-Instruct's chat format as text segments, `None` standing for EOS.
+
+        The format is ``<|system|>\\n{sys}</s>\\n<|user|>\\n{msg}</s>\\n<|assistant|>\\n{reply}</s>\\n``
+        (after BOS), plus ``<|assistant|>\\n`` when `add_generation_prompt`. Each
+        ``</s>`` of the template is the EOS token; text in a message's content is
+        always text (a literal "</s>" typed by a user does not become EOS).
+        """
+        segments: list[Optional[str]] = []
+        text = ""
+        for i, message in enumerate(messages):
+            try:
+                role, content = message["role"], message["content"]
+            except (KeyError, TypeError):
+                raise ValueError(
+                    f"message {i} must be a mapping with 'role' and 'content', got {message!r}"
+                ) from None
+            if role not in CHAT_ROLES:
+                raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+            segments += [text + f"<|{role}|>\n{content}", None]
+            text = "\n"
+        if add_generation_prompt:
+            text += "<|assistant|>\n"
+        if text:
+            segments.append(text)
+        return segments
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation in OpenELM-Instruct's format (BOS first, see `chat_segments`).
+
+        Matches Hugging Face's fast Llama-2 tokenizer (legacy mode), which the
+        Instruct models were tuned with: the text between special tokens is encoded
+        segment by segment, each with SentencePiece's leading-space rule, so
+        ``"<|user|>\\nhi</s>\\n<|assistant|>\\n"`` is
+        ``[BOS] + encode("<|user|>\\nhi") + [EOS] + encode("\\n<|assistant|>\\n")``.
+        """
+        ids = [self.bos_id]
+        for segment in self.chat_segments(messages, add_generation_prompt):
+            ids += [self.eos_id] if segment is None else self.sp.encode(segment)
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; ids past the tokenizer (a padded model vocab, e.g. CoreNet's 32128) are skipped."""
