@@ -15,6 +15,7 @@ import click
 # name -> "module:function"; each module imports MLX inside its command body only.
 COMMANDS = {
     "generate": "mlx_openelm.cli:generate_command",
+    "chat": "mlx_openelm.cli:chat_command",
 }
 
 
@@ -74,9 +75,12 @@ def sampling_options(fn):
 
 def model_options(fn):
     options = [
-        click.option("--model", "model_path", required=True, help="Model folder (HF OpenELM or converted MLX)."),
+        click.option("--model", "model_path", required=True,
+                     help="Model folder (HF OpenELM or converted MLX) or Hugging Face repo id "
+                          "(apple/OpenELM-270M-Instruct, fetched once into the HF cache)."),
         click.option("--tokenizer", "tokenizer_path", default=None,
-                     help="Llama-2 tokenizer.model (default: the one in the model folder)."),
+                     help="Llama-2 tokenizer.model, a folder holding it, or a repo id (default: the model "
+                          "folder's, else $MLX_OPENELM_TOKENIZER_REPO or NousResearch/Llama-2-7b-hf)."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU; bfloat16/float16 on GPU)."),
     ]
@@ -94,6 +98,21 @@ def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed) 
     }
 
 
+def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False):
+    """Resolve `--model` / `--tokenizer` (paths or Hugging Face repo ids) and load both."""
+    from .hub import resolve_model_path, resolve_tokenizer
+    from .loading import load
+
+    def log(message: str) -> None:
+        if not quiet:
+            click.echo(message, err=True)
+
+    log(f"Loading {model_ref} ...")
+    folder = resolve_model_path(model_ref)
+    tokenizer_file = resolve_tokenizer(folder, tokenizer_ref, log=log)
+    return load(folder, tokenizer=tokenizer_file, dtype=dtype)
+
+
 def format_stats(response) -> str:
     return (
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s | "
@@ -105,25 +124,27 @@ def format_stats(response) -> str:
 @click.command("generate")
 @model_options
 @click.option("--prompt", "-p", required=True, help="Prompt text, or '-' to read it from stdin.")
+@click.option("--chat", "--chat-template", "chat", is_flag=True,
+              help="Wrap the prompt in OpenELM-Instruct's chat format (a user turn, then the assistant's).")
+@click.option("--system", "-s", default=None, help="System prompt for --chat (implies --chat).")
 @sampling_options
 @click.option("--quiet", "-q", is_flag=True, help="Print only the generated text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and statistics) at the end.")
 @user_errors
-def generate_command(model_path, tokenizer_path, dtype, prompt, max_tokens, temp, top_k, top_p, min_p,
-                     repetition_penalty, seed, quiet, as_json):
+def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, max_tokens, temp, top_k, top_p,
+                     min_p, repetition_penalty, seed, quiet, as_json):
     """Generate text from a prompt, streaming it to stdout (statistics go to stderr)."""
     import json
 
     from .generation import stream_generate
-    from .hub import resolve_model_path
-    from .loading import load
 
     if prompt == "-":
         prompt = sys.stdin.read()
     kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
-    if not quiet and not as_json:
-        click.echo(f"Loading {model_path} ...", err=True)
-    model, tokenizer = load(resolve_model_path(model_path), tokenizer=tokenizer_path, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json)
+    if chat or system is not None:
+        messages = [{"role": "system", "content": system}] if system else []
+        prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
 
     pieces, last = [], None
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs):
@@ -146,6 +167,31 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, max_tokens, temp
     click.echo()
     if not quiet and last is not None:
         click.echo(format_stats(last) + f" | finish: {last.finish_reason}", err=True)
+
+
+@click.command("chat")
+@model_options
+@click.option("--system", "-s", default=None, help="System prompt (kept when old turns are dropped).")
+@sampling_options
+@click.option("--quiet", "-q", is_flag=True, help="No loading message or statistics lines.")
+@user_errors
+def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, top_k, top_p, min_p,
+                 repetition_penalty, seed, quiet):
+    """Chat with an OpenELM-Instruct model in the terminal (or through a pipe, one message a line).
+
+    Replies stream to stdout; statistics and notices go to stderr. Commands: /reset,
+    /help, /exit (or Ctrl-D). Ctrl-C stops a reply and keeps the conversation.
+    """
+    from .chat import ChatSession, run_repl
+
+    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
+
+    def notify(message: str) -> None:
+        click.echo(click.style(message, dim=True), err=True)
+
+    session = ChatSession(model, tokenizer, system=system, notify=notify)
+    run_repl(session, max_tokens=max_tokens, quiet=quiet, **kwargs)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def resolve_tokenizer(
                 log(f"No {TOKENIZER_FILE} in {model_folder}; using the Llama-2 tokenizer from {repo}")
             return path
     raise TokenizerError(
-        f"no {TOKENIZER_FILE} in {model_folder}. Apple's OpenELM checkpoints ship without a tokenizer: pass "
-        f"--tokenizer with the Llama-2 tokenizer.model (a file, a folder holding it, or a Hugging Face repo "
-        f"id such as {DEFAULT_TOKENIZER_REPO}), or copy it into the model folder ({reason})"
+        f"no {TOKENIZER_FILE} in {model_folder}. Apple's OpenELM checkpoints ship without a tokenizer: "
+        f"pass the Llama-2 SentencePiece tokenizer with --tokenizer (a tokenizer.model file, a folder holding "
+        f"it, or a Hugging Face repo id such as {DEFAULT_TOKENIZER_REPO}), or copy it into the model folder "
+        f"({reason})"
     )

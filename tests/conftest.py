@@ -53,3 +53,15 @@ def untied_checkpoint(tmp_path_factory, untied_weights):
     """Separate lm_head.weight, no q/k norm."""
     folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-untied"
     return write_hf_checkpoint(folder, UNTIED_CONFIG, untied_weights)
+
+
+@pytest.fixture(autouse=True)
+def offline_hugging_face_hub(tmp_path_factory, monkeypatch):
+    """Keep every test off the network and out of the user's Hugging Face cache.
+
+    Without a tokenizer in the model folder the CLI falls back to a default tokenizer
+    repo (mlx_openelm.hub); here that lookup finds an empty cache, offline.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "empty-hf-cache"))
+    monkeypatch.delenv("MLX_OPENELM_TOKENIZER_REPO", raising=False)

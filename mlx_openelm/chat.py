@@ -1,0 +1,273 @@
+"""Multi-turn chat with OpenELM-Instruct: a `ChatSession` (library) and the REPL loop (terminal).
+
+`ChatSession` keeps the messages, one KV cache for the whole conversation, and the
+token ids already in that cache. Each turn it renders the full conversation with the
+chat template, keeps the longest cached prefix of it, and feeds only the rest, so a
+second turn costs its own tokens, not the whole history.
+
+Policies:
+
+- Interrupted reply (Ctrl-C, or a caller closing `send`'s generator early): the part
+  already generated stays in the history as the assistant's reply, closed with EOS by
+  the template next turn, as if it had been cut by ``max_tokens``. A turn interrupted
+  before its first token leaves the conversation as it was.
+- Context overflow: before a turn, when the templated conversation plus a reply reserve
+  (``max_tokens``, at most a quarter of the context) exceeds ``max_context_length``,
+  the oldest user/assistant turns are dropped (the system prompt stays), the cache is
+  rebuilt from the longest prefix still valid (normally the system prompt), and
+  `notify` gets a one-line notice. A single message that leaves no room for a reply
+  raises `ContextLengthError` and leaves the conversation unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, Iterator, Optional, TextIO
+
+import mlx.core as mx
+
+from .errors import ContextLengthError
+from .generation import GenerationResponse, stream_generate
+from .model import make_cache
+from .tokenizer import Tokenizer
+
+HELP = """Commands:
+  /reset   start a new conversation (the system prompt stays)
+  /help    show this help
+  /exit    quit (Ctrl-D works too)
+Ctrl-C stops a reply and keeps the conversation. Start a message with // to send a literal '/'."""
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    """A conversation with an OpenELM-Instruct model, reusing one KV cache across turns.
+
+    `model` is anything `generate_step` accepts (it needs `.args` for `make_cache`).
+    `notify` receives one-line notices (turns dropped to fit the context).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer: Tokenizer,
+        system: Optional[str] = None,
+        notify: Optional[Callable[[str], None]] = None,
+        max_reserve_fraction: float = 0.25,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.system = system or None
+        self.notify = notify or (lambda message: None)
+        self.max_reserve_fraction = max_reserve_fraction
+        self.cache = make_cache(model)
+        self.cached_ids: list[int] = []  # the tokens whose keys/values are in `cache`, in order
+        self.messages: list[dict[str, str]] = []
+        self.last_prefill_tokens = 0  # tokens fed before the last reply (not taken from the cache)
+        self.finish_reason: Optional[str] = None  # "stop", "length" or "interrupted"
+        self.reset()
+
+    @property
+    def context_length(self) -> int:
+        return self.model.args.max_context_length
+
+    def reset(self) -> None:
+        """Start a new conversation (same system prompt); the cache is emptied."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self._trim_cache(0)
+        self.finish_reason = None
+
+    def conversation_ids(self, messages=None, add_generation_prompt: bool = True) -> list[int]:
+        """The templated token ids of `messages` (default: the conversation so far)."""
+        messages = self.messages if messages is None else messages
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def _trim_cache(self, length: int) -> None:
+        """Keep the first `length` cached positions (also repairs layers left uneven by an interrupt)."""
+        length = max(0, min([length, len(self.cached_ids)] + [c.offset for c in self.cache]))
+        for c in self.cache:
+            c.trim(c.offset - length)
+        self.cached_ids = self.cached_ids[:length]
+
+    def _fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], list[int], int]:
+        """Drop the oldest turns until the conversation plus `reserve` fits; returns (messages, ids, dropped turns)."""
+        context = self.context_length
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        ids = self.conversation_ids(messages)
+        dropped = 0
+        while len(ids) + reserve > context and len(messages) - first > 1:
+            del messages[first]  # the oldest user message, then its replies
+            while len(messages) - first > 1 and messages[first]["role"] != "user":
+                del messages[first]
+            dropped += 1
+            ids = self.conversation_ids(messages)
+        if len(ids) >= context:
+            what = "this message with the system prompt" if first else "this message"
+            raise ContextLengthError(
+                f"{what} takes {len(ids)} tokens, leaving no room for a reply in the model's context of "
+                f"{context} tokens: send a shorter message"
+            )
+        return messages, ids, dropped
+
+    def send(self, text: str, max_tokens: int = 256, **kwargs) -> Iterator[GenerationResponse]:
+        """Add a user message and stream the assistant's reply (see `stream_generate`).
+
+        Keyword arguments go to `generate_step` (sampler, logits_processors, ...). Only
+        the tokens not already in the cache go through the model. Logits processors see
+        the whole conversation as history, as they would with Hugging Face's generate.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, got {type(text).__name__}")
+        if "cache" in kwargs:
+            raise TypeError("ChatSession manages its own cache")
+        reserve = min(max_tokens, int(self.context_length * self.max_reserve_fraction))
+        messages, ids, dropped = self._fit(self.messages + [{"role": "user", "content": text}], reserve)
+        if dropped:
+            turns = "the oldest turn" if dropped == 1 else f"the {dropped} oldest turns"
+            kept = ", kept the system prompt" if self.system else ""
+            self.notify(f"[context nearly full: dropped {turns}{kept} and rebuilt the cache]")
+        # Reuse the longest cached prefix; at least one token must be fed.
+        self._trim_cache(min(common_prefix_length(self.cached_ids, ids), len(ids) - 1))
+        start = len(self.cached_ids)
+        new = ids[start:]
+        self.last_prefill_tokens = len(new)
+        self.messages = messages
+        self.finish_reason = None
+        processors = kwargs.pop("logits_processors", None)
+        if processors and start:
+            prefix = mx.array(self.cached_ids, dtype=mx.uint32)
+            processors = [_with_history_prefix(p, prefix) for p in processors]
+        reply: list[int] = []
+        finish = None
+        try:
+            for response in stream_generate(
+                self.model, self.tokenizer, new, max_tokens=max_tokens, cache=self.cache,
+                logits_processors=processors, **kwargs,
+            ):
+                reply.append(response.token)
+                finish = response.finish_reason
+                yield response
+        finally:
+            self._end_turn(new, reply, finish)
+
+    def _end_turn(self, new: list[int], reply: list[int], finish: Optional[str]) -> None:
+        # generate_step may have run the model one token ahead, or been interrupted
+        # between layers: keep exactly the positions that match known tokens.
+        fed = self.cached_ids + new + reply
+        self.cached_ids = fed
+        self._trim_cache(min(c.offset for c in self.cache))
+        self.finish_reason = finish or "interrupted"
+        content = [t for t in reply if t != self.tokenizer.eos_id]
+        if reply:
+            self.messages.append({"role": "assistant", "content": self.tokenizer.decode(content)})
+        else:  # nothing was said: forget the question too
+            self.messages.pop()
+
+
+def _with_history_prefix(process, prefix: mx.array):
+    def wrapped(history: mx.array, logits: mx.array) -> mx.array:
+        return process(mx.concatenate([prefix, history]), logits)
+
+    return wrapped
+
+
+def _read_line(stdin: TextIO, interactive: bool) -> Optional[str]:
+    """One line of input, None at end of input."""
+    if interactive:
+        try:
+            return input(">>> ")
+        except EOFError:
+            return None
+    line = stdin.readline()
+    return None if line == "" else line
+
+
+def run_repl(
+    session: ChatSession,
+    max_tokens: int = 256,
+    stdin: Optional[TextIO] = None,
+    interactive: Optional[bool] = None,
+    quiet: bool = False,
+    **gen_kwargs,
+) -> None:
+    """Read messages and commands line by line, streaming replies to stdout.
+
+    Notices, statistics (unless `quiet`) and errors go to stderr; the `>>> ` prompt
+    shows only when `interactive` (default: stdin is a terminal). Returns at /exit or
+    end of input.
+    """
+    import click
+
+    stdin = stdin if stdin is not None else sys.stdin
+    if interactive is None:
+        interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:  # pragma: no cover - Windows
+            pass
+
+    def note(message: str) -> None:
+        click.echo(click.style(message, dim=True), err=True)
+
+    if interactive:
+        note("Type a message and press Enter. /help lists the commands; /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = _read_line(stdin, interactive)
+        except KeyboardInterrupt:
+            if not interactive:
+                return
+            click.echo("", err=True)
+            note("(/exit or Ctrl-D quits)")
+            continue
+        if line is None:
+            if interactive:
+                click.echo("", err=True)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("//"):
+            text = text[1:]
+        elif text.startswith("/"):
+            command = text.split()[0].lower()
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                session.reset()
+                note("[new conversation]")
+            elif command == "/help":
+                click.echo(HELP, err=True)
+            else:
+                note(f"unknown command {command}; /help lists the commands")
+            continue
+
+        last = None
+        replies = session.send(text, max_tokens=max_tokens, **gen_kwargs)
+        try:
+            for response in replies:
+                click.echo(response.text, nl=False)
+                sys.stdout.flush()
+                last = response
+        except KeyboardInterrupt:
+            replies.close()
+            click.echo("")
+            note("[interrupted: the reply so far stays in the conversation]")
+            continue
+        except ContextLengthError as e:
+            click.echo(click.style(f"Error: {e}", fg="red"), err=True)
+            continue
+        click.echo("")
+        if last is not None and not quiet:
+            note(
+                f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
+                f"prompt: {session.last_prefill_tokens} new tokens, {last.prompt_tps:.1f} tok/s"
+                f"{' | cut at the token limit' if session.finish_reason == 'length' else ''}]"
+            )
