@@ -1,0 +1,359 @@
+"""Chat: the OpenELM-Instruct template, ChatSession's cache reuse, Ctrl-C, context overflow, the REPL."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from mlx_openelm import generate_step, load, make_logits_processors
+from mlx_openelm.chat import ChatSession, run_repl
+from mlx_openelm.cli import main
+from mlx_openelm.errors import ContextLengthError
+from mlx_openelm.generation import stream_generate
+from mlx_openelm.tokenizer import Tokenizer
+
+from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
+
+BOS, EOS = 1, 2
+
+
+# ---- template --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_path):
+    return Tokenizer(tokenizer_path)
+
+
+def test_template_single_user_turn(tok):
+    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert ids == [BOS] + tok.sp.encode("<|user|>\nhi") + [EOS] + tok.sp.encode("\n<|assistant|>\n")
+
+
+def test_template_with_system_prompt(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is MLX?"}]
+    ids = tok.apply_chat_template(messages)
+    assert ids == (
+        [BOS] + tok.sp.encode("<|system|>\nBe brief.") + [EOS]
+        + tok.sp.encode("\n<|user|>\nWhat is MLX?") + [EOS] + tok.sp.encode("\n<|assistant|>\n")
+    )
+
+
+def test_template_multi_turn_with_replies(tok):
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Paris is the capital."},
+        {"role": "user", "content": "Thanks"},
+    ]
+    enc = tok.sp.encode
+    expected_body = (
+        [BOS] + enc("<|system|>\nS") + [EOS] + enc("\n<|user|>\nHello") + [EOS]
+        + enc("\n<|assistant|>\nParis is the capital.") + [EOS] + enc("\n<|user|>\nThanks") + [EOS]
+    )
+    assert tok.apply_chat_template(messages) == expected_body + enc("\n<|assistant|>\n")
+    closed = tok.apply_chat_template(messages, add_generation_prompt=False)
+    assert closed == expected_body + enc("\n")
+    # every </s> is the EOS id, never text; a literal "</s>" in a message stays text
+    assert closed.count(EOS) == 4 and "</s>" not in tok.decode(closed)
+    literal = tok.apply_chat_template([{"role": "user", "content": "say </s>"}])
+    assert literal.count(EOS) == 1 and "</s>" in tok.decode(literal)
+
+
+@pytest.mark.parametrize("bad", [[{"role": "bot", "content": "x"}], [{"role": "user"}], [{"role": "user", "content": 3}]])
+def test_template_rejects_bad_messages(tok, bad):
+    with pytest.raises(ValueError, match="message 0"):
+        tok.apply_chat_template(bad)
+
+
+def test_template_matches_transformers_fast_llama_tokenizer(tok, tokenizer_path, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
+    try:
+        hf = transformers.LlamaTokenizerFast.from_pretrained(
+            str(tmp_path), legacy=True, from_slow=True, add_bos_token=True, add_eos_token=False
+        )
+    except Exception as e:  # conversion needs sentencepiece/protobuf/tokenizers
+        pytest.skip(f"cannot build LlamaTokenizerFast here: {e}")
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital."},
+        {"role": "user", "content": "Héllo wörld 🎉"},
+    ]
+    text = "".join(
+        f"<|{m['role']}|>\n{m['content']}</s>\n" for m in messages
+    ) + "<|assistant|>\n"
+    assert hf(text)["input_ids"] == tok.apply_chat_template(messages)
+
+
+# ---- ChatSession -----------------------------------------------------------------------
+
+class CountingModel:
+    """Wraps a model, recording how many tokens each call feeds; can raise KeyboardInterrupt on call k."""
+
+    def __init__(self, model, interrupt_at=None):
+        self.model = model
+        self.args = model.args
+        self.layers = model.layers
+        self.widths: list[int] = []
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, tokens, cache=None):
+        if self.interrupt_at is not None and len(self.widths) + 1 == self.interrupt_at:
+            self.interrupt_at = None
+            raise KeyboardInterrupt
+        self.widths.append(tokens.shape[1])
+        return self.model(tokens, cache=cache)
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    return load(hf_checkpoint)
+
+
+def fresh_reply(model, ids, max_tokens, penalty=1.2):
+    """What the model says after the whole conversation, with no cache reuse."""
+    steps = generate_step(ids, model, max_tokens=max_tokens, logits_processors=make_logits_processors(penalty))
+    return [t for t, _ in steps]
+
+
+def send(session, text, max_tokens=8, **kwargs):
+    kwargs.setdefault("logits_processors", make_logits_processors(1.2))
+    return [r.token for r in session.send(text, max_tokens=max_tokens, **kwargs)]
+
+
+def test_second_turn_feeds_only_the_new_tokens(loaded):
+    model, tokenizer = loaded
+    counting = CountingModel(model)
+    session = ChatSession(counting, tokenizer, system="Be brief.")
+    ids1 = session.conversation_ids(session.messages + [{"role": "user", "content": "Hello there"}])
+    reply1 = send(session, "Hello there")
+    assert counting.widths[0] == len(ids1) == session.last_prefill_tokens
+    assert len(reply1) == 8 and session.finish_reason == "length"
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
+
+    counting.widths.clear()
+    ids2 = session.conversation_ids(session.messages + [{"role": "user", "content": "Tell me more"}])
+    reply2 = send(session, "Tell me more")
+    fed = session.last_prefill_tokens
+    assert counting.widths[0] == fed
+    assert len(ids2) - fed >= len(ids1)  # the whole first prompt came from the cache
+    assert sum(counting.widths) < len(ids2)  # the history was not re-run
+    # reusing the cache changes nothing: same reply as a fresh run over the full conversation
+    assert reply2 == fresh_reply(model, ids2, 8)
+    assert all(c.offset == len(session.cached_ids) for c in session.cache)
+    assert session.cached_ids == ids2 + reply2[:-1]
+
+
+def forced_sampler(tokens):
+    """A sampler that emits `tokens`, then EOS forever."""
+    queue = list(tokens)
+
+    def sample(logprobs):
+        return mx.array([queue.pop(0) if queue else EOS])
+
+    return sample
+
+
+def test_reply_ending_with_eos_is_cached_through_eos(loaded):
+    model, tokenizer = loaded
+    user = {"role": "user", "content": "Where?"}
+    prompt = tokenizer.apply_chat_template([user])
+    closed = tokenizer.apply_chat_template([user, {"role": "assistant", "content": "Paris is the capital."}],
+                                           add_generation_prompt=False)
+    assert closed[: len(prompt)] == prompt
+    reply_tokens = closed[len(prompt): closed.index(EOS, len(prompt))]
+
+    counting = CountingModel(model)
+    session = ChatSession(counting, tokenizer)
+    out = [r for r in session.send("Where?", max_tokens=50, sampler=forced_sampler(reply_tokens))]
+    assert [r.token for r in out] == reply_tokens + [EOS] and out[-1].finish_reason == "stop"
+    assert session.messages[-1] == {"role": "assistant", "content": "Paris is the capital."}
+    assert "".join(r.text for r in out) == "Paris is the capital."
+
+    ids2 = session.conversation_ids(session.messages + [{"role": "user", "content": "Sure?"}])
+    assert ids2[: len(closed) - 1] == closed[:-1]  # ..., reply, EOS, then the new turn
+    counting.widths.clear()
+    reply2 = send(session, "Sure?")
+    # everything up to the reply came from the cache; the EOS at most is fed again
+    assert len(ids2) - session.last_prefill_tokens >= len(prompt) + len(reply_tokens)
+    assert reply2 == fresh_reply(model, ids2, 8)
+
+
+def test_interrupted_reply_keeps_the_partial_reply_and_the_session_usable(loaded):
+    model, tokenizer = loaded
+    counting = CountingModel(model, interrupt_at=5)  # the prompt, 3 decode steps, then Ctrl-C
+    session = ChatSession(counting, tokenizer)
+    streamed = []
+    with pytest.raises(KeyboardInterrupt):
+        for response in session.send("Hello there", max_tokens=20, logits_processors=make_logits_processors(1.2)):
+            streamed.append(response.token)
+    assert session.finish_reason == "interrupted"
+    assert 0 < len(streamed) < 20
+    assert session.messages[-1] == {"role": "assistant", "content": tokenizer.decode(streamed)}
+    assert len({c.offset for c in session.cache}) == 1 and session.cache[0].offset == len(session.cached_ids)
+
+    ids2 = session.conversation_ids(session.messages + [{"role": "user", "content": "Go on"}])
+    reply2 = send(session, "Go on")
+    assert session.finish_reason == "length"
+    assert reply2 == fresh_reply(model, ids2, 8)
+
+
+def test_closing_the_stream_early_counts_as_an_interrupt(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer)
+    stream = session.send("Hello there", max_tokens=20)
+    first = [next(stream).token for _ in range(3)]
+    stream.close()
+    assert session.finish_reason == "interrupted"
+    assert session.messages[-1]["content"] == tokenizer.decode(first)
+    ids2 = session.conversation_ids(session.messages + [{"role": "user", "content": "Go on"}])
+    assert send(session, "Go on") == fresh_reply(model, ids2, 8)
+
+
+def test_interrupt_during_prefill_leaves_the_conversation_unchanged(loaded):
+    model, tokenizer = loaded
+    counting = CountingModel(model)
+    session = ChatSession(counting, tokenizer, system="S")
+    send(session, "Hello there", max_tokens=4)
+    before = [dict(m) for m in session.messages]
+    counting.interrupt_at = len(counting.widths) + 1  # the next call: the new turn's prefill
+    with pytest.raises(KeyboardInterrupt):
+        send(session, "Another")
+    assert session.messages == before and session.finish_reason == "interrupted"
+    ids = session.conversation_ids(session.messages + [{"role": "user", "content": "Another"}])
+    assert send(session, "Another") == fresh_reply(model, ids, 8)
+
+
+def test_reset_starts_over_and_keeps_the_system_prompt(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, system="Be brief.")
+    first = send(session, "Hello there")
+    send(session, "More")
+    session.reset()
+    assert session.messages == [{"role": "system", "content": "Be brief."}]
+    assert session.cached_ids == [] and all(c.offset == 0 for c in session.cache)
+    assert send(session, "Hello there") == first
+
+
+# ---- context overflow ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_context(tmp_path_factory, tokenizer_path):
+    folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-ctx96"
+    write_hf_checkpoint(folder, {**TINY_CONFIG, "max_context_length": 96}, random_weights(TINY_CONFIG, seed=3),
+                        tokenizer=tokenizer_path)
+    return folder
+
+
+def test_context_overflow_drops_oldest_turns_keeps_system_and_stays_exact(small_context):
+    model, tokenizer = load(small_context)
+    notices = []
+    session = ChatSession(model, tokenizer, system="Be brief.", notify=notices.append)
+    texts = ["Hello there", "Tell me a story about apples", "More please", "And then?", "Why?"]
+    for text in texts:
+        reply = send(session, text, max_tokens=24)
+        assert session.messages[0] == {"role": "system", "content": "Be brief."}
+        assert session.messages[-2] == {"role": "user", "content": text}
+        assert all(c.offset <= 96 for c in session.cache)
+        # the reply is exactly the model's answer to the (possibly shortened) conversation
+        seen = session.conversation_ids(session.messages[:-1])
+        assert len(seen) + 24 <= 96 or len(seen) < 96
+        assert reply == fresh_reply(model, seen, 24)
+    assert notices and all("dropped the oldest turn" in n and "system prompt" in n for n in notices)
+    assert len(session.messages) < 1 + 2 * len(texts)
+
+
+def test_a_message_too_long_for_the_context_is_refused_cleanly(small_context):
+    model, tokenizer = load(small_context)
+    session = ChatSession(model, tokenizer)
+    send(session, "Hello", max_tokens=4)
+    before = list(session.messages)
+    with pytest.raises(ContextLengthError, match="no room for a reply"):
+        send(session, "apples " * 200)
+    assert session.messages == before
+    assert len(send(session, "Hi", max_tokens=4)) == 4
+
+
+# ---- the REPL and the command line -----------------------------------------------------
+
+def test_repl_interrupt_then_next_message(loaded, capsys):
+    model, tokenizer = loaded
+    counting = CountingModel(model, interrupt_at=4)
+    session = ChatSession(counting, tokenizer)
+    run_repl(session, max_tokens=6, stdin=io.StringIO("Hello there\nGo on\n"), interactive=False)
+    out, err = capsys.readouterr()
+    assert "[interrupted" in err
+    assert stats_lines(err) == 1  # a stats line for the completed reply only
+    assert session.finish_reason == "length" and [m["role"] for m in session.messages] == ["user", "assistant"] * 2
+    assert ">>>" not in out
+
+
+def stats_lines(err):
+    return sum(1 for line in err.splitlines() if "tok/s" in line)
+
+
+def _cli(args, **kwargs):
+    return CliRunner().invoke(main, args, catch_exceptions=False, **kwargs)
+
+
+def test_chat_command_two_turns_reset_and_end_of_input(hf_checkpoint, loaded):
+    model, tokenizer = loaded
+    result = _cli(["chat", "--model", str(hf_checkpoint), "-m", "6", "--system", "Be brief."],
+                  input="Hello there\nTell me more\n/help\n/reset\nHello there\n")
+    assert result.exit_code == 0, result.output
+    session = ChatSession(model, tokenizer, system="Be brief.")
+    replies = []
+    for text in ["Hello there", "Tell me more"]:
+        replies.append("".join(r.text for r in session.send(text, max_tokens=6,
+                                                              logits_processors=make_logits_processors(1.2))))
+    assert result.stdout == replies[0] + "\n" + replies[1] + "\n" + replies[0] + "\n"
+    assert stats_lines(result.stderr) == 3 and "[new conversation]" in result.stderr
+    assert "/reset" in result.stderr and "/exit" in result.stderr  # the /help text
+
+
+def test_chat_exit_command_stops_reading(hf_checkpoint):
+    result = _cli(["chat", "--model", str(hf_checkpoint), "-m", "3", "-q"], input="hi\n/exit\nnever sent\n")
+    assert result.exit_code == 0 and result.stdout.count("\n") == 1 and result.stderr == ""
+
+
+def test_chat_through_a_pipe(hf_checkpoint):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_openelm.cli", "chat", "--model", str(hf_checkpoint), "-m", "5"],
+        input="hi\nand again\n", capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert stats_lines(proc.stderr) == 2 and ">>>" not in proc.stdout
+    assert proc.stdout.count("\n") >= 2
+
+
+def test_generate_chat_applies_the_template(hf_checkpoint, loaded):
+    model, tokenizer = loaded
+    result = _cli(["generate", "--model", str(hf_checkpoint), "--chat", "--system", "Be brief.",
+                   "-p", "Hello there", "-m", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    ids = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Hello there"}])
+    data = json.loads(result.stdout)
+    expected = "".join(r.text for r in stream_generate(model, tokenizer, ids, max_tokens=6,
+                                                       logits_processors=make_logits_processors(1.2)))
+    assert data["prompt_tokens"] == len(ids) and data["text"] == expected
+
+
+def test_chat_help_does_not_import_mlx():
+    code = (
+        "import sys\nfrom mlx_openelm.cli import main\n"
+        "for args in (['--help'], ['chat', '--help']):\n"
+        "    try:\n        main(args)\n"
+        "    except SystemExit as e:\n        assert e.code == 0\n"
+        "assert 'mlx.core' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "--system" in result.stdout and "chat" in result.stdout
