@@ -21,6 +21,7 @@ _API = {
     "stream_generate": "generation",
     "generate": "generation",
     "GenerationResponse": "generation",
+    "ChatSession": "chat",
     "make_sampler": "sampling",
     "make_logits_processors": "sampling",
     "OpenELMError": "errors",

@@ -151,6 +151,22 @@ def test_second_turn_feeds_only_the_new_tokens(loaded):
     assert session.cached_ids == ids2 + reply2[:-1]
 
 
+def test_logits_processors_see_the_whole_conversation(loaded):
+    model, tokenizer = loaded
+    seen = []
+
+    def record(history, logits):
+        seen.append(history.tolist())
+        return logits
+
+    session = ChatSession(model, tokenizer, system="Be brief.")
+    send(session, "Hello there", max_tokens=4)
+    ids2 = session.conversation_ids(session.messages + [{"role": "user", "content": "More"}])
+    reply2 = send(session, "More", max_tokens=3, logits_processors=[record])
+    assert session.last_prefill_tokens < len(ids2)
+    assert seen == [ids2, ids2 + reply2[:1], ids2 + reply2[:2]]  # as Hugging Face's generate would
+
+
 def forced_sampler(tokens):
     """A sampler that emits `tokens`, then EOS forever."""
     queue = list(tokens)
