@@ -65,7 +65,9 @@ def test_template_multi_turn_with_replies(tok):
     assert literal.count(EOS) == 1 and "</s>" in tok.decode(literal)
 
 
-@pytest.mark.parametrize("bad", [[{"role": "bot", "content": "x"}], [{"role": "user"}], [{"role": "user", "content": 3}]])
+@pytest.mark.parametrize(
+    "bad", [[{"role": "bot", "content": "x"}], [{"role": "user"}], [{"role": "user", "content": 3}]]
+)
 def test_template_rejects_bad_messages(tok, bad):
     with pytest.raises(ValueError, match="message 0"):
         tok.apply_chat_template(bad)
