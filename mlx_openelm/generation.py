@@ -67,9 +67,10 @@ def generate_step(
 
     `prompt` is token ids (BOS included if wanted). Generation also ends when the
     model's context (`max_context_length`) is full. `cache` (from `make_cache`)
-    continues an earlier conversation; afterwards it holds the prompt and every
-    yielded token except the last one. While a token is handed out, the next one
-    is already being computed (`mx.async_eval`).
+    continues an earlier conversation. While a token is handed out, the next one
+    is already being computed (`mx.async_eval`), so the cache then holds the prompt
+    and every token yielded so far; only a token that ends the budget (the last of
+    `max_tokens`, or one that fills the context) is never fed to the model.
     """
     prompt = mx.array(prompt, dtype=mx.uint32) if not isinstance(prompt, mx.array) else prompt.astype(mx.uint32)
     if prompt.ndim != 1 or prompt.size == 0:
