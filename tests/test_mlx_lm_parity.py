@@ -1,0 +1,50 @@
+"""Same random weights in mlx-lm's OpenELM and ours: equal logits and equal greedy tokens.
+
+Runs only when mlx-lm is installed (`pip install -e ".[compare]"`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_openelm import generate_step, load_model
+
+lm_openelm = pytest.importorskip("mlx_lm.models.openelm")
+lm_cache = pytest.importorskip("mlx_lm.models.cache")
+
+TOKENS = [1, 40, 7, 250, 33, 12, 90, 5, 300, 77]
+
+
+def _mlx_lm_model(folder):
+    config = json.loads((folder / "config.json").read_text())
+    model = lm_openelm.Model(lm_openelm.ModelArgs.from_dict(config))
+    weights = mx.load(str(folder / "model.safetensors"))
+    weights.pop("transformer.classifier.weight", None)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("fixture", ["hf_checkpoint", "untied_checkpoint"])
+def test_logits_equal_mlx_lm(request, fixture):
+    folder = request.getfixturevalue(fixture)
+    ours, theirs = load_model(folder, dtype="float32"), _mlx_lm_model(folder)
+    tokens = mx.array(TOKENS)[None]
+    np.testing.assert_allclose(np.array(ours(tokens)), np.array(theirs(tokens)), atol=1e-4, rtol=1e-5)
+
+
+def test_cached_greedy_decoding_equals_mlx_lm(hf_checkpoint):
+    ours, theirs = load_model(hf_checkpoint, dtype="float32"), _mlx_lm_model(hf_checkpoint)
+    our_tokens = [t for t, _ in generate_step(TOKENS, ours, max_tokens=20)]
+    cache = lm_cache.make_prompt_cache(theirs)
+    logits = theirs(mx.array(TOKENS)[None], cache=cache)
+    their_tokens = []
+    for _ in range(20):
+        token = int(mx.argmax(logits[0, -1]).item())
+        their_tokens.append(token)
+        logits = theirs(mx.array([[token]]), cache=cache)
+    assert our_tokens == their_tokens
