@@ -100,7 +100,6 @@ def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed) 
 
 def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False):
     """Resolve `--model` / `--tokenizer` (paths or Hugging Face repo ids) and load both."""
-    from .hub import resolve_model_path, resolve_tokenizer
     from .loading import load
 
     def log(message: str) -> None:
@@ -108,9 +107,7 @@ def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = Fals
             click.echo(message, err=True)
 
     log(f"Loading {model_ref} ...")
-    folder = resolve_model_path(model_ref)
-    tokenizer_file = resolve_tokenizer(folder, tokenizer_ref, log=log)
-    return load(folder, tokenizer=tokenizer_file, dtype=dtype)
+    return load(model_ref, tokenizer=tokenizer_ref, dtype=dtype, log=log)
 
 
 def format_stats(response) -> str:

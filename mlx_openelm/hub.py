@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from .errors import CheckpointError, OpenELMError, TokenizerError
 
-TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_FILE = "tokenizer.model"  # Llama-2 SentencePiece model
 # An ungated mirror of meta-llama/Llama-2-7b-hf (whose tokenizer OpenELM uses); only its
 # tokenizer.model is ever fetched.
 DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -13,7 +13,8 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs, read_config
 from .errors import CheckpointError, ConfigError
 from .model import Model
-from .tokenizer import Tokenizer, resolve_tokenizer_path
+from .hub import resolve_model_path, resolve_tokenizer
+from .tokenizer import Tokenizer
 
 DTYPES = {
     "float32": mx.float32,
@@ -216,16 +217,23 @@ def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
 
 
 def load(
-    path: Union[str, Path], tokenizer: Union[str, Path, None] = None, dtype: DTypeLike = None
+    path: Union[str, Path],
+    tokenizer: Union[str, Path, None] = None,
+    dtype: DTypeLike = None,
+    log: Optional[Callable[[str], None]] = None,
 ) -> tuple[Model, Tokenizer]:
-    """Load a model folder and its SentencePiece tokenizer.
+    """Load a model and its SentencePiece tokenizer; returns `(model, tokenizer)`.
 
-    The tokenizer is `tokenizer` (a `tokenizer.model` file or a folder holding one)
-    or else `tokenizer.model` inside the model folder.
+    `path` is a model folder or a Hugging Face repo id (see `mlx_openelm.hub`). The
+    tokenizer is `tokenizer` (a `tokenizer.model` file, a folder holding one, or a repo
+    id), else the model folder's own `tokenizer.model`, else the default Llama-2
+    tokenizer repo; when none is found the error says what to pass. `log` receives
+    one-line notices (which tokenizer was picked).
     """
-    tokenizer_path = resolve_tokenizer_path(path, tokenizer)
+    folder = resolve_model_path(path)
+    tokenizer_path = resolve_tokenizer(folder, tokenizer, log=log)
     tok = Tokenizer(tokenizer_path)
-    model = load_model(path, dtype=dtype)
+    model = load_model(folder, dtype=dtype)
     if tok.vocab_size > model.args.vocab_size:
         raise CheckpointError(
             f"{tokenizer_path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "

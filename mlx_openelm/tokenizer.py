@@ -8,28 +8,9 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import TokenizerError
 
-TOKENIZER_FILE = "tokenizer.model"
 _SPACE = "\u2581"  # SentencePiece's word-boundary marker
 
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-def resolve_tokenizer_path(model_path: Union[str, Path, None], tokenizer: Union[str, Path, None]) -> Path:
-    """Find the tokenizer.model file: the one given, else the model folder's own."""
-    if tokenizer is not None:
-        candidate = Path(tokenizer)
-        if candidate.is_dir():
-            candidate = candidate / TOKENIZER_FILE
-        if not candidate.is_file():
-            raise TokenizerError(f"{candidate}: tokenizer file not found")
-        return candidate
-    if model_path is not None and (Path(model_path) / TOKENIZER_FILE).is_file():
-        return Path(model_path) / TOKENIZER_FILE
-    raise TokenizerError(
-        f"no {TOKENIZER_FILE} in {model_path}. Apple's OpenELM checkpoints ship without a tokenizer: "
-        "pass the Llama-2 SentencePiece tokenizer with --tokenizer /path/to/tokenizer.model "
-        "(or copy it into the model folder)."
-    )
 
 
 class Tokenizer:
