@@ -72,9 +72,13 @@ def generate_step(
     and every token yielded so far; only a token that ends the budget (the last of
     `max_tokens`, or one that fills the context) is never fed to the model.
     """
-    prompt = mx.array(prompt, dtype=mx.uint32) if not isinstance(prompt, mx.array) else prompt.astype(mx.uint32)
+    prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError(f"prompt must be a non-empty 1-D list of token ids, got shape {prompt.shape}")
+    vocab_size = model.args.vocab_size
+    if mx.issubdtype(prompt.dtype, mx.floating) or not (0 <= prompt.min().item() and prompt.max().item() < vocab_size):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), the model's vocabulary")
+    prompt = prompt.astype(mx.uint32)
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     cache = make_cache(model) if cache is None else cache

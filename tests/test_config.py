@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,24 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openelm
 
 @pytest.fixture(scope="module")
 def published():
+    """The project's shared reference file; without it, the golden values shipped in the package."""
+    if SHARED.is_file():
+        return json.loads(SHARED.read_text())
+    table = json.loads(resources.files("mlx_openelm").joinpath("presets.json").read_text())["presets"]
+    return {f"OpenELM-{name}": {**entry["config"], **entry} for name, entry in table.items()}
+
+
+def test_packaged_presets_equal_the_shared_reference():
     if not SHARED.is_file():
         pytest.skip(f"{SHARED} not present")
-    return json.loads(SHARED.read_text())
+    shared = json.loads(SHARED.read_text())
+    table = json.loads(resources.files("mlx_openelm").joinpath("presets.json").read_text())["presets"]
+    for name, entry in table.items():
+        golden = shared[f"OpenELM-{name}"]
+        for key in ("num_transformer_layers", "model_dim", "head_dim", "num_query_heads", "num_kv_heads",
+                    "ffn_multipliers"):
+            assert entry["config"][key] == golden[key], (name, key)
+        assert entry["ffn_dims"] == golden["ffn_dims"] and entry["parameters"] == golden["parameters"]
 
 
 @pytest.mark.parametrize("name", PRESET_NAMES)

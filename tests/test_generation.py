@@ -129,5 +129,8 @@ def test_bad_prompts(model_and_tokenizer):
     model, _ = model_and_tokenizer
     with pytest.raises(ValueError, match="non-empty 1-D"):
         list(generate_step([], model))
+    for bad in ([1, 5, TINY_CONFIG["vocab_size"]], [1, -3], [1.0, 2.0]):
+        with pytest.raises(ValueError, match=r"prompt token ids must be integers in \[0, 384\)"):
+            list(generate_step(bad, model))
     with pytest.raises(ValueError, match="max_tokens must be >= 0"):
         list(generate_step(PROMPT, model, max_tokens=-1))
