@@ -16,6 +16,7 @@ import click
 COMMANDS = {
     "generate": "mlx_openelm.cli:generate_command",
     "chat": "mlx_openelm.cli:chat_command",
+    "convert": "mlx_openelm.convert.cli:convert",
 }
 
 

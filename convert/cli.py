@@ -1,0 +1,121 @@
+"""`mlx-openelm convert`: PyTorch/Hugging Face OpenELM checkpoints to MLX folders."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from mlx_openelm.cli import user_errors
+
+
+def format_report(report: dict) -> str:
+    """The conversion report as a readable table."""
+
+    def size(n: int) -> str:
+        for unit in ("B", "KB", "MB", "GB"):
+            if n < 1000 or unit == "GB":
+                return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            n /= 1000
+        return str(n)
+
+    if report["bits"] is None:
+        precision = report["dtype"]
+    else:
+        precision = f"{report['bits']}-bit affine, group {report['group_size']}"
+        if report["recipe"]:
+            precision += f" (recipe {report['recipe']})"
+        precision += f"; float tensors {report['dtype']}"
+    rows = [
+        ("output", report["output"]),
+        ("input" + ("s (averaged)" if len(report["inputs"]) > 1 else ""), ", ".join(report["inputs"])),
+        ("precision", precision),
+        ("parameters", f"{report['parameters']:,}"),
+        ("bits per weight", f"{report['bits_per_weight']:.3f}"),
+        ("size on disk", f"{size(report['size_bytes'])} in {report['shards']} file(s)"),
+    ]
+    if report["layer_bits"]:
+        rows.append(("layers", ", ".join(
+            f"{n} at {k}" + ("" if k == "float" else " bits") for k, n in sorted(report["layer_bits"].items())
+        )))
+    if report["skipped_layers"]:
+        shown = ", ".join(f"{p} (width {w})" for p, w in list(report["skipped_layers"].items())[:4])
+        more = len(report["skipped_layers"]) - 4
+        rows.append((
+            "kept in float",
+            f"{shown}{f' and {more} more' if more > 0 else ''}: input width not a multiple of the group size",
+        ))
+    rows.append(("max relative error", f"{report['max_rel_error']:.3e} ({report['max_rel_error_tensor']})"))
+    if report["kl_mean"] is not None:
+        rows.append((
+            "KL(float || output)",
+            f"mean {report['kl_mean']:.3e}, max {report['kl_max']:.3e} nats over {report['eval_tokens']} tokens; "
+            f"top-1 agreement {100 * report['top1_agreement']:.1f}%",
+        ))
+    rows.append(("tokenizer", report["tokenizer"] or "none (pass --tokenizer to include one)"))
+    rows.append(("time", f"{report['seconds']:.1f} s, peak memory {report['peak_memory_mb']:.0f} MB"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+@click.command("convert")
+@click.option("--hf-path", "--torch-path", "hf_path", default=None,
+              help="Input: a Hugging Face OpenELM folder, or a CoreNet .pt checkpoint (with --preset).")
+@click.option("--mlx-path", required=True, help="Output folder (refused if it exists, unless --force).")
+@click.option("--average", "average", is_flag=True,
+              help="Average the checkpoints given as arguments (float64) and convert the mean.")
+@click.argument("checkpoints", nargs=-1)
+@click.option("--preset", default=None, help="Architecture of a CoreNet .pt: 270M, 450M, 1_1B or 3B (vocab 32128).")
+@click.option("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16; bfloat16 for 3B).")
+@click.option("--bits", "-q", type=int, default=None, help="Quantize linear layers and the embedding to 4 or 8 bits.")
+@click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size: 32, 64 or 128.")
+@click.option("--recipe", default=None,
+              help="Per-layer bits: 'mixed-4-8' = 4 bits, but the (tied) embedding/output head at 8 bits.")
+@click.option("--tokenizer", default=None, help="tokenizer.model to copy into the output (default: the input's own).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Split model.safetensors above this size.")
+@click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
+@click.option("--no-eval", is_flag=True,
+              help="Skip the KL check against the float model (saves the float model's memory and time).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def convert(hf_path, mlx_path, average, checkpoints, preset, dtype, bits, group_size, recipe, tokenizer,
+            max_shard_size, force, no_eval, as_json):
+    """Convert an OpenELM checkpoint to an MLX model folder, optionally quantized.
+
+    \b
+    mlx-openelm convert --hf-path ./OpenELM-1_1B-Instruct --mlx-path ./openelm-1b-4bit \\
+        --bits 4 --tokenizer ./tokenizer.model
+    mlx-openelm convert --preset 270M --average ckpt1.pt ckpt2.pt ckpt3.pt --mlx-path ./openelm-270m
+    """
+    if checkpoints and not average:
+        raise click.UsageError(f"unexpected argument {checkpoints[0]!r} (to average checkpoints, pass --average)")
+    if average and not checkpoints:
+        raise click.UsageError("--average needs the checkpoints to average as arguments")
+
+    from .convert import convert as run_convert
+
+    bar = {"bar": None}
+
+    def progress(done: int, total: int, name: str) -> None:
+        if bar["bar"] is None:
+            bar["bar"] = click.progressbar(length=total, label="converting", file=sys.stderr,
+                                           item_show_func=lambda n: n, show_pos=True)
+            bar["bar"].__enter__()
+        bar["bar"].update(done - bar["bar"].pos, name)
+        if done == total:
+            bar["bar"].__exit__(None, None, None)
+
+    try:
+        report = run_convert(
+            hf_path, mlx_path, average=checkpoints, preset=preset, dtype=dtype, bits=bits, group_size=group_size,
+            recipe=recipe, tokenizer=tokenizer, force=force, max_shard_size=max_shard_size, evaluate=not no_eval,
+            progress=progress,
+        )
+    finally:
+        if bar["bar"] is not None and bar["bar"].pos < bar["bar"].length:
+            bar["bar"].__exit__(None, None, None)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(format_report(report.to_dict()))
