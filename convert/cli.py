@@ -67,6 +67,8 @@ def format_report(report: dict) -> str:
               help="Average the checkpoints given as arguments (float64) and convert the mean.")
 @click.argument("checkpoints", nargs=-1)
 @click.option("--preset", default=None, help="Architecture of a CoreNet .pt: 270M, 450M, 1_1B or 3B (vocab 32128).")
+@click.option("--config", "config", default=None,
+              help="Architecture of a CoreNet .pt as a config.json (instead of --preset).")
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16; bfloat16 for 3B).")
 @click.option("--bits", "-q", type=int, default=None, help="Quantize linear layers and the embedding to 4 or 8 bits.")
 @click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size: 32, 64 or 128.")
@@ -79,7 +81,7 @@ def format_report(report: dict) -> str:
               help="Skip the KL check against the float model (saves the float model's memory and time).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def convert(hf_path, mlx_path, average, checkpoints, preset, dtype, bits, group_size, recipe, tokenizer,
+def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits, group_size, recipe, tokenizer,
             max_shard_size, force, no_eval, as_json):
     """Convert an OpenELM checkpoint to an MLX model folder, optionally quantized.
 
@@ -108,7 +110,7 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, dtype, bits, group_
 
     try:
         report = run_convert(
-            hf_path, mlx_path, average=checkpoints, preset=preset, dtype=dtype, bits=bits, group_size=group_size,
+            hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits, group_size=group_size,
             recipe=recipe, tokenizer=tokenizer, force=force, max_shard_size=max_shard_size, evaluate=not no_eval,
             progress=progress,
         )

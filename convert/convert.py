@@ -97,6 +97,7 @@ class HFSource(Source):
         check_tensors({n: tuple(a.shape) for n, a in self._arrays.items()}, self.args, str(folder),
                       f"{config_path}", order=self._order)
         self._order = list(expected_shapes(self.args))  # model order (reads are per tensor anyway)
+        self._shapes = {n: tuple(self._arrays[n].shape) for n in self._order}
         for name, array in self._arrays.items():
             if array.dtype not in (mx.float32, mx.float16, mx.bfloat16):
                 raise CheckpointError(f"{folder}: tensor '{name}' has dtype {array.dtype}, expected floats")
@@ -107,7 +108,7 @@ class HFSource(Source):
         return list(self._order)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(self._arrays[n].shape) for n in self._order}
+        return dict(self._shapes)
 
     def get(self, name: str) -> np.ndarray:
         array = self._arrays.pop(name)  # evaluated data must not stay referenced here
@@ -118,14 +119,21 @@ class HFSource(Source):
 
 
 class CoreNetSource(Source):
-    """A CoreNet `.pt` checkpoint whose architecture is a named preset (CoreNet vocab 32128)."""
+    """A CoreNet `.pt` checkpoint. Its architecture is a named preset (with CoreNet's
+    vocabulary of 32128) or a config.json (for other CoreNet OpenELM configurations)."""
 
     kind = "corenet"
 
-    def __init__(self, path: Path, preset: str):
+    def __init__(self, path: Path, preset: Optional[str] = None, config: Union[str, Path, None] = None):
         self.path = path
-        self.args = preset_args(preset, vocab_size=CORENET_VOCAB_SIZE)
-        self._tensors = read_corenet(path, self.args, f"preset {preset} (vocab {CORENET_VOCAB_SIZE})")
+        if config is not None:
+            config_path = Path(config).expanduser()
+            self.args = ModelArgs.from_dict(read_config(config_path), source=str(config_path))
+            what = f"{config_path}"
+        else:
+            self.args = preset_args(preset, vocab_size=CORENET_VOCAB_SIZE)
+            what = f"preset {preset} (vocab {CORENET_VOCAB_SIZE})"
+        self._tensors = read_corenet(path, self.args, what)
         self.tokenizer = None
 
     def names(self) -> list[str]:
@@ -161,8 +169,8 @@ class AveragedSource(Source):
         return self.sources[0].shapes()
 
     def get(self, name: str) -> np.ndarray:
-        total = np.zeros(self.shapes()[name], dtype=np.float64)
-        for source in self.sources:
+        total = self.sources[0].get(name).astype(np.float64)
+        for source in self.sources[1:]:
             total += source.get(name)
         return total / len(self.sources)
 
@@ -189,24 +197,28 @@ def check_tensors(shapes: dict[str, tuple[int, ...]], args: ModelArgs, source: s
         raise CheckpointError(f"{source}: unexpected tensor '{extra[0]}' ({what} has no such parameter)")
 
 
-def open_source(reference: Union[str, Path], preset: Optional[str]) -> Source:
-    """A folder is a Hugging Face checkpoint; a file is a CoreNet `.pt` (needs `preset`)."""
+def open_source(reference: Union[str, Path], preset: Optional[str] = None,
+                config: Union[str, Path, None] = None) -> Source:
+    """A folder is a Hugging Face checkpoint; a file is a CoreNet `.pt` (needs `preset` or `config`)."""
     path = resolve_model_path(reference)
     if path.is_dir():
-        if preset is not None:
+        if preset is not None or config is not None:
+            option = "--preset" if preset is not None else "--config"
             raise ConfigError(
-                f"--preset: {path} is a Hugging Face folder whose config.json gives the architecture; "
-                "--preset is only for CoreNet .pt checkpoints"
+                f"{option}: {path} is a Hugging Face folder whose config.json gives the architecture; "
+                f"{option} is only for CoreNet .pt checkpoints"
             )
         return HFSource(path)
-    if preset is None:
-        raise ConfigError(f"{path}: a CoreNet .pt checkpoint needs --preset (270M, 450M, 1_1B or 3B)")
+    if preset is not None and config is not None:
+        raise ConfigError("give either --preset or --config for a CoreNet checkpoint, not both")
+    if preset is None and config is None:
+        raise ConfigError(f"{path}: a CoreNet .pt checkpoint needs --preset (270M, 450M, 1_1B or 3B) or --config")
     try:
         with open(path, "rb"):
             pass
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    return CoreNetSource(path, preset)
+    return CoreNetSource(path, preset=preset, config=config)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -413,6 +425,7 @@ def convert(
     *,
     average: Sequence[Union[str, Path]] = (),
     preset: Optional[str] = None,
+    config: Union[str, Path, None] = None,
     dtype: Union[str, mx.Dtype, None] = None,
     bits: Optional[int] = None,
     group_size: int = 64,
@@ -425,7 +438,8 @@ def convert(
 ) -> ConvertReport:
     """Convert a checkpoint (or the average of several) into an MLX model folder at `mlx_path`.
 
-    hf_path: a Hugging Face OpenELM folder, or a CoreNet `.pt` file (with `preset`).
+    hf_path: a Hugging Face OpenELM folder, or a CoreNet `.pt` file (with `preset`, or
+        `config`: a config.json describing a non-preset CoreNet architecture).
     average: several such checkpoints of one model, averaged in float64 (instead of hf_path).
     dtype: float dtype of the output (default float16; bfloat16 for 3B-class models).
     bits / group_size / recipe: affine quantization of every Linear layer and the embedding
@@ -453,7 +467,7 @@ def convert(
     references = [hf_path] if hf_path is not None else list(average)
 
     def open_all() -> Source:
-        sources = [open_source(r, preset) for r in references]
+        sources = [open_source(r, preset, config) for r in references]
         return sources[0] if len(sources) == 1 else AveragedSource(sources)
 
     source = open_all()
@@ -493,11 +507,11 @@ def convert(
             progress(len(names), len(names), "")
         files = writer.finish()
 
-        config = args.to_dict()
-        config["torch_dtype"] = DTYPE_NAMES[out_dtype]
+        out_config = args.to_dict()
+        out_config["torch_dtype"] = DTYPE_NAMES[out_dtype]
         if plan is not None:
-            config["quantization"] = plan.config_entry()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            out_config["quantization"] = plan.config_entry()
+        (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
 
