@@ -69,8 +69,8 @@ class Source:
     def shapes(self) -> dict[str, tuple[int, ...]]:
         raise NotImplementedError
 
-    def get(self, name: str) -> np.ndarray:
-        """The tensor as float32 numpy (or float64 for averages); read once, then forgotten."""
+    def get(self, name: str) -> Union[np.ndarray, mx.array]:
+        """The tensor in float32 (float64 numpy for averages); read once, then forgotten."""
         raise NotImplementedError
 
 
@@ -110,10 +110,12 @@ class HFSource(Source):
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return dict(self._shapes)
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str) -> mx.array:
         array = self._arrays.pop(name)  # evaluated data must not stay referenced here
         try:
-            return np.array(array.astype(mx.float32))
+            array = array.astype(mx.float32)
+            mx.eval(array)
+            return array
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({e})") from None
 
@@ -169,9 +171,9 @@ class AveragedSource(Source):
         return self.sources[0].shapes()
 
     def get(self, name: str) -> np.ndarray:
-        total = self.sources[0].get(name).astype(np.float64)
+        total = np.array(self.sources[0].get(name), dtype=np.float64)
         for source in self.sources[1:]:
-            total += source.get(name)
+            total += np.asarray(source.get(name), dtype=np.float64)
         return total / len(self.sources)
 
 
@@ -348,14 +350,16 @@ class _ShardWriter:
 
 
 def convert_tensor(
-    name: str, weight: np.ndarray, dtype: mx.Dtype, plan: Optional[QuantizationPlan]
+    name: str, weight: Union[np.ndarray, mx.array], dtype: mx.Dtype, plan: Optional[QuantizationPlan]
 ) -> tuple[dict[str, mx.array], float]:
     """Cast or quantize one float tensor: the output tensors by name, and their relative error.
 
     The relative error is ||w' - w|| / ||w|| with w the input tensor (float32/64) and w'
     what the output represents (the dequantized weight, or the cast one).
     """
-    w32 = mx.array(weight.astype(np.float32, copy=False))
+    if isinstance(weight, np.ndarray):
+        weight = mx.array(weight.astype(np.float32, copy=False))
+    w32 = weight.astype(mx.float32)
     spec = plan.spec(name[: -len(".weight")]) if plan is not None and name.endswith(".weight") else None
     if spec is None:
         out = w32.astype(dtype)
@@ -366,7 +370,9 @@ def convert_tensor(
         wq, scales, biases = mx.quantize(w32.astype(dtype), group_size=group_size, bits=bits, mode="affine")
         prefix = name[: -len("weight")]
         tensors = {name: wq, prefix + "scales": scales, prefix + "biases": biases}
-        approx = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits, mode="affine").astype(mx.float32)
+        # in float32, as the runtime computes on CPU (load_model widens scales and biases)
+        approx = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), group_size=group_size,
+                               bits=bits, mode="affine")
     num = mx.sqrt(mx.sum(mx.square(approx - w32)))
     den = mx.sqrt(mx.sum(mx.square(w32)))
     mx.eval(tensors, num, den)
@@ -400,7 +406,7 @@ def reference_logits(source_factory: Callable[[], Source], tokens: Sequence[int]
 
     source = source_factory()
     model = Model(source.args)
-    model.load_weights([(n, mx.array(source.get(n).astype(np.float32))) for n in source.names()], strict=True)
+    model.load_weights([(n, mx.array(source.get(n)).astype(mx.float32)) for n in source.names()], strict=True)
     model.eval()
     logits = model(mx.array([list(tokens)]))[0].astype(mx.float32)
     mx.eval(logits)
