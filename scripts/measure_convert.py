@@ -6,6 +6,7 @@ Each step runs in its own process so peak memory (ru_maxrss) is per conversion:
     python scripts/measure_convert.py ours    /tmp/m270/src /tmp/m270/ours-q4  4 64
     python scripts/measure_convert.py mlxlm   /tmp/m270/src /tmp/m270/mlxlm-q4 4 64
     python scripts/measure_convert.py compare /tmp/m270/src /tmp/m270/ours-q4 /tmp/m270/mlxlm-q4
+    python scripts/measure_convert.py ours    /tmp/m270/src /tmp/m270/ours-mixed mixed-4-8 64
 
 Both converters quantize from float16 (our default for 270M; mlx-lm given --dtype float16)
 with the same bits and group size. `compare` runs both outputs on the same fixed tokens
@@ -37,6 +38,10 @@ def make(folder: str) -> None:
 
     config = preset_config("270M")
     weights = random_weights(config, seed=0)
+    # random_weights draws the embedding from N(0, 1); with the tied head that makes logits of
+    # std ~36 and one-hot next-token distributions, where any KL is ~0. Scale it so the logits
+    # spread like a trained LM's (std ~4), which makes the KL comparison informative.
+    weights["transformer.token_embeddings.weight"] *= 4 / np.sqrt(config["model_dim"])
     write_hf_checkpoint(Path(folder), {**config, "torch_dtype": "float32"}, weights)
     print(json.dumps({"made": folder, "tensors": len(weights)}))
 
@@ -45,7 +50,8 @@ def ours(src: str, out: str, bits: str, group: str) -> None:
     from mlx_openelm.convert.convert import convert
 
     start = time.perf_counter()
-    report = convert(src, out, bits=int(bits), group_size=int(group), dtype="float16", evaluate=False, force=True)
+    quant = {"recipe": "mixed-4-8"} if bits == "mixed-4-8" else {"bits": int(bits)}
+    report = convert(src, out, group_size=int(group), dtype="float16", evaluate=False, force=True, **quant)
     print(json.dumps({"converter": "ours", "seconds": time.perf_counter() - start, "peak_mb": peak_mb(),
                       "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes}))
 
