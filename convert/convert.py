@@ -11,7 +11,6 @@ check) succeeded; on any failure it is removed and the file system is as before.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shutil
@@ -19,10 +18,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 import numpy as np

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import zipfile
 
 import mlx.core as mx
 import numpy as np
