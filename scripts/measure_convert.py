@@ -38,10 +38,11 @@ def make(folder: str) -> None:
 
     config = preset_config("270M")
     weights = random_weights(config, seed=0)
-    # random_weights draws the embedding from N(0, 1); with the tied head that makes logits of
-    # std ~36 and one-hot next-token distributions, where any KL is ~0. Scale it so the logits
-    # spread like a trained LM's (std ~4), which makes the KL comparison informative.
-    weights["transformer.token_embeddings.weight"] *= 4 / np.sqrt(config["model_dim"])
+    # With the tied head, the embedding's scale sets the logits' spread: N(0, 1) entries give logits
+    # of std ~36 and one-hot next-token distributions, where any KL is ~0. Rescale it to std
+    # 4/sqrt(model_dim) so the logits spread like a trained LM's (std ~4) and the KL is informative.
+    embedding = weights["transformer.token_embeddings.weight"]
+    embedding *= (4 / np.sqrt(config["model_dim"])) / embedding.std()
     write_hf_checkpoint(Path(folder), {**config, "torch_dtype": "float32"}, weights)
     print(json.dumps({"made": folder, "tensors": len(weights)}))
 

