@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": "mlx_openelm.cli:generate_command",
     "chat": "mlx_openelm.cli:chat_command",
     "convert": "mlx_openelm.convert.cli:convert",
+    "bench": "mlx_openelm.bench.cli:bench",
 }
 
 

@@ -1,0 +1,204 @@
+"""`mlx-openelm bench`: prompt and generation throughput, peak memory and bandwidth.
+
+MLX is imported inside the command body only, so `mlx-openelm --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from pathlib import Path
+
+import click
+
+from mlx_openelm.cli import user_errors
+
+BITS_CHOICES = (16, 8, 4)
+GROUP_SIZES = (32, 64, 128)
+
+
+class ListOf(click.ParamType):
+    """A comma-separated list, each item converted (and validated) by `convert_item`."""
+
+    def __init__(self, name: str, convert_item):
+        self.name = name
+        self._convert_item = convert_item
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        items = [v.strip() for v in str(value).split(",") if v.strip()]
+        if not items:
+            self.fail("expected at least one value", param, ctx)
+        out = []
+        for item in items:
+            try:
+                out.append(self._convert_item(item))
+            except ValueError as e:
+                self.fail(str(e), param, ctx)
+        return list(dict.fromkeys(out))
+
+
+def _bits(item: str) -> int:
+    try:
+        bits = int(item)
+    except ValueError:
+        raise ValueError(f"{item!r} is not a bit width; choose from 16, 8, 4") from None
+    if bits not in BITS_CHOICES:
+        raise ValueError(f"{bits} bits is not supported; choose from 16 (float), 8 or 4")
+    return bits
+
+
+def _count(minimum: int):
+    def convert(item: str) -> int:
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{item!r} is not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"{value} is too small; it must be at least {minimum}")
+        return value
+
+    return convert
+
+
+def _preset(item: str) -> str:
+    """A published size (270M, 450M, 1_1B, 3B) or a path to an OpenELM config.json."""
+    from mlx_openelm.config import PRESET_NAMES, preset_config
+    from mlx_openelm.errors import ConfigError
+
+    if Path(item).suffix == ".json" or Path(item).is_file():
+        if not Path(item).is_file():
+            raise ValueError(f"config file {item!r} not found")
+        return str(Path(item))
+    try:
+        preset_config(item)
+    except ConfigError:
+        raise ValueError(
+            f"unknown preset {item!r}; choose one of {', '.join(PRESET_NAMES)} or give a path to a config.json"
+        ) from None
+    return item
+
+
+@click.command("bench")
+@click.option("--model", "models", multiple=True, metavar="PATH",
+              help="Model folder the runtime loads (repeatable). Mutually exclusive with --preset.")
+@click.option("--preset", "presets", type=ListOf("PRESET[,..]", _preset), default=None,
+              help="OpenELM size(s) built with random weights in memory, no download: 270M, 450M, 1_1B, 3B "
+                   "(comma list), or a path to an OpenELM config.json for another architecture.")
+@click.option("--bits", "bits_list", type=ListOf("BITS[,..]", _bits), default=None,
+              help="16 (unquantized, in --dtype), 8 or 4; comma list to sweep. "
+                   "Default: 16 (presets) or as stored (--model); the paper protocol: 16,4.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Float dtype of activations and of unquantized weights/quantization scales. "
+                   "Default: float32 on MLX's CPU backend (half precision is emulated there), "
+                   "else float16 (bfloat16 for 3B).")
+@click.option("--group-size", type=click.Choice([str(g) for g in GROUP_SIZES]), default="64", show_default=True,
+              help="Quantization group size for --bits 8/4.")
+@click.option("--prompt-tokens", type=ListOf("N[,..]", _count(1)), default=None,
+              help="Prompt length(s) in tokens. Default 512 (paper protocol: 35).")
+@click.option("--generation-tokens", type=ListOf("N[,..]", _count(2)), default=None,
+              help="Tokens generated per trial (EOS ignored). Default 128 (paper protocol: 1024).")
+@click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Timed trials per configuration (median and min-max reported).")
+@click.option("--warmup/--no-warmup", default=True, show_default=True,
+              help="Run each engine once (16 tokens, untimed) before its trials.")
+@click.option("--protocol", type=click.Choice(["default", "paper"]), default="default", show_default=True,
+              help="default: 512-token random prompt, 128 tokens. paper: Table 7b's settings "
+                   "(35-token fixed prompt, 1024 tokens, 16- and 4-bit) beside the paper's M2 Max figures.")
+@click.option("--ablation", type=click.Choice(["rmsnorm"]), default=None,
+              help="rmsnorm: the same configuration with a naive RMSNorm (separate ops) and with the fused "
+                   "mx.fast.rms_norm, interleaved, with their ratio (the paper's Table 8 on your machine).")
+@click.option("--compare", type=click.Choice(["mlx-lm"]), default=None,
+              help="Also run mlx-lm's OpenELM on the same weights, dtype and bits, interleaved (A B A B).")
+@click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB/s",
+              help="Peak memory bandwidth of this machine (default: known Apple M-series chips only).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and prompt.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write every configuration and trial, the machine and the settings as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write one CSV line per trial.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Draw generation tok/s per configuration to a PNG (needs matplotlib).")
+@user_errors
+def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generation_tokens, trials, warmup,
+          protocol, ablation, compare, bandwidth, seed, json_path, csv_path, plot_path):
+    """Measure prompt and generation throughput, peak memory and memory bandwidth.
+
+    \b
+    mlx-openelm bench --preset 270M --bits 16,8,4 --compare mlx-lm
+    mlx-openelm bench --preset 270M,450M --protocol paper --json out.json
+    mlx-openelm bench --preset 270M --ablation rmsnorm
+    mlx-openelm bench --model ./OpenELM-270M-Instruct --trials 5
+    """
+    if bool(models) == bool(presets):
+        raise click.UsageError("give either --model PATH or --preset NAME (one of the two)")
+    if ablation and compare:
+        raise click.UsageError("--ablation and --compare run separately; pick one")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.BadParameter(
+                "drawing needs matplotlib: pip install 'mlx-openelm[plot]'", param_hint="'--plot'"
+            ) from None
+    if compare == "mlx-lm":
+        from .core import MLX_LM_HINT
+
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            raise click.BadParameter(MLX_LM_HINT, param_hint="'--compare'") from None
+
+    paper = protocol == "paper"
+    settings = {
+        "protocol": protocol,
+        "prompt": "fixed" if paper else "random",
+        "prompt_tokens": prompt_tokens or ([35] if paper else [512]),
+        "generation_tokens": generation_tokens or ([1024] if paper else [128]),
+        "bits": bits_list or ([16, 4] if paper else None),
+        "dtype": dtype,
+        "group_size": int(group_size),
+        "trials": trials,
+        "warmup": warmup,
+        "warmup_tokens": 16,
+        "batch_size": 1,
+        "sampler": "greedy (EOS ignored)",
+        "ablation": ablation,
+        "compare": compare,
+        "bandwidth_gbs": bandwidth,
+        "seed": seed,
+        "sources": list(models) if models else list(presets),
+        "command": " ".join(["mlx-openelm", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else None,
+    }
+
+    from .runner import run_benchmark
+
+    document = run_benchmark(settings, models=list(models), presets=list(presets or []))
+    from . import report
+
+    rows = document["rows"]
+    click.echo(report.results_table(rows))
+    for pairs, title in document.pop("_pair_tables", []):
+        click.echo()
+        click.echo(report.ratio_table(pairs, title))
+    if paper:
+        from .paper import PAPER_SOURCE, PAPER_TABLE_7B, paper_figures
+
+        click.echo()
+        click.echo(f"Beside {PAPER_SOURCE}:")
+        click.echo(report.paper_table(rows, paper_figures))
+        if not PAPER_TABLE_7B:
+            click.echo("(the paper's figures: not found; no sourced copy of Table 7b was available offline)")
+    for note in document["notes"]:
+        click.echo(f"note: {note}", err=True)
+    document["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if json_path:
+        report.write_json(Path(json_path), document)
+        click.echo(f"wrote {json_path}", err=True)
+    if csv_path:
+        report.write_csv(Path(csv_path), rows)
+        click.echo(f"wrote {csv_path}", err=True)
+    if plot_path:
+        report.write_plot(Path(plot_path), rows, title=f"{document['machine']['cpu']} ({document['machine']['mlx_device']})")
+        click.echo(f"wrote {plot_path}", err=True)
