@@ -169,7 +169,7 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
         "bandwidth_gbs": bandwidth,
         "seed": seed,
         "sources": list(models) if models else list(presets),
-        "command": " ".join(["mlx-openelm", "bench", *sys.argv[2:]]) if len(sys.argv) > 1 else None,
+        "command": " ".join(["mlx-openelm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mlx-openelm" else None,
     }
 
     from .runner import run_benchmark

@@ -152,12 +152,9 @@ def run_benchmark(settings: dict, models: list, presets: list) -> dict:
     sources = [(m, "model") for m in models] + [(p, "preset") for p in presets]
     lengths = [(p, g) for p in settings["prompt_tokens"] for g in settings["generation_tokens"]]
 
-    plan = []
-    for ref, kind in sources:
-        plan.append((ref, kind))
     n_engines = 2 if (settings["ablation"] or settings["compare"]) else 1
 
-    for ref, kind in plan:
+    for ref, kind in sources:
         _progress(f"building {ref} ...")
         source = load_source(ref, kind, settings["dtype"], settings["seed"])
         if source.stored_quantization:
@@ -210,8 +207,7 @@ def run_benchmark(settings: dict, models: list, presets: list) -> dict:
                 config_rows = [_row(e, source, bits, group, model, results[id(e)], peak_bw) for e in engines]
                 rows.extend(config_rows)
                 if n_engines == 2:
-                    pair_tables.append(tuple(config_rows) if not settings["ablation"] else
-                                       (config_rows[0], config_rows[1]))
+                    pair_tables.append((config_rows[0], config_rows[1]))
             del engines, model
             mx.clear_cache()
 
