@@ -54,48 +54,57 @@ def check_group_size(args: ModelArgs, group_size: int, label: str) -> None:
 
 
 class Source:
-    """One model to benchmark: its architecture and its float (or stored quantized) weights."""
+    """One model to benchmark. `model(bits)` builds it afresh each time (random weights
+    are seeded, so identical), so no float copy outlives its configuration and the
+    peak memory of a quantized run holds only the quantized weights."""
 
-    def __init__(self, label: str, kind: str, args: ModelArgs, weights: list, dtype: mx.Dtype,
-                 stored_quantization: Optional[dict]):
-        self.label, self.kind, self.args, self.weights = label, kind, args, weights
-        self.dtype, self.stored_quantization = dtype, stored_quantization
+    def __init__(self, ref: str, kind: str, dtype_name: Optional[str], seed: int):
+        self.ref, self.kind, self.seed = ref, kind, seed
+        self.requested = parse_dtype(dtype_name, "--dtype")
+        self.stored_quantization = None
+        if kind == "preset":
+            if Path(ref).is_file():
+                self.args = ModelArgs.from_file(ref)
+                self.label = Path(ref).parent.name if Path(ref).name == "config.json" else Path(ref).stem
+            else:
+                self.args = preset_args(ref)
+                self.label = ref
+            self.dtype = self.requested or default_dtype(self.args)
+        else:
+            from mlx_openelm.config import read_config
+            from mlx_openelm.hub import resolve_model_path
+
+            self.folder = resolve_model_path(ref)
+            config = read_config(Path(self.folder) / "config.json")
+            self.args = ModelArgs.from_dict(config, source=str(Path(self.folder) / "config.json"))
+            self.stored_quantization = config.get("quantization")
+            self.label = Path(self.folder).name
+            self.dtype = None  # known once loaded
 
     def model(self, bits: int, group_size: int) -> Model:
-        """A Model holding this source's arrays (shared, not copied), quantized for `bits`."""
-        model = Model(self.args)
-        if self.stored_quantization:
-            from mlx_openelm.loading import apply_quantization
-
-            apply_quantization(model, self.stored_quantization)
-        model.load_weights(self.weights, strict=True)
-        model.eval()
+        if self.kind == "preset":
+            model = core.random_model(self.args, self.dtype, seed=self.seed)
+        else:
+            model = load_model(self.folder, dtype=self.requested)
+            self.dtype = model_dtype(model)
         if bits in (8, 4) and not self.stored_quantization:
             core.quantize(model, bits, group_size)
+        mx.eval(model.parameters())
         return model
 
 
-def load_source(ref: str, kind: str, dtype_name: Optional[str], seed: int) -> Source:
-    requested = parse_dtype(dtype_name, "--dtype")
-    if kind == "preset":
-        if Path(ref).is_file():
-            args = ModelArgs.from_file(ref)
-            label = Path(ref).parent.name if Path(ref).name == "config.json" else Path(ref).stem
-        else:
-            args = preset_args(ref)
-            label = ref
-        dtype = requested or default_dtype(args)
-        model = core.random_model(args, dtype, seed=seed)
-        return Source(label, "preset", args, tree_flatten(model.parameters()), dtype, None)
-
-    from mlx_openelm.config import read_config
-    from mlx_openelm.hub import resolve_model_path
-
-    folder = resolve_model_path(ref)
-    model = load_model(folder, dtype=requested)
-    quantization = read_config(Path(folder) / "config.json").get("quantization")
-    return Source(Path(folder).name, "model", model.args, tree_flatten(model.parameters()), model_dtype(model),
-                  quantization)
+def _dtype_notes(source: Source, bits: int, notes: list) -> None:
+    dtype = DTYPE_NAMES[source.dtype]
+    if bits == 16 and not source.stored_quantization and source.dtype == mx.float32:
+        note = (f"{source.label}: --bits 16 ran unquantized in float32 (the compute dtype here); "
+                "pass --dtype float16 or bfloat16 for 16-bit weights")
+    elif mx.default_device() == mx.cpu and source.dtype != mx.float32:
+        note = (f"{source.label}: {dtype} on MLX's CPU backend is emulated and slow (quantized matmuls "
+                "with half activations especially); float32 is the CPU default")
+    else:
+        return
+    if note not in notes:
+        notes.append(note)
 
 
 def _engines(model: Model, ablation: Optional[str], compare: Optional[str]) -> list:
@@ -156,7 +165,7 @@ def run_benchmark(settings: dict, models: list, presets: list) -> dict:
 
     for ref, kind in sources:
         _progress(f"building {ref} ...")
-        source = load_source(ref, kind, settings["dtype"], settings["seed"])
+        source = Source(ref, kind, settings["dtype"], settings["seed"])
         if source.stored_quantization:
             stored_bits = int(source.stored_quantization.get("bits", 0))
             bits_list = settings["bits"] or [stored_bits]
@@ -170,12 +179,6 @@ def run_benchmark(settings: dict, models: list, presets: list) -> dict:
             group = group_size
             if any(b in (8, 4) for b in bits_list):
                 check_group_size(source.args, group, source.label)
-        if 16 in bits_list and not source.stored_quantization and source.dtype == mx.float32:
-            notes.append(f"{source.label}: --bits 16 ran unquantized in float32 (the compute dtype here); "
-                         "pass --dtype float16 or bfloat16 for 16-bit weights")
-        if mx.default_device() == mx.cpu and source.dtype != mx.float32:
-            notes.append(f"{source.label}: {DTYPE_NAMES[source.dtype]} on MLX's CPU backend is emulated and "
-                         "slow (quantized matmuls with half activations especially); float32 is the CPU default")
         for prompt_len, gen_len in lengths:
             if prompt_len + gen_len - 1 > source.args.max_context_length:
                 raise click.BadParameter(
@@ -184,7 +187,7 @@ def run_benchmark(settings: dict, models: list, presets: list) -> dict:
 
         for bits in bits_list:
             model = source.model(bits, group)
-            mx.eval(model.parameters())
+            _dtype_notes(source, bits, notes)
             engines = _engines(model, settings["ablation"], settings["compare"])
             for prompt_len, gen_len in lengths:
                 prompt = core.make_prompt(source.args.vocab_size, prompt_len, settings["seed"])
