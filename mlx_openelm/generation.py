@@ -26,10 +26,11 @@ def prefill(
     Chunking bounds the attention scores' memory for long prompts.
     """
     done, total = 0, prompt.size
-    while total - done > step_size:
-        model(prompt[None, done : done + step_size], cache=cache)
+    while total - done > 1:
+        n = min(step_size, total - done - 1)
+        model(prompt[None, done : done + n], cache=cache)  # only the cache is evaluated: no output head
         mx.eval([c.state for c in cache])
-        done += step_size
+        done += n
         if progress:
             progress(done, total)
         mx.clear_cache()

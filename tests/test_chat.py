@@ -136,7 +136,8 @@ def test_second_turn_feeds_only_the_new_tokens(loaded):
     session = ChatSession(counting, tokenizer, system="Be brief.")
     ids1 = session.conversation_ids(session.messages + [{"role": "user", "content": "Hello there"}])
     reply1 = send(session, "Hello there")
-    assert counting.widths[0] == len(ids1) == session.last_prefill_tokens
+    # the prompt goes in as all-but-last (cache only) then the last token (logits)
+    assert counting.widths[:2] == [len(ids1) - 1, 1] and len(ids1) == session.last_prefill_tokens
     assert len(reply1) == 8 and session.finish_reason == "length"
     assert [m["role"] for m in session.messages] == ["system", "user", "assistant"]
 
@@ -144,7 +145,7 @@ def test_second_turn_feeds_only_the_new_tokens(loaded):
     ids2 = session.conversation_ids(session.messages + [{"role": "user", "content": "Tell me more"}])
     reply2 = send(session, "Tell me more")
     fed = session.last_prefill_tokens
-    assert counting.widths[0] == fed
+    assert counting.widths[:2] == [fed - 1, 1]
     assert len(ids2) - fed >= len(ids1)  # the whole first prompt came from the cache
     assert sum(counting.widths) < len(ids2)  # the history was not re-run
     # reusing the cache changes nothing: same reply as a fresh run over the full conversation
