@@ -134,3 +134,13 @@ def test_bad_prompts(model_and_tokenizer):
             list(generate_step(bad, model))
     with pytest.raises(ValueError, match="max_tokens must be >= 0"):
         list(generate_step(PROMPT, model, max_tokens=-1))
+
+
+def test_prefill_leaves_only_the_last_token_for_the_output_head(model_and_tokenizer):
+    from mlx_openelm.generation import prefill
+
+    model, _ = model_and_tokenizer
+    for length, step in ((10, 512), (10, 4), (1, 512)):
+        cache = make_cache(model)
+        rest = prefill(model, mx.arange(3, 3 + length, dtype=mx.uint32), cache, step)
+        assert rest.size == 1 and cache[0].offset == length - 1
