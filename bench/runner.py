@@ -9,12 +9,9 @@ from typing import Optional
 
 import click
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from mlx_openelm import __version__
 from mlx_openelm.config import ModelArgs, preset_args
-from mlx_openelm.errors import ConfigError
 from mlx_openelm.loading import DTYPE_NAMES, default_dtype, load_model, model_dtype, parse_dtype
 from mlx_openelm.model import Model
 

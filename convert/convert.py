@@ -26,8 +26,8 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_openelm.config import ModelArgs, preset_args, read_config
-from mlx_openelm.errors import CheckpointError, ConfigError, TokenizerError
-from mlx_openelm.hub import resolve_model_path
+from mlx_openelm.errors import CheckpointError, ConfigError
+from mlx_openelm.hub import TOKENIZER_FILE, resolve_model_path, resolve_tokenizer
 from mlx_openelm.loading import (
     DTYPE_NAMES,
     IGNORED_KEYS,
@@ -44,7 +44,6 @@ from .quantize import QuantizationPlan, check_options, plan_quantization
 
 CORENET_VOCAB_SIZE = 32128
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
-TOKENIZER_FILE = "tokenizer.model"
 EVAL_LENGTH = 64
 EVAL_SEED = 1234
 
@@ -284,14 +283,10 @@ def parse_size(value: Union[str, int, float]) -> int:
 
 
 def _resolve_tokenizer(tokenizer: Union[str, Path, None], source: Source) -> Optional[Path]:
+    """--tokenizer (a file, a folder holding one, or a repo id), else the input's own, else none."""
     if tokenizer is None:
         return source.tokenizer
-    candidate = Path(tokenizer).expanduser()
-    if candidate.is_dir():
-        candidate = candidate / TOKENIZER_FILE
-    if not candidate.is_file():
-        raise TokenizerError(f"--tokenizer: {candidate}: tokenizer file not found")
-    return candidate
+    return resolve_tokenizer(None, tokenizer)
 
 
 def _is_within(path: Path, other: Path) -> bool:

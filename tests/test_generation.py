@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_openelm import generate, generate_step, load, load_model, make_cache, make_logits_processors, make_sampler, stream_generate
+from mlx_openelm import generate, generate_step, load, make_cache, make_logits_processors, make_sampler, stream_generate
 from mlx_openelm.errors import ContextLengthError
 from synthetic import TINY_CONFIG, write_hf_checkpoint
 
