@@ -112,11 +112,15 @@ def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = Fals
     return load(model_ref, tokenizer=tokenizer_ref, dtype=dtype, log=log)
 
 
+def format_memory(gigabytes: float) -> str:
+    return f"{gigabytes:.2f} GB" if gigabytes >= 1 else f"{gigabytes * 1000:.1f} MB"
+
+
 def format_stats(response) -> str:
     return (
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s | "
         f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s | "
-        f"peak memory: {response.peak_memory_gb:.3f} GB"
+        f"peak memory: {format_memory(response.peak_memory_gb)}"
     )
 
 
