@@ -78,7 +78,7 @@ def format_report(report: dict) -> str:
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Split model.safetensors above this size.")
 @click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
 @click.option("--no-eval", is_flag=True,
-              help="Skip the KL check against the float model (saves the float model's memory and time).")
+              help="Skip the KL check against the float model (saves its time).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits, group_size, recipe, tokenizer,

@@ -31,11 +31,12 @@ from mlx_openelm.hub import TOKENIZER_FILE, resolve_model_path, resolve_tokenize
 from mlx_openelm.loading import (
     DTYPE_NAMES,
     IGNORED_KEYS,
+    apply_quantization,
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
     fp16_is_safe,
-    load_model,
     parse_dtype,
+    read_weights,
     weight_files,
 )
 
@@ -393,24 +394,67 @@ def kl_divergence(reference_logits: np.ndarray, logits: np.ndarray) -> np.ndarra
     return (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
 
 
-def reference_logits(source_factory: Callable[[], Source], tokens: Sequence[int]) -> np.ndarray:
-    """Logits of the float input model (float32 compute) on `tokens`."""
+def layerwise_logits(
+    args: ModelArgs,
+    tensor: Callable[[str], mx.array],
+    tokens: Sequence[int],
+    quantization: Optional[dict] = None,
+) -> np.ndarray:
+    """Float32 logits (L, vocab) of `tokens`, computed one decoder layer at a time.
+
+    `tensor(name)` returns a checkpoint tensor by our name (MLX or numpy). `Model(args)` is only a
+    lazy skeleton: its random initial weights are never evaluated, each layer's real
+    weights are loaded just before it runs and dropped after, so the check holds the
+    embedding plus one layer, not a second copy of the whole model.
+    """
+    from mlx.utils import tree_flatten
+
     from mlx_openelm.model import Model
 
-    source = source_factory()
-    model = Model(source.args)
-    model.load_weights([(n, mx.array(source.get(n)).astype(mx.float32)) for n in source.names()], strict=True)
-    model.eval()
-    logits = model(mx.array([list(tokens)]))[0].astype(mx.float32)
-    mx.eval(logits)
-    return np.array(logits)
+    model = Model(args)
+    if quantization is not None:
+        apply_quantization(model, quantization)
+
+    def load(module, prefix: str) -> None:
+        names = [name for name, _ in tree_flatten(module.parameters())]
+        weights = []
+        for name in names:
+            array = tensor(prefix + name)
+            if not isinstance(array, mx.array):  # numpy from CoreNet files and float64 averages
+                array = mx.array(np.asarray(array, dtype=np.float32))
+            if mx.issubdtype(array.dtype, mx.floating):
+                array = array.astype(mx.float32)  # the CPU runtime's compute dtype
+            weights.append((name, array))
+        module.load_weights(weights, strict=True)
+
+    transformer = model.transformer
+    load(transformer.token_embeddings, "transformer.token_embeddings.")
+    h = transformer.token_embeddings(mx.array([list(tokens)]))
+    for i, layer in enumerate(transformer.layers):
+        load(layer, f"transformer.layers.{i}.")
+        h = layer(h, "causal" if len(tokens) > 1 else None, None)
+        mx.eval(h)
+        transformer.layers[i] = None  # free this layer's weights
+    load(transformer.norm, "transformer.norm.")
+    h = transformer.norm(h)
+    if "lm_head" in model:
+        load(model.lm_head, "lm_head.")
+        logits = model.lm_head(h)
+    else:
+        logits = transformer.token_embeddings.as_linear(h)
+    return np.array(logits[0].astype(mx.float32))
+
+
+def reference_logits(source: Source, tokens: Sequence[int]) -> np.ndarray:
+    """Logits of the float input model (float32 compute) on `tokens`."""
+    return layerwise_logits(source.args, source.get, tokens)
 
 
 def model_logits(folder: Path, tokens: Sequence[int]) -> np.ndarray:
-    model = load_model(folder, dtype=mx.float32)
-    logits = model(mx.array([list(tokens)]))[0].astype(mx.float32)
-    mx.eval(logits)
-    return np.array(logits)
+    """Logits of a converted folder on `tokens`, as `load_model(folder, float32)` computes them."""
+    config = read_config(folder / "config.json")
+    weights = read_weights(folder)
+    return layerwise_logits(ModelArgs.from_dict(config), weights.pop, tokens, config.get("quantization"))
 
 
 def _peak_memory_mb() -> float:
@@ -542,7 +586,7 @@ def convert(
 
         if evaluate:
             tokens = eval_tokens(args)
-            ref = reference_logits(open_all, tokens)
+            ref = reference_logits(open_all(), tokens)
             out = model_logits(tmp, tokens)
             kl = kl_divergence(ref, out)
             report.kl_mean = float(kl.mean())

@@ -354,3 +354,39 @@ def test_cli_average_takes_checkpoints_as_arguments(tmp_path, tiny_weights):
     assert "inputs (averaged)" in result.output
     result = run_cli(a, "--mlx-path", tmp_path / "x")
     assert result.exit_code != 0 and "--average" in result.output
+
+
+# ---- the layer-by-layer quality check ------------------------------------------------------
+
+@pytest.mark.parametrize("options", [{"dtype": "float32"}, {"bits": 4, "group_size": 32}, {"recipe": "mixed-4-8", "group_size": 32}])
+def test_layerwise_check_equals_the_loaded_model(hf_checkpoint, tmp_path, options):
+    """The KL check runs one layer at a time (no second full model in memory) yet computes
+    exactly what `load_model` + a full forward computes, for float and quantized outputs."""
+    from mlx_openelm.convert.convert import model_logits, open_source, reference_logits
+
+    out = tmp_path / "out"
+    convert(hf_checkpoint, out, evaluate=False, **options)
+    tokens = TOKENS[0].tolist()
+    np.testing.assert_allclose(model_logits(out, tokens), logits(load_model(out, dtype=mx.float32))[0],
+                               atol=1e-5, rtol=1e-6)
+    reference = reference_logits(open_source(hf_checkpoint), tokens)
+    np.testing.assert_allclose(reference, logits(load_model(hf_checkpoint, dtype=mx.float32))[0],
+                               atol=1e-5, rtol=1e-6)
+
+
+def test_layerwise_check_holds_one_layer_at_a_time(hf_checkpoint):
+    """Every tensor is requested exactly once, in model order: embedding, layer 0, 1, 2, norm."""
+    from mlx_openelm.convert.convert import layerwise_logits, open_source
+
+    source = open_source(hf_checkpoint)
+    requested = []
+
+    def tensor(name):
+        requested.append(name)
+        return source.get(name)
+
+    layerwise_logits(source.args, tensor, TOKENS[0].tolist())
+    assert len(requested) == len(set(requested)) == len(source.names())
+    layers = [int(n.split(".")[2]) for n in requested if n.startswith("transformer.layers.")]
+    assert layers == sorted(layers)
+    assert requested[0] == "transformer.token_embeddings.weight" and requested[-1] == "transformer.norm.weight"
