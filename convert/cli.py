@@ -79,10 +79,11 @@ def format_report(report: dict) -> str:
 @click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
 @click.option("--no-eval", is_flag=True,
               help="Skip the KL check against the float model (saves its time).")
+@click.option("--dequantize", is_flag=True, help="The input is a quantized MLX folder: write it back in float.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits, group_size, recipe, tokenizer,
-            max_shard_size, force, no_eval, as_json):
+            max_shard_size, force, no_eval, dequantize, as_json):
     """Convert an OpenELM checkpoint to an MLX model folder, optionally quantized.
 
     \b
@@ -112,7 +113,7 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits
         report = run_convert(
             hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits, group_size=group_size,
             recipe=recipe, tokenizer=tokenizer, force=force, max_shard_size=max_shard_size, evaluate=not no_eval,
-            progress=progress,
+            dequantize=dequantize, progress=progress,
         )
     finally:
         if bar["bar"] is not None and bar["bar"].pos < bar["bar"].length:

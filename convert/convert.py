@@ -73,14 +73,19 @@ class Source:
 
 
 class HFSource(Source):
-    """A Hugging Face OpenELM folder: config.json plus one or more safetensors files."""
-
-    kind = "huggingface"
+    """A Hugging Face OpenELM folder (config.json plus safetensors), or a folder this
+    converter quantized, whose weights are dequantized as they are read."""
 
     def __init__(self, folder: Path):
         self.path = folder
         config_path = folder / "config.json"
-        self.args = ModelArgs.from_dict(read_config(config_path), source=str(config_path))
+        config = read_config(config_path)
+        self.args = ModelArgs.from_dict(config, source=str(config_path))
+        # A folder written by this converter with --bits: its tensors are dequantized on read.
+        self.quantization: Optional[dict] = config.get("quantization")
+        if self.quantization is not None and not isinstance(self.quantization, dict):
+            raise ConfigError(f"{config_path}: 'quantization' must be an object")
+        self.kind = "mlx-quantized" if self.quantization else "huggingface"
         self._files = weight_files(folder)
         self._arrays: dict[str, mx.array] = {}
         self._order: list[str] = []
@@ -92,15 +97,41 @@ class HFSource(Source):
                     raise CheckpointError(f"{file}: tensor '{name}' also appears in another shard")
                 self._arrays[name] = array
                 self._order.append(name)
-        check_tensors({n: tuple(a.shape) for n, a in self._arrays.items()}, self.args, str(folder),
-                      f"{config_path}", order=self._order)
+        self._quantized: dict[str, tuple[int, int]] = {}  # weight name -> (bits, group size)
+        if self.quantization:
+            self._find_quantized(config_path)
+        shapes = {n: self._float_shape(n) for n in self._order}
+        check_tensors(shapes, self.args, str(folder), f"{config_path}", order=self._order)
         self._order = list(expected_shapes(self.args))  # model order (reads are per tensor anyway)
-        self._shapes = {n: tuple(self._arrays[n].shape) for n in self._order}
-        for name, array in self._arrays.items():
-            if array.dtype not in (mx.float32, mx.float16, mx.bfloat16):
-                raise CheckpointError(f"{folder}: tensor '{name}' has dtype {array.dtype}, expected floats")
+        self._shapes = {n: shapes[n] for n in self._order}
+        for name in self._order:
+            if name not in self._quantized and self._arrays[name].dtype not in (mx.float32, mx.float16, mx.bfloat16):
+                raise CheckpointError(f"{folder}: tensor '{name}' has dtype {self._arrays[name].dtype}, expected floats")
         candidate = folder / TOKENIZER_FILE
         self.tokenizer = candidate if candidate.is_file() else None
+
+    def _find_quantized(self, config_path: Path) -> None:
+        """Pair each quantized weight with its scales and biases, and its bits and group size."""
+        layers = self.quantization.get("layers", {})
+        for name in [n for n in self._order if n.endswith(".scales")]:
+            module = name[: -len(".scales")]
+            spec = layers.get(module, {})
+            if spec is False or f"{module}.weight" not in self._arrays or f"{module}.biases" not in self._arrays:
+                raise CheckpointError(f"{config_path}: tensor '{name}' does not belong to a quantized layer")
+            try:
+                bits = int(spec.get("bits", self.quantization["bits"]))
+                group = int(spec.get("group_size", self.quantization["group_size"]))
+            except (KeyError, AttributeError, TypeError, ValueError):
+                raise ConfigError(f"{config_path}: quantization entry for '{module}' lacks bits/group_size") from None
+            self._quantized[f"{module}.weight"] = (bits, group)
+            self._order = [n for n in self._order if n not in (name, f"{module}.biases")]
+
+    def _float_shape(self, name: str) -> tuple[int, ...]:
+        shape = tuple(self._arrays[name].shape)
+        if name in self._quantized:
+            bits = self._quantized[name][0]
+            return shape[:-1] + (shape[-1] * 32 // bits,)
+        return shape
 
     def names(self) -> list[str]:
         return list(self._order)
@@ -111,6 +142,11 @@ class HFSource(Source):
     def get(self, name: str) -> mx.array:
         array = self._arrays.pop(name)  # evaluated data must not stay referenced here
         try:
+            if name in self._quantized:
+                module, (bits, group) = name[: -len(".weight")], self._quantized[name]
+                scales = self._arrays.pop(f"{module}.scales").astype(mx.float32)  # dequantize in float32
+                biases = self._arrays.pop(f"{module}.biases").astype(mx.float32)
+                array = mx.dequantize(array, scales, biases, group_size=group, bits=bits)
             array = array.astype(mx.float32)
             mx.eval(array)
             return array
@@ -173,6 +209,10 @@ class AveragedSource(Source):
         for source in self.sources[1:]:
             total += np.asarray(source.get(name), dtype=np.float64)
         return total / len(self.sources)
+
+
+def _leaves(source: Source) -> list[Source]:
+    return list(source.sources) if isinstance(source, AveragedSource) else [source]
 
 
 def _load_lazy(path: Path) -> dict[str, mx.array]:
@@ -477,6 +517,7 @@ def convert(
     force: bool = False,
     max_shard_size: Union[str, int] = DEFAULT_MAX_SHARD_BYTES,
     evaluate: bool = True,
+    dequantize: bool = False,
     progress: Optional[Progress] = None,
 ) -> ConvertReport:
     """Convert a checkpoint (or the average of several) into an MLX model folder at `mlx_path`.
@@ -488,6 +529,7 @@ def convert(
     bits / group_size / recipe: affine quantization of every Linear layer and the embedding
         (bits 4 or 8, group 32/64/128); recipe 'mixed-4-8' keeps the head at 8 bits.
     evaluate: compare the output with the float input on a fixed token sequence (KL divergence).
+    dequantize: the input is a quantized MLX folder; write its weights back in float.
 
     Raises ConfigError/CheckpointError/TokenizerError before writing anything for bad inputs
     or options; on any failure while writing, the temporary folder is removed.
@@ -514,10 +556,20 @@ def convert(
         return sources[0] if len(sources) == 1 else AveragedSource(sources)
 
     source = open_all()
-    inputs = [s.path for s in (source.sources if isinstance(source, AveragedSource) else [source])]
+    inputs = [s.path for s in _leaves(source)]
     for path in inputs:
         if _is_within(target, path) or _is_within(path, target):
             raise ConfigError(f"--mlx-path: {target} overlaps the input {path}; choose another output folder")
+    quantized_inputs = [s.path for s in _leaves(source) if getattr(s, "quantization", None)]
+    if dequantize and not quantized_inputs:
+        raise ConfigError(f"--dequantize: {inputs[0]} is not a quantized model")
+    if quantized_inputs and not dequantize:
+        raise ConfigError(
+            f"{quantized_inputs[0]} holds a quantized model: pass --dequantize to write it back in float "
+            "(to quantize differently, convert the original checkpoint: re-quantizing compounds the error)"
+        )
+    if dequantize and default_bits is not None:
+        raise ConfigError("--dequantize writes float weights; it cannot be combined with --bits or --recipe")
     if target.exists() and not force:
         raise ConfigError(f"--mlx-path: {target} already exists; pass --force to replace it")
     args = source.args

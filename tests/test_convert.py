@@ -390,3 +390,49 @@ def test_layerwise_check_holds_one_layer_at_a_time(hf_checkpoint):
     layers = [int(n.split(".")[2]) for n in requested if n.startswith("transformer.layers.")]
     assert layers == sorted(layers)
     assert requested[0] == "transformer.token_embeddings.weight" and requested[-1] == "transformer.norm.weight"
+
+
+# ---- --dequantize ----------------------------------------------------------------------------
+
+def test_dequantize_writes_the_quantized_model_back_in_float(hf_checkpoint, tmp_path):
+    quantized = tmp_path / "q8"
+    convert(hf_checkpoint, quantized, bits=8, group_size=32, evaluate=False)
+    report = convert(quantized, tmp_path / "deq", dequantize=True, dtype="float32")
+    config = json.loads((tmp_path / "deq" / "config.json").read_text())
+    assert "quantization" not in config and report.source_kind == "mlx-quantized"
+    weights = read_weights(tmp_path / "deq")
+    assert all(w.dtype == mx.float32 for w in weights.values())
+    assert weights["transformer.layers.0.attn.qkv_proj.weight"].shape == (96, 64)
+    # float32 dequantized weights compute what the quantized kernels compute
+    np.testing.assert_allclose(logits(load_model(tmp_path / "deq", dtype=mx.float32)),
+                               logits(load_model(quantized, dtype=mx.float32)), atol=1e-4, rtol=1e-5)
+    assert report.kl_mean == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("quantized-without-flag", "holds a quantized model: pass --dequantize"),
+    ("float-with-flag", "--dequantize: "),
+    ("flag-with-bits", "--dequantize writes float weights; it cannot be combined with --bits"),
+])
+def test_dequantize_refusals_leave_nothing_behind(hf_checkpoint, tmp_path, case, message):
+    quantized = tmp_path / "q4"
+    convert(hf_checkpoint, quantized, bits=4, group_size=32, evaluate=False)
+    before = listing(tmp_path)
+    args = {
+        "quantized-without-flag": (quantized, {}),
+        "float-with-flag": (hf_checkpoint, {"dequantize": True}),
+        "flag-with-bits": (quantized, {"dequantize": True, "bits": 8}),
+    }[case]
+    with pytest.raises(ConfigError, match=message):
+        convert(args[0], tmp_path / "out", **args[1])
+    assert listing(tmp_path) == before
+
+
+def test_dequantize_through_the_cli(hf_checkpoint, tmp_path):
+    quantized = tmp_path / "q4"
+    convert(hf_checkpoint, quantized, bits=4, group_size=32, evaluate=False)
+    result = CliRunner().invoke(main, ["convert", "--hf-path", str(quantized), "--mlx-path", str(tmp_path / "f"),
+                                       "--dequantize", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["bits"] is None
+    assert "quantization" not in json.loads((tmp_path / "f" / "config.json").read_text())
