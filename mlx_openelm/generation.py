@@ -14,6 +14,7 @@ from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy
 from .tokenizer import Tokenizer
 
+
 def prefill(
     model: Model,
     prompt: mx.array,
