@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence, Union
 
@@ -36,6 +37,23 @@ def prefill(
             progress(done, total)
         mx.clear_cache()
     return prompt[done:]
+
+
+@contextmanager
+def wired_limit():
+    """On Apple GPUs, raise MLX's wired-memory limit to the recommended working set
+    while generating, so the weights are not paged out between tokens; restored after.
+    A no-op where the device reports no recommended size (the CPU backend)."""
+    size = mx.device_info().get("max_recommended_working_set_size")
+    if size is None:
+        yield
+        return
+    previous = mx.set_wired_limit(size)
+    try:
+        yield
+    finally:
+        mx.synchronize()  # the limit must not change under a running async eval
+        mx.set_wired_limit(previous)
 
 
 def token_budget(model: Model, cache: Optional[Sequence[KVCache]], prompt_size: int, max_tokens: int) -> int:
@@ -100,17 +118,18 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    prompt_tail = prefill(model, prompt, cache, prefill_step_size, prompt_progress)
-    history = prompt[: prompt.size - prompt_tail.size]
-    token, logprobs = next_token(prompt_tail)
-    mx.async_eval(token, logprobs)
-    for n in range(limit):
-        if n + 1 < limit:
-            following = next_token(token)
-            mx.async_eval(*following)
-        yield int(token.item()), logprobs
-        if n + 1 < limit:
-            token, logprobs = following
+    with wired_limit():
+        prompt_tail = prefill(model, prompt, cache, prefill_step_size, prompt_progress)
+        history = prompt[: prompt.size - prompt_tail.size]
+        token, logprobs = next_token(prompt_tail)
+        mx.async_eval(token, logprobs)
+        for n in range(limit):
+            if n + 1 < limit:
+                following = next_token(token)
+                mx.async_eval(*following)
+            yield int(token.item()), logprobs
+            if n + 1 < limit:
+                token, logprobs = following
 
 
 @dataclass

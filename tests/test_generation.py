@@ -144,3 +144,18 @@ def test_prefill_leaves_only_the_last_token_for_the_output_head(model_and_tokeni
         cache = make_cache(model)
         rest = prefill(model, mx.arange(3, 3 + length, dtype=mx.uint32), cache, step)
         assert rest.size == 1 and cache[0].offset == length - 1
+
+
+def test_wired_limit_is_raised_while_generating_and_restored(model_and_tokenizer, monkeypatch):
+    """On Apple GPUs (simulated here) the wired limit is set for generation and put back,
+    also when the consumer stops early."""
+    model, _ = model_and_tokenizer
+    calls = []
+    monkeypatch.setattr(mx, "device_info", lambda: {"max_recommended_working_set_size": 123})
+    monkeypatch.setattr(mx, "set_wired_limit", lambda size: calls.append(size) or 7)
+    assert len(list(generate_step(PROMPT, model, max_tokens=3))) == 3
+    assert calls == [123, 7]
+    steps = generate_step(PROMPT, model, max_tokens=10)
+    next(steps)
+    steps.close()
+    assert calls == [123, 7, 123, 7]
