@@ -115,7 +115,7 @@ class HFSource(Source):
         layers = self.quantization.get("layers", {})
         for name in [n for n in self._order if n.endswith(".scales")]:
             module = name[: -len(".scales")]
-            spec = layers.get(module, {})
+            spec = layers.get(module, self.quantization.get(module, {}))  # ours, or mlx-lm's top level
             if spec is False or f"{module}.weight" not in self._arrays or f"{module}.biases" not in self._arrays:
                 raise CheckpointError(f"{config_path}: tensor '{name}' does not belong to a quantized layer")
             try:

@@ -28,6 +28,7 @@ _INERT_KEYS = {
     "use_cache",
     "_name_or_path",
     "quantization",  # read by the loader, not by the architecture
+    "quantization_config",  # mlx-lm writes a copy of "quantization" under this name
 }
 
 

@@ -116,11 +116,13 @@ def quantization_spec(
 
     `quantization` is config.json's entry:
     ``{"bits": 4, "group_size": 64, "layers": {"<module path>": {"bits": 8, "group_size": 64} | false}}``.
+    Folders from mlx-lm's converter (mlx-community/...) put the per-layer entries at the
+    top level instead of under "layers"; both are read.
     """
     if not hasattr(module, "to_quantized"):
         return None
     layers = quantization.get("layers", {})
-    spec = layers.get(path, {})
+    spec = layers.get(path, quantization.get(path, {}))
     if spec is False or spec is None:
         return None
     if not isinstance(spec, Mapping):
@@ -133,14 +135,27 @@ def quantization_spec(
     return {"bits": bits, "group_size": group_size}
 
 
-def apply_quantization(model: Model, quantization: Mapping[str, Any], source: str = "config.json") -> None:
-    """Swap Linear/Embedding layers for quantized ones as `quantization` prescribes."""
+def apply_quantization(
+    model: Model,
+    quantization: Mapping[str, Any],
+    source: str = "config.json",
+    weights: Optional[Mapping[str, mx.array]] = None,
+) -> None:
+    """Swap Linear/Embedding layers for quantized ones as `quantization` prescribes.
+
+    Our converter lists every float layer under "layers". mlx-lm's does not record the
+    layers it left in float, so for its format (no "layers" key) a layer whose
+    `scales` are absent from `weights` stays float, as mlx-lm's own loader decides.
+    """
     mode = quantization.get("mode", "affine")
     if mode != "affine":
         raise ConfigError(f"{source}: quantization mode {mode!r} is not supported (only 'affine')")
+    mlx_lm_format = "layers" not in quantization
 
     def predicate(path: str, module: nn.Module):
         spec = quantization_spec(quantization, path, module, source)
+        if spec is not None and mlx_lm_format and weights is not None and f"{path}.scales" not in weights:
+            return False
         return False if spec is None else {**spec, "mode": mode}
 
     nn.quantize(model, class_predicate=predicate)
@@ -201,7 +216,7 @@ def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
     if "quantization" in config:
         if not isinstance(config["quantization"], Mapping):
             raise ConfigError(f"{config_path}: 'quantization' must be an object")
-        apply_quantization(model, config["quantization"], str(config_path))
+        apply_quantization(model, config["quantization"], str(config_path), weights)
     _check_names_and_shapes(model, weights, folder)
 
     if compute_dtype is None:

@@ -48,3 +48,39 @@ def test_cached_greedy_decoding_equals_mlx_lm(hf_checkpoint):
         their_tokens.append(token)
         logits = theirs(mx.array([[token]]), cache=cache)
     assert our_tokens == their_tokens
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_loads_mlx_lm_quantized_folders(hf_checkpoint, tmp_path, mixed):
+    """Folders written by mlx-lm's converter (the mlx-community/... format) load and compute
+    what mlx-lm computes, including its per-layer entries at the top of `quantization`."""
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    theirs = _mlx_lm_model(hf_checkpoint)
+    config = json.loads((hf_checkpoint / "config.json").read_text())
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized"):
+            return False
+        if mixed and path == "transformer.token_embeddings":
+            return {"group_size": 32, "bits": 8}
+        if mixed and path == "transformer.layers.1.ffn.proj_2":
+            return False
+        return True
+
+    theirs, config = quantize_model(theirs, config, 32, 4, quant_predicate=predicate)
+    save_model(tmp_path, theirs)
+    save_config(config, config_path=tmp_path / "config.json")
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization" in saved and ("transformer.token_embeddings" in saved["quantization"]) == mixed
+
+    ours = load_model(tmp_path, dtype="float32")
+    tokens = mx.array(TOKENS)[None]
+    expected = np.array(theirs(tokens))
+    np.testing.assert_allclose(np.array(ours(tokens)), expected, atol=1e-4, rtol=1e-5)
+
+    from mlx_openelm.convert.convert import convert
+
+    convert(tmp_path, tmp_path.parent / f"{tmp_path.name}-float", dequantize=True, dtype="float32", evaluate=False)
+    dequantized = load_model(tmp_path.parent / f"{tmp_path.name}-float", dtype="float32")
+    np.testing.assert_allclose(np.array(dequantized(tokens)), expected, atol=1e-4, rtol=1e-5)
