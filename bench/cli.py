@@ -200,5 +200,6 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
         report.write_csv(Path(csv_path), rows)
         click.echo(f"wrote {csv_path}", err=True)
     if plot_path:
-        report.write_plot(Path(plot_path), rows, title=f"{document['machine']['cpu']} ({document['machine']['mlx_device']})")
+        machine = document["machine"]
+        report.write_plot(Path(plot_path), rows, title=f"{machine['cpu']} ({machine['mlx_device']})")
         click.echo(f"wrote {plot_path}", err=True)

@@ -72,7 +72,9 @@ def kv_bytes_per_position(args: ModelArgs, dtype: mx.Dtype) -> int:
     return sum(2 * kv * args.head_dim for kv in args.num_kv_heads) * dtype.size
 
 
-def bytes_per_token(model: nn.Module, args: ModelArgs, dtype: mx.Dtype, prompt_tokens: int, generation_tokens: int) -> int:
+def bytes_per_token(
+    model: nn.Module, args: ModelArgs, dtype: mx.Dtype, prompt_tokens: int, generation_tokens: int
+) -> int:
     """Bytes read per generated token: every weight once, plus the KV cache at the
     average context length of the generation phase."""
     average_context = prompt_tokens + generation_tokens / 2

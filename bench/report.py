@@ -136,7 +136,9 @@ def write_plot(path: Path, rows: Sequence[dict], title: Optional[str] = None) ->
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("--plot needs matplotlib: pip install 'mlx-openelm[plot]'  (or: pip install matplotlib)") from None
+        raise ImportError(
+            "--plot needs matplotlib: pip install 'mlx-openelm[plot]'  (or: pip install matplotlib)"
+        ) from None
 
     configs, engines = [], []
     for row in rows:

@@ -111,7 +111,8 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits
 
     try:
         report = run_convert(
-            hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits, group_size=group_size,
+            hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits,
+            group_size=group_size,
             recipe=recipe, tokenizer=tokenizer, force=force, max_shard_size=max_shard_size, evaluate=not no_eval,
             dequantize=dequantize, progress=progress,
         )

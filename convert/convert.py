@@ -106,7 +106,8 @@ class HFSource(Source):
         self._shapes = {n: shapes[n] for n in self._order}
         for name in self._order:
             if name not in self._quantized and self._arrays[name].dtype not in (mx.float32, mx.float16, mx.bfloat16):
-                raise CheckpointError(f"{folder}: tensor '{name}' has dtype {self._arrays[name].dtype}, expected floats")
+                dtype = self._arrays[name].dtype
+                raise CheckpointError(f"{folder}: tensor '{name}' has dtype {dtype}, expected floats")
         candidate = folder / TOKENIZER_FILE
         self.tokenizer = candidate if candidate.is_file() else None
 

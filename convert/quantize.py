@@ -59,7 +59,8 @@ class QuantizationPlan:
 def check_options(bits: Optional[int], group_size: int, recipe: Optional[str]) -> Optional[int]:
     """Validate --bits/--group-size/--recipe; returns the default bits (None: no quantization)."""
     if group_size not in GROUP_SIZES:
-        raise ConfigError(f"--group-size: {group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}")
+        choices = ", ".join(map(str, GROUP_SIZES))
+        raise ConfigError(f"--group-size: {group_size} is not supported; choose one of {choices}")
     if recipe is not None:
         if recipe not in RECIPES:
             raise ConfigError(f"--recipe: unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")

@@ -77,7 +77,8 @@ def random_weights(config: dict, seed: int = 0, classifier: bool = False) -> dic
         return (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32)
 
     # scale 0.25 keeps next-token distributions broad enough for sampling tests
-    w = {"transformer.token_embeddings.weight": (0.25 * rng.standard_normal((config["vocab_size"], d))).astype(np.float32)}
+    embeddings = 0.25 * rng.standard_normal((config["vocab_size"], d))
+    w = {"transformer.token_embeddings.weight": embeddings.astype(np.float32)}
     for i in range(config["num_transformer_layers"]):
         q, kv = config["num_query_heads"][i], config["num_kv_heads"][i]
         f = ffn_dim(config["ffn_multipliers"][i], d, config["ffn_dim_divisor"])

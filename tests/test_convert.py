@@ -216,7 +216,8 @@ def test_large_output_is_sharded_with_an_index(hf_checkpoint, tmp_path, float_lo
     weight_map = json.loads((q / "model.safetensors.index.json").read_text())["weight_map"]
     for name, file in weight_map.items():
         if name.endswith(".scales"):
-            assert weight_map[name[: -len("scales")] + "weight"] == file == weight_map[name[: -len("scales")] + "biases"]
+            module = name[: -len("scales")]
+            assert weight_map[module + "weight"] == file == weight_map[module + "biases"]
 
 
 def test_parse_size():
@@ -358,7 +359,9 @@ def test_cli_average_takes_checkpoints_as_arguments(tmp_path, tiny_weights):
 
 # ---- the layer-by-layer quality check ------------------------------------------------------
 
-@pytest.mark.parametrize("options", [{"dtype": "float32"}, {"bits": 4, "group_size": 32}, {"recipe": "mixed-4-8", "group_size": 32}])
+@pytest.mark.parametrize(
+    "options", [{"dtype": "float32"}, {"bits": 4, "group_size": 32}, {"recipe": "mixed-4-8", "group_size": 32}]
+)
 def test_layerwise_check_equals_the_loaded_model(hf_checkpoint, tmp_path, options):
     """The KL check runs one layer at a time (no second full model in memory) yet computes
     exactly what `load_model` + a full forward computes, for float and quantized outputs."""

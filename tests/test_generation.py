@@ -121,7 +121,8 @@ def test_generation_stops_at_the_context_limit(tmp_path, tiny_weights, tokenizer
     responses = list(stream_generate(model, tokenizer, PROMPT, max_tokens=100))
     assert len(responses) == 12 - len(PROMPT) + 1
     assert responses[-1].finish_reason == "length"
-    with pytest.raises(ContextLengthError, match="prompt of 13 tokens \\(\\+0 cached\\) does not fit the model's context of 12"):
+    message = r"prompt of 13 tokens \(\+0 cached\) does not fit the model's context of 12"
+    with pytest.raises(ContextLengthError, match=message):
         list(generate_step(list(range(3, 16)), model))
 
 

@@ -121,7 +121,8 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, tiny_weigh
 def test_config_heads_inconsistent_with_tensors(tmp_path, tiny_weights):
     config = {**TINY_CONFIG, "num_query_heads": [8, 8, 12], "num_kv_heads": [2, 2, 3]}
     folder = write_hf_checkpoint(tmp_path / "heads", config, tiny_weights)
-    with pytest.raises(CheckpointError, match=r"'transformer.layers.0.attn.qkv_proj.weight' has shape \(96, 64\), config.json implies \(192, 64\)"):
+    message = r"'transformer.layers.0.attn.qkv_proj.weight' has shape \(96, 64\), config.json implies \(192, 64\)"
+    with pytest.raises(CheckpointError, match=message):
         load_model(folder)
 
 
