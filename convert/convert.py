@@ -32,12 +32,12 @@ from mlx_openelm.loading import (
     DTYPE_NAMES,
     IGNORED_KEYS,
     apply_quantization,
+    layer_quantization,
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
     fp16_is_safe,
     parse_dtype,
     read_weights,
-    weight_files,
 )
 
 from .corenet import expected_shapes, read_corenet
@@ -86,17 +86,8 @@ class HFSource(Source):
         if self.quantization is not None and not isinstance(self.quantization, dict):
             raise ConfigError(f"{config_path}: 'quantization' must be an object")
         self.kind = "mlx-quantized" if self.quantization else "huggingface"
-        self._files = weight_files(folder)
-        self._arrays: dict[str, mx.array] = {}
-        self._order: list[str] = []
-        for file in self._files:
-            for name, array in _load_lazy(file).items():
-                if name in IGNORED_KEYS:
-                    continue
-                if name in self._arrays:
-                    raise CheckpointError(f"{file}: tensor '{name}' also appears in another shard")
-                self._arrays[name] = array
-                self._order.append(name)
+        self._arrays = {n: a for n, a in read_weights(folder).items() if n not in IGNORED_KEYS}  # lazy
+        self._order = list(self._arrays)
         self._quantized: dict[str, tuple[int, int]] = {}  # weight name -> (bits, group size)
         if self.quantization:
             self._find_quantized(config_path)
@@ -113,18 +104,12 @@ class HFSource(Source):
 
     def _find_quantized(self, config_path: Path) -> None:
         """Pair each quantized weight with its scales and biases, and its bits and group size."""
-        layers = self.quantization.get("layers", {})
         for name in [n for n in self._order if n.endswith(".scales")]:
             module = name[: -len(".scales")]
-            spec = layers.get(module, self.quantization.get(module, {}))  # ours, or mlx-lm's top level
-            if spec is False or f"{module}.weight" not in self._arrays or f"{module}.biases" not in self._arrays:
+            spec = layer_quantization(self.quantization, module, str(config_path))
+            if spec is None or f"{module}.weight" not in self._arrays or f"{module}.biases" not in self._arrays:
                 raise CheckpointError(f"{config_path}: tensor '{name}' does not belong to a quantized layer")
-            try:
-                bits = int(spec.get("bits", self.quantization["bits"]))
-                group = int(spec.get("group_size", self.quantization["group_size"]))
-            except (KeyError, AttributeError, TypeError, ValueError):
-                raise ConfigError(f"{config_path}: quantization entry for '{module}' lacks bits/group_size") from None
-            self._quantized[f"{module}.weight"] = (bits, group)
+            self._quantized[f"{module}.weight"] = (spec["bits"], spec["group_size"])
             self._order = [n for n in self._order if n not in (name, f"{module}.biases")]
 
     def _float_shape(self, name: str) -> tuple[int, ...]:
@@ -214,14 +199,6 @@ class AveragedSource(Source):
 
 def _leaves(source: Source) -> list[Source]:
     return list(source.sources) if isinstance(source, AveragedSource) else [source]
-
-
-def _load_lazy(path: Path) -> dict[str, mx.array]:
-    """mx.load maps a safetensors file lazily: a tensor's bytes are read when it is evaluated."""
-    try:
-        return mx.load(str(path))
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
 
 
 def check_tensors(shapes: dict[str, tuple[int, ...]], args: ModelArgs, source: str, what: str,

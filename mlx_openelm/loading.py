@@ -109,18 +109,16 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
 
 # ---- quantization ------------------------------------------------------------------
 
-def quantization_spec(
-    quantization: Mapping[str, Any], path: str, module: nn.Module, source: str = "config.json"
+def layer_quantization(
+    quantization: Mapping[str, Any], path: str, source: str = "config.json"
 ) -> Optional[dict[str, int]]:
-    """{'bits', 'group_size'} for the module at `path`, or None to keep it in float.
+    """{'bits', 'group_size'} that config.json's `quantization` entry gives the layer at
+    `path`, or None where it marks the layer float.
 
-    `quantization` is config.json's entry:
-    ``{"bits": 4, "group_size": 64, "layers": {"<module path>": {"bits": 8, "group_size": 64} | false}}``.
-    Folders from mlx-lm's converter (mlx-community/...) put the per-layer entries at the
-    top level instead of under "layers"; both are read.
+    The entry: ``{"bits": 4, "group_size": 64, "layers": {"<module path>": {"bits": 8,
+    "group_size": 64} | false}}``. Folders from mlx-lm's converter (mlx-community/...) put
+    the per-layer entries at the top level instead of under "layers"; both are read.
     """
-    if not hasattr(module, "to_quantized"):
-        return None
     layers = quantization.get("layers", {})
     spec = layers.get(path, quantization.get(path, {}))
     if spec is False or spec is None:
@@ -133,6 +131,15 @@ def quantization_spec(
     except KeyError as e:
         raise ConfigError(f"{source}: quantization entry is missing key {e}") from None
     return {"bits": bits, "group_size": group_size}
+
+
+def quantization_spec(
+    quantization: Mapping[str, Any], path: str, module: nn.Module, source: str = "config.json"
+) -> Optional[dict[str, int]]:
+    """`layer_quantization` for a module that can be quantized (Linear, Embedding); else None."""
+    if not hasattr(module, "to_quantized"):
+        return None
+    return layer_quantization(quantization, path, source)
 
 
 def apply_quantization(
