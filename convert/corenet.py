@@ -241,25 +241,16 @@ def corenet_names(args: ModelArgs) -> "OrderedDict[str, str]":
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Our tensor name -> shape for `args` (the float model's parameters)."""
-    d, hd = args.model_dim, args.head_dim
-    shapes = {"transformer.token_embeddings.weight": (args.vocab_size, d)}
-    for i in range(args.num_transformer_layers):
-        p = f"transformer.layers.{i}."
-        f = args.ffn_dims[i]
-        shapes[p + "attn_norm.weight"] = (d,)
-        shapes[p + "attn.qkv_proj.weight"] = (args.qkv_out_dims[i], d)
-        if args.normalize_qk_projections:
-            shapes[p + "attn.q_norm.weight"] = (hd,)
-            shapes[p + "attn.k_norm.weight"] = (hd,)
-        shapes[p + "attn.out_proj.weight"] = (d, args.num_query_heads[i] * hd)
-        shapes[p + "ffn_norm.weight"] = (d,)
-        shapes[p + "ffn.proj_1.weight"] = (2 * f if args.ffn_with_glu else f, d)
-        shapes[p + "ffn.proj_2.weight"] = (d, f)
-    shapes["transformer.norm.weight"] = (d,)
-    if not args.share_input_output_layers:
-        shapes["lm_head.weight"] = (args.vocab_size, d)
-    return shapes
+    """Our tensor name -> shape for `args` (the float model's parameters), in model order.
+
+    Read off `Model(args)` itself: its parameters are lazy and never evaluated, so
+    this allocates nothing and cannot drift from the model's definition.
+    """
+    from mlx.utils import tree_flatten
+
+    from mlx_openelm.model import Model
+
+    return {name: tuple(p.shape) for name, p in tree_flatten(Model(args).parameters())}
 
 
 def match_corenet(
