@@ -44,11 +44,13 @@ class KVCache:
                 f"context of {self.max_length} tokens"
             )
         if end > self.capacity:
-            n_new = -(-(end - self.capacity) // self.step) * self.step
-            shape = (B, num_heads, n_new, head_dim)
+            # Grow from the valid positions (after a trim, `offset` may be far below the
+            # old capacity), rounding the new storage up to whole steps.
+            capacity = -(-end // self.step) * self.step
+            shape = (B, num_heads, capacity - self.offset, head_dim)
             grow_k = mx.zeros(shape, keys.dtype)
             grow_v = mx.zeros(shape, values.dtype)
-            if self.keys is None:
+            if self.keys is None or self.offset == 0:
                 self.keys, self.values = grow_k, grow_v
             else:
                 self.keys = mx.concatenate([self.keys[..., : self.offset, :], grow_k], axis=2)
@@ -69,7 +71,3 @@ class KVCache:
         if self.keys is None:
             return ()
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
