@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, OpenELMWarning
 
 RMS_NORM_EPS = 1e-6  # fixed in Apple's code; no config key
 
@@ -203,7 +203,7 @@ class ModelArgs:
         }
         unknown = sorted(k for k in config if k not in known)
         if unknown:
-            warnings.warn(f"{source}: ignoring unknown config keys {unknown}", stacklevel=2)
+            warnings.warn(f"{source}: ignoring unknown config keys {unknown}", OpenELMWarning, stacklevel=2)
 
         return cls(
             model_dim=model_dim,

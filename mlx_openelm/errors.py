@@ -19,3 +19,7 @@ class TokenizerError(OpenELMError):
 
 class ContextLengthError(OpenELMError, ValueError):
     """A request that does not fit in the model's context window."""
+
+
+class OpenELMWarning(UserWarning):
+    """Something the user should know that does not stop the work (the CLI shows it once, on stderr)."""

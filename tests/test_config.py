@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mlx_openelm.config import PRESET_NAMES, ModelArgs, make_divisible, preset_args, preset_config, preset_parameters
-from mlx_openelm.errors import ConfigError
+from mlx_openelm.errors import ConfigError, OpenELMWarning
 from synthetic import TINY_CONFIG
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openelm_configs.json"
@@ -118,7 +118,7 @@ def test_bad_config_names_the_key(changes, message):
 
 
 def test_unknown_keys_are_reported_not_silently_dropped():
-    with pytest.warns(UserWarning, match=r"ignoring unknown config keys \['mystery_knob'\]"):
+    with pytest.warns(OpenELMWarning, match=r"ignoring unknown config keys \['mystery_knob'\]"):
         ModelArgs.from_dict({**TINY_CONFIG, "mystery_knob": 3})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Apple's own keys raise no warning
