@@ -1,0 +1,91 @@
+"""Hugging Face tokenizer files: transformers and mlx-lm read our folders as we do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mlx_openelm.hf_files import CHAT_TEMPLATE, write_tokenizer_files
+from mlx_openelm.tokenizer import Tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris is the capital."},
+        {"role": "user", "content": "Héllo wörld 🎉 日本語"},
+    ],
+    [{"role": "user", "content": "  leading spaces\n\nand\ttabs "}],
+    [{"role": "system", "content": " Be brief."}, {"role": "user", "content": ""}],
+]
+
+
+@pytest.fixture()
+def tokenizer_folder(tokenizer_path, tmp_path):
+    shutil.copyfile(tokenizer_path, tmp_path / "tokenizer.model")
+    written = write_tokenizer_files(tmp_path, max_length=2048)
+    assert sorted(p.name for p in written) == [
+        "generation_config.json", "special_tokens_map.json", "tokenizer_config.json"
+    ]
+    return tmp_path
+
+
+def hf_template_ids(tokenizer, messages, add_generation_prompt):
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_files_name_the_special_tokens_and_legacy_mode(tokenizer_folder):
+    config = json.loads((tokenizer_folder / "tokenizer_config.json").read_text())
+    assert (config["bos_token"], config["eos_token"], config["unk_token"]) == ("<s>", "</s>", "<unk>")
+    assert config["legacy"] is True and config["chat_template"] == CHAT_TEMPLATE
+    assert config["model_max_length"] == 2048 and config["add_bos_token"] and not config["add_eos_token"]
+    special = json.loads((tokenizer_folder / "special_tokens_map.json").read_text())
+    assert special == {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+    generation = json.loads((tokenizer_folder / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_no_tokenizer_model_writes_nothing(tmp_path):
+    assert write_tokenizer_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_transformers_auto_tokenizer_gives_our_template_ids(tokenizer_folder, add_generation_prompt):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    ours = Tokenizer(tokenizer_folder / "tokenizer.model")
+    for messages in CONVERSATIONS:
+        expected = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        assert hf_template_ids(hf, messages, add_generation_prompt) == expected, messages
+    assert hf("Once upon a time")["input_ids"] == ours.encode("Once upon a time")
+
+
+def test_transformers_template_refuses_unknown_roles(tokenizer_folder):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    with pytest.raises(Exception, match="roles are system, user and assistant"):
+        hf.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_mlx_lm_load_opens_a_converted_folder(hf_checkpoint, tmp_path):
+    pytest.importorskip("transformers")
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    import mlx.core as mx
+
+    from mlx_openelm.convert.convert import convert
+
+    out = tmp_path / "converted"
+    convert(hf_checkpoint, out, dtype="float32", evaluate=False)
+    if not (out / "tokenizer_config.json").exists():  # until the converter writes them itself
+        write_tokenizer_files(out)
+    model, wrapper = mlx_lm_utils.load(str(out))
+    ours = Tokenizer(out / "tokenizer.model")
+    for messages in CONVERSATIONS[:3]:
+        assert hf_template_ids(wrapper, messages, True) == ours.apply_chat_template(messages)
+    assert 2 in wrapper.eos_token_ids
+    logits = model(mx.array([ours.encode("Once upon a time")]))
+    assert logits.shape[-1] == 384
