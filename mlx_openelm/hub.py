@@ -2,9 +2,9 @@
 
 A reference is a local path or a Hugging Face repo id (``apple/OpenELM-270M-Instruct``,
 ``mlx-community/...``). Repo ids are fetched once into the standard Hugging Face cache
-through `huggingface_hub` (an optional dependency: ``pip install 'mlx-openelm[hub]'``)
-and work offline afterwards (``HF_HUB_OFFLINE=1``). `generate`, `chat` and `convert`
-share these functions.
+through `huggingface_hub` (with its progress bars) and work offline afterwards
+(``HF_HUB_OFFLINE=1``). With no model given, `DEFAULT_MODEL` is used. `generate`, `chat`
+and `convert` share these functions.
 
 Apple's OpenELM repos carry no tokenizer. `resolve_tokenizer` looks, in order, at the
 tokenizer given, the model folder, and a default Llama-2 tokenizer repo
@@ -26,8 +26,9 @@ TOKENIZER_FILE = "tokenizer.model"  # Llama-2 SentencePiece model
 # tokenizer.model is ever fetched.
 DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"
 TOKENIZER_REPO_ENV = "MLX_OPENELM_TOKENIZER_REPO"
+# What `chat` and `generate` run when no model is given (about 1.1 GB, fetched once).
+DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
 MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", TOKENIZER_FILE)
-INSTALL_HINT = "pip install 'mlx-openelm[hub]'"
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TRUE = {"1", "on", "yes", "true"}
@@ -61,33 +62,33 @@ def hub_cache_dir() -> Optional[Path]:
 def _cache_description() -> str:
     cache = hub_cache_dir()
     if cache is None:
-        try:
-            from huggingface_hub import constants
+        from huggingface_hub import constants
 
-            cache = Path(constants.HF_HUB_CACHE)
-        except ImportError:  # pragma: no cover - only reached with huggingface_hub present
-            return "the Hugging Face cache"
+        cache = Path(constants.HF_HUB_CACHE)
     return f"the Hugging Face cache ({cache})"
+
+
+def download_command(repo_id: str, files: Sequence[str] = ()) -> str:
+    """The `hf` command that puts `repo_id` (or just `files` of it) into the Hugging Face cache."""
+    return " ".join(["hf download", repo_id, *files])
 
 
 def download(
     repo_id: str,
     allow_patterns: Sequence[str] = MODEL_PATTERNS,
     error: type[OpenELMError] = CheckpointError,
+    files: Sequence[str] = (),
+    alternative: str = "pass a local folder",
 ) -> Path:
     """The local snapshot folder of `repo_id`, downloading the files matching `allow_patterns`.
 
     Offline (``HF_HUB_OFFLINE=1``) only the cache is looked at. Errors are `error`
-    instances whose message says what to do.
+    instances whose message says what to do: the `hf download` command (for `files`
+    of the repo, or all of it), or `alternative`.
     """
-    try:
-        import huggingface_hub
-        from huggingface_hub import errors as hub_errors
-    except ImportError:
-        raise error(
-            f"{repo_id} looks like a Hugging Face repo id, and fetching it needs huggingface_hub: "
-            f"{INSTALL_HINT} (or pass a local folder)"
-        ) from None
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
     offline = hub_offline()
     try:
         folder = huggingface_hub.snapshot_download(
@@ -99,7 +100,7 @@ def download(
     except hub_errors.GatedRepoError:
         raise error(
             f"{repo_id} is gated on the Hugging Face Hub: accept its license on huggingface.co/{repo_id} "
-            "and log in (`hf auth login`), or pass a local folder"
+            f"and log in (`hf auth login`), or {alternative}"
         ) from None
     except hub_errors.RepositoryNotFoundError:
         raise error(
@@ -109,23 +110,30 @@ def download(
     except hub_errors.RevisionNotFoundError:
         raise error(f"{repo_id}: its main revision was not found on the Hugging Face Hub") from None
     except hub_errors.LocalEntryNotFoundError:
+        command = download_command(repo_id, files)
         if offline:
             raise error(
                 f"{repo_id} is not in {_cache_description()} and HF_HUB_OFFLINE is set: download it once "
-                f"while online (unset HF_HUB_OFFLINE and run again, or `hf download {repo_id}`), "
-                "or pass a local folder"
+                f"while online with `{command}` (or unset HF_HUB_OFFLINE and run again), or {alternative}"
             ) from None
         raise error(
             f"{repo_id} is not in {_cache_description()} and the Hugging Face Hub cannot be reached: "
-            "check your connection, or pass a local folder"
+            f"check your connection and run again (or `{command}`), or {alternative}"
         ) from None
     except (hub_errors.HfHubHTTPError, hub_errors.HFValidationError, OSError) as e:
         raise error(f"{repo_id}: cannot fetch it from the Hugging Face Hub ({e})") from None
     return Path(folder)
 
 
-def resolve_model_path(reference: PathLike) -> Path:
-    """A local model folder for `reference`: an existing path, else a Hugging Face repo id."""
+def resolve_model_path(reference: Optional[PathLike] = None) -> Path:
+    """A local model folder for `reference`: an existing path, else a Hugging Face repo id.
+
+    None means `DEFAULT_MODEL` (what `chat` and `generate` run without ``--model``).
+    """
+    if reference is None:
+        return download(DEFAULT_MODEL, MODEL_PATTERNS, CheckpointError,
+                        alternative="pass --model with a local model folder (no --model given: "
+                                    f"{DEFAULT_MODEL} is the default)")
     path = Path(reference).expanduser()
     if path.exists():
         return path
@@ -135,7 +143,8 @@ def resolve_model_path(reference: PathLike) -> Path:
 
 
 def _tokenizer_from_repo(repo_id: str) -> Path:
-    folder = download(repo_id, [TOKENIZER_FILE], TokenizerError)
+    folder = download(repo_id, [TOKENIZER_FILE], TokenizerError, files=[TOKENIZER_FILE],
+                      alternative=f"pass --tokenizer with a local {TOKENIZER_FILE}")
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         raise TokenizerError(f"{repo_id} holds no {TOKENIZER_FILE}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -12,13 +11,12 @@ from mlx_openelm import generate, load, make_logits_processors
 from mlx_openelm.cli import main
 from mlx_openelm.errors import CheckpointError, TokenizerError
 from mlx_openelm.hub import (
+    DEFAULT_MODEL,
     DEFAULT_TOKENIZER_REPO,
     looks_like_repo_id,
     resolve_model_path,
     resolve_tokenizer,
 )
-
-pytest.importorskip("huggingface_hub")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -83,10 +81,29 @@ def test_missing_local_folder_is_not_a_repo_id(tmp_path):
         resolve_model_path(str(tmp_path / "missing"))
 
 
-def test_without_huggingface_hub_the_error_says_how_to_install(hf_cache, monkeypatch):
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    with pytest.raises(CheckpointError, match=r"pip install 'mlx-openelm\[hub\]'"):
-        resolve_model_path("apple/OpenELM-tiny")
+def test_no_reference_means_the_default_model(hf_cache, sharded_checkpoint):
+    snapshot = cache_repo(hf_cache, DEFAULT_MODEL, {p.name: p for p in sharded_checkpoint.iterdir()})
+    assert DEFAULT_MODEL == "apple/OpenELM-270M-Instruct"
+    assert resolve_model_path() == resolve_model_path(None) == snapshot
+
+
+def test_default_model_not_cached_offline_says_the_command_and_the_option(hf_cache):
+    with pytest.raises(CheckpointError) as info:
+        resolve_model_path()
+    message = str(info.value)
+    assert f"`hf download {DEFAULT_MODEL}`" in message
+    assert "pass --model with a local model folder" in message and "HF_HUB_OFFLINE is set" in message
+
+
+def test_unreachable_hub_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(TokenizerError) as info:
+        resolve_tokenizer(tmp_path)
+    message = str(info.value)
+    assert "cannot be reached" in message and f"`hf download {DEFAULT_TOKENIZER_REPO} tokenizer.model`" in message
+    assert "--tokenizer" in message
 
 
 def test_tokenizer_explicit_path_folder_and_repo_id(hf_cache, tokenizer_path, cached_model):
