@@ -13,10 +13,13 @@ Policies:
   before its first token leaves the conversation as it was.
 - Context overflow: before a turn, when the templated conversation plus a reply reserve
   (``max_tokens``, at most a quarter of the context) exceeds ``max_context_length``,
-  the oldest user/assistant turns are dropped (the system prompt stays), the cache is
-  rebuilt from the longest prefix still valid (normally the system prompt), and
-  `notify` gets a one-line notice. A single message that leaves no room for a reply
-  raises `ContextLengthError` and leaves the conversation unchanged.
+  the oldest user/assistant turns are dropped (the system prompt stays) until the rest
+  plus the reserve fits in half the context (``refit_fraction``), the cache is rebuilt
+  from the longest prefix still valid (normally the system prompt), and `notify` gets a
+  one-line notice. Dropping to half, not just below the limit, means a rebuild (which
+  re-reads every kept token) happens once every several turns, not on every turn once
+  the context is full. A single message that leaves no room for a reply raises
+  `ContextLengthError` and leaves the conversation unchanged.
 """
 
 from __future__ import annotations
@@ -50,7 +53,9 @@ class ChatSession:
     """A conversation with an OpenELM-Instruct model, reusing one KV cache across turns.
 
     `model` is anything `generate_step` accepts (it needs `.args` for `make_cache`).
-    `notify` receives one-line notices (turns dropped to fit the context).
+    `notify` receives one-line notices (turns dropped to fit the context). The reply
+    reserve is at most `max_reserve_fraction` of the context; when turns must be
+    dropped, the rest plus the reserve is cut down to `refit_fraction` of it.
     """
 
     def __init__(
@@ -60,12 +65,19 @@ class ChatSession:
         system: Optional[str] = None,
         notify: Optional[Callable[[str], None]] = None,
         max_reserve_fraction: float = 0.25,
+        refit_fraction: float = 0.5,
     ):
+        if not 0 < max_reserve_fraction < refit_fraction <= 1:
+            raise ValueError(
+                "need 0 < max_reserve_fraction < refit_fraction <= 1, got "
+                f"{max_reserve_fraction} and {refit_fraction}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.system = system or None
         self.notify = notify or (lambda message: None)
         self.max_reserve_fraction = max_reserve_fraction
+        self.refit_fraction = refit_fraction
         self.cache = make_cache(model)
         self.cached_ids: list[int] = []  # the tokens whose keys/values are in `cache`, in order
         self.messages: list[dict[str, str]] = []
@@ -96,12 +108,16 @@ class ChatSession:
         self.cached_ids = self.cached_ids[:length]
 
     def _fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], list[int], int]:
-        """Drop the oldest turns until the conversation plus `reserve` fits; returns (messages, ids, dropped turns)."""
+        """Fit the conversation plus `reserve` in the context; returns (messages, ids, dropped turns).
+
+        When it does not fit, the oldest turns go until it fits in `refit_fraction` of the context.
+        """
         context = self.context_length
         first = 1 if messages and messages[0]["role"] == "system" else 0
         ids = self.conversation_ids(messages)
         dropped = 0
-        while len(ids) + reserve > context and len(messages) - first > 1:
+        target = context if len(ids) + reserve <= context else int(context * self.refit_fraction)
+        while len(ids) + reserve > target and len(messages) - first > 1:
             del messages[first]  # the oldest user message, then its replies
             while len(messages) - first > 1 and messages[first]["role"] != "user":
                 del messages[first]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -261,6 +262,24 @@ def test_reset_starts_over_and_keeps_the_system_prompt(loaded):
     assert send(session, "Hello there") == first
 
 
+def test_long_multi_turn_chat_matches_a_fresh_run_each_turn(loaded):
+    """Issue 8's crash: turns of up to 120 tokens grow the cache past its 256-position steps
+    after a trim (update(300), trim(250), update(500)); every cached reply must equal the
+    greedy reply of a fresh run over the whole conversation."""
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, system="Be brief.")
+    texts = ["Hi!", "How are you?", "Tell me more.", "And then?", "Ok."]
+    for text in texts:
+        reply = [r.token for r in session.send(text, max_tokens=120)]
+        seen = session.conversation_ids(session.messages[:-1])
+        # one uncached forward over the conversation and the reply: greedy picks every reply token
+        logits = model(mx.array(seen + reply[:-1])[None])[0, len(seen) - 1:]
+        assert reply == mx.argmax(logits, axis=-1).tolist()
+        assert all(c.offset == len(session.cached_ids) for c in session.cache)
+    assert len(session.cached_ids) > 2 * 256  # the cache grew through several steps
+    assert len(session.messages) == 1 + 2 * len(texts)  # nothing was dropped
+
+
 # ---- context overflow ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -283,10 +302,59 @@ def test_context_overflow_drops_oldest_turns_keeps_system_and_stays_exact(small_
         assert all(c.offset <= 96 for c in session.cache)
         # the reply is exactly the model's answer to the (possibly shortened) conversation
         seen = session.conversation_ids(session.messages[:-1])
-        assert len(seen) + 24 <= 96 or len(seen) < 96
+        # the reply reserve fits after the conversation, or nothing older is left to drop
+        assert len(seen) + 24 <= 96 or len(session.messages) == 3
         assert reply == fresh_reply(model, seen, 24)
-    assert notices and all("dropped the oldest turn" in n and "system prompt" in n for n in notices)
+    notice = r"\[context nearly full: dropped the (oldest turn|\d+ oldest turns), kept the system prompt and rebuilt the cache\]"
+    assert notices and all(re.fullmatch(notice, n) for n in notices)
     assert len(session.messages) < 1 + 2 * len(texts)
+
+
+@pytest.fixture(scope="module")
+def context_256(tmp_path_factory, tokenizer_path):
+    folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-ctx256"
+    write_hf_checkpoint(folder, {**TINY_CONFIG, "max_context_length": 256}, random_weights(TINY_CONFIG, seed=3),
+                        tokenizer=tokenizer_path)
+    return load(folder)
+
+
+def chat_rebuilds(session, turns, max_tokens):
+    """Run `turns` short turns; returns the turns that re-read history (took less than the
+    previous turn's prompt from the cache)."""
+    rebuilds, previous_prompt = [], 0
+    for n in range(turns):
+        send(session, f"Tell me about apples {n}", max_tokens=max_tokens)
+        prompt = len(session.conversation_ids(session.messages[:-1]))
+        if prompt - session.last_prefill_tokens < previous_prompt:
+            rebuilds.append(n)
+        previous_prompt = prompt
+        assert all(c.offset <= session.context_length for c in session.cache)
+    return rebuilds
+
+
+def test_a_full_context_is_cut_to_half_so_the_next_turns_need_no_rebuild(context_256):
+    """Issue 8: a chat at a full context re-read the whole history on every turn."""
+    model, tokenizer = context_256  # a turn takes about 40 of the 256 positions
+    notices = []
+    session = ChatSession(model, tokenizer, system="S", notify=notices.append)
+    rebuilds = chat_rebuilds(session, 16, max_tokens=8)
+    assert len(notices) == len(rebuilds) >= 3
+    assert all(b - a >= 3 for a, b in zip(rebuilds, rebuilds[1:]))  # two turns or more between rebuilds
+    # dropping only what is needed (the old policy) rebuilds on every turn once full
+    tight = chat_rebuilds(ChatSession(model, tokenizer, system="S", refit_fraction=1.0), 16, max_tokens=8)
+    assert len(tight) > 2 * len(rebuilds) and all(b - a == 1 for a, b in zip(tight, tight[1:]))
+
+
+def test_after_dropping_turns_the_rest_fits_in_half_the_context(context_256):
+    model, tokenizer = context_256
+    session = ChatSession(model, tokenizer, system="S")
+    for n in range(12):
+        before = len(session.messages)
+        reply = send(session, f"Tell me about apples {n}", max_tokens=8)
+        seen = session.conversation_ids(session.messages[:-1])
+        if len(session.messages) < before + 2:  # turns were dropped
+            assert len(seen) + 8 <= 256 // 2 and session.messages[0]["role"] == "system"
+        assert reply == fresh_reply(model, seen, 8)
 
 
 def test_a_message_too_long_for_the_context_is_refused_cleanly(small_context):
