@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -13,6 +14,7 @@ from mlx.utils import tree_flatten
 from .config import ModelArgs, read_config
 from .errors import CheckpointError, ConfigError
 from .model import Model
+from .quantization import apply_quantization, read_quantization
 from .hub import resolve_model_path, resolve_tokenizer
 from .tokenizer import Tokenizer
 
@@ -107,89 +109,62 @@ def read_weights(folder: Path) -> dict[str, mx.array]:
     return weights
 
 
-# ---- quantization ------------------------------------------------------------------
+# ---- checking weights against the model ---------------------------------------------
 
-def layer_quantization(
-    quantization: Mapping[str, Any], path: str, source: str = "config.json"
-) -> Optional[dict[str, int]]:
-    """{'bits', 'group_size'} that config.json's `quantization` entry gives the layer at
-    `path`, or None where it marks the layer float.
+@dataclass(frozen=True)
+class WeightProblem:
+    """One way a checkpoint's tensor disagrees with `Model(args)`; `describe` words it."""
 
-    The entry: ``{"bits": 4, "group_size": 64, "layers": {"<module path>": {"bits": 8,
-    "group_size": 64} | false}}``. Folders from mlx-lm's converter (mlx-community/...) put
-    the per-layer entries at the top level instead of under "layers"; both are read.
-    """
-    layers = quantization.get("layers", {})
-    spec = layers.get(path, quantization.get(path, {}))
-    if spec is False or spec is None:
-        return None
-    if not isinstance(spec, Mapping):
-        raise ConfigError(f"{source}: quantization.layers['{path}'] must be an object or false")
-    try:
-        bits = int(spec.get("bits", quantization["bits"]))
-        group_size = int(spec.get("group_size", quantization["group_size"]))
-    except KeyError as e:
-        raise ConfigError(f"{source}: quantization entry is missing key {e}") from None
-    return {"bits": bits, "group_size": group_size}
+    name: str
+    kind: str  # "missing", "unexpected", "shape" or "dtype"
+    expected: Any = None
+    found: Any = None
+
+    def describe(self, what: str = "config.json", name: Optional[str] = None) -> str:
+        """One clause naming the tensor (as `name`, e.g. the checkpoint's own spelling)."""
+        name = name or self.name
+        if self.kind == "missing":
+            return f"tensor '{name}' is missing ({what} implies shape {self.expected})"
+        if self.kind == "unexpected":
+            return f"unexpected tensor '{name}' ({what} has no such parameter)"
+        if self.kind == "shape":
+            return f"tensor '{name}' has shape {self.found}, {what} implies {self.expected}"
+        return f"tensor '{name}' has dtype {self.found}, expected {self.expected}"
 
 
-def quantization_spec(
-    quantization: Mapping[str, Any], path: str, module: nn.Module, source: str = "config.json"
-) -> Optional[dict[str, int]]:
-    """`layer_quantization` for a module that can be quantized (Linear, Embedding); else None."""
-    if not hasattr(module, "to_quantized"):
-        return None
-    return layer_quantization(quantization, path, source)
+def _is_float(dtype: Any) -> bool:
+    """For MLX dtypes, numpy dtypes and dtype names alike."""
+    return "float" in str(dtype)
 
 
-def apply_quantization(
-    model: Model,
-    quantization: Mapping[str, Any],
-    source: str = "config.json",
-    weights: Optional[Mapping[str, mx.array]] = None,
-) -> None:
-    """Swap Linear/Embedding layers for quantized ones as `quantization` prescribes.
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("mlx.core.", "")
 
-    Our converter lists every float layer under "layers". mlx-lm's does not record the
-    layers it left in float, so for its format (no "layers" key) a layer whose
-    `scales` are absent from `weights` stays float, as mlx-lm's own loader decides.
-    """
-    mode = quantization.get("mode", "affine")
-    if mode != "affine":
-        raise ConfigError(f"{source}: quantization mode {mode!r} is not supported (only 'affine')")
-    mlx_lm_format = "layers" not in quantization
 
-    def predicate(path: str, module: nn.Module):
-        spec = quantization_spec(quantization, path, module, source)
-        if spec is not None and mlx_lm_format and weights is not None and f"{path}.scales" not in weights:
-            return False
-        return False if spec is None else {**spec, "mode": mode}
-
-    nn.quantize(model, class_predicate=predicate)
+def check_weights(model: nn.Module, tensors: Mapping[str, Any]) -> list[WeightProblem]:
+    """Every problem of `tensors` (name -> anything with `.shape` and `.dtype`) against
+    `model`'s parameters: missing, wrong shape, wrong dtype (floats for float parameters,
+    the exact dtype for packed quantized weights), then unexpected names. The model may
+    be a lazy skeleton: its parameters are only looked at, never evaluated."""
+    expected = dict(tree_flatten(model.parameters()))
+    problems = []
+    for name, param in expected.items():
+        if name not in tensors:
+            problems.append(WeightProblem(name, "missing", tuple(param.shape)))
+            continue
+        tensor = tensors[name]
+        if tuple(tensor.shape) != tuple(param.shape):
+            problems.append(WeightProblem(name, "shape", tuple(param.shape), tuple(tensor.shape)))
+        elif _is_float(param.dtype) != _is_float(tensor.dtype) or (
+            not _is_float(param.dtype) and _dtype_name(param.dtype) != _dtype_name(tensor.dtype)
+        ):
+            wanted = "floats" if _is_float(param.dtype) else _dtype_name(param.dtype)
+            problems.append(WeightProblem(name, "dtype", wanted, _dtype_name(tensor.dtype)))
+    problems += [WeightProblem(name, "unexpected") for name in tensors if name not in expected]
+    return problems
 
 
 # ---- loading -----------------------------------------------------------------------
-
-def _check_names_and_shapes(model: Model, weights: Mapping[str, mx.array], source: Path) -> None:
-    expected = dict(tree_flatten(model.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected) - IGNORED_KEYS)
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(
-            f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
-        )
-    for name in sorted(set(expected) & set(weights)):
-        if tuple(weights[name].shape) != tuple(expected[name].shape):
-            problems.append(
-                f"tensor '{name}' has shape {tuple(weights[name].shape)}, "
-                f"config.json implies {tuple(expected[name].shape)}"
-            )
-    if problems:
-        raise CheckpointError(f"{source}: weights do not match config.json: " + "; ".join(problems))
-
 
 def stored_float_dtype(weights: Mapping[str, mx.array]) -> Optional[mx.Dtype]:
     for array in weights.values():
