@@ -12,9 +12,9 @@ from pathlib import Path
 import click
 
 from mlx_openelm.cli import user_errors
+from mlx_openelm.quantization import BITS, GROUP_SIZES
 
-BITS_CHOICES = (16, 8, 4)
-GROUP_SIZES = (32, 64, 128)
+BITS_CHOICES = (16, *sorted(BITS, reverse=True))  # 16: unquantized
 
 
 class ListOf(click.ParamType):

@@ -24,7 +24,7 @@ from mlx.utils import tree_flatten
 
 from mlx_openelm.config import RMS_NORM_EPS, ModelArgs
 from mlx_openelm.generation import generate_step
-from mlx_openelm.loading import apply_quantization
+from mlx_openelm.quantization import Quantization, apply_quantization, check_bits, check_group_size
 from mlx_openelm.model import Model, make_cache
 from mlx_openelm.sampling import greedy
 
@@ -57,7 +57,7 @@ def random_model(args: ModelArgs, dtype: mx.Dtype, seed: int = 0) -> Model:
 
 def quantize(model: nn.Module, bits: int, group_size: int) -> None:
     """Quantize every Linear and Embedding (the tied head included) in place."""
-    apply_quantization(model, {"bits": bits, "group_size": group_size}, source="--bits")
+    apply_quantization(model, Quantization(check_bits(bits, "--bits"), check_group_size(group_size, "--group-size")))
     mx.eval(model.parameters())
 
 

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mlx_openelm.quantization import BITS
+
 RATE_KEYS = ("prompt_tps", "generation_tps", "total_tps")
 TRIAL_KEYS = ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb", "ttft_s", "generation_s", "bandwidth_gbs")
 
@@ -26,7 +28,7 @@ def _range(row: dict, key: str, digits: int = 1) -> str:
 
 
 def weights_label(row: dict) -> str:
-    if row["bits"] in (8, 4) or row.get("quantized"):
+    if row["bits"] in BITS or row.get("quantized"):
         return f"q{row['bits']}/g{row['group_size']}"
     return row["dtype"]
 
@@ -122,7 +124,7 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
         for row in rows:
             for i, trial in enumerate(row["trials"], start=1):
                 line = {k: row.get(k) for k in CSV_FIELDS[:8]}
-                line["group_size"] = row.get("group_size") if row["bits"] in (8, 4) else ""
+                line["group_size"] = row.get("group_size") if row["bits"] in BITS else ""
                 line["trial"] = i
                 line.update({k: _clean(trial.get(k)) for k in TRIAL_KEYS})
                 writer.writerow(line)

@@ -14,6 +14,7 @@ from mlx_openelm import __version__
 from mlx_openelm.config import ModelArgs, preset_args
 from mlx_openelm.loading import DTYPE_NAMES, default_dtype, load_model, model_dtype, parse_dtype
 from mlx_openelm.model import Model
+from mlx_openelm.quantization import BITS
 
 from . import core
 from .hardware import machine_info
@@ -84,7 +85,7 @@ class Source:
         else:
             model = load_model(self.folder, dtype=self.requested)
             self.dtype = model_dtype(model)
-        if bits in (8, 4) and not self.stored_quantization:
+        if bits in BITS and not self.stored_quantization:
             core.quantize(model, bits, group_size)
         mx.eval(model.parameters())
         return model
@@ -114,7 +115,7 @@ def _engines(model: Model, ablation: Optional[str], compare: Optional[str]) -> l
 
 
 def _row(engine, source: Source, bits: int, group_size: int, model: Model, trials: list, peak_bw) -> dict:
-    quantized = bits in (8, 4)
+    quantized = bits in BITS
     row = {
         "engine": engine.name,
         "variant": engine.variant,
@@ -174,7 +175,7 @@ def run_benchmark(settings: dict, models: list, presets: list) -> dict:
         else:
             bits_list = settings["bits"] or [16]
             group = group_size
-            if any(b in (8, 4) for b in bits_list):
+            if any(b in BITS for b in bits_list):
                 check_group_size(source.args, group, source.label)
         for prompt_len, gen_len in lengths:
             if prompt_len + gen_len - 1 > source.args.max_context_length:

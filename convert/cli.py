@@ -8,6 +8,7 @@ import sys
 import click
 
 from mlx_openelm.cli import user_errors
+from mlx_openelm.quantization import BITS, GROUP_SIZES
 
 
 def format_report(report: dict) -> str:
@@ -70,8 +71,10 @@ def format_report(report: dict) -> str:
 @click.option("--config", "config", default=None,
               help="Architecture of a CoreNet .pt as a config.json (instead of --preset).")
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16; bfloat16 for 3B).")
-@click.option("--bits", "-q", type=int, default=None, help="Quantize linear layers and the embedding to 4 or 8 bits.")
-@click.option("--group-size", type=int, default=64, show_default=True, help="Quantization group size: 32, 64 or 128.")
+@click.option("--bits", "-q", type=int, default=None, 
+              help=f"Quantize linear layers and the embedding to {', '.join(map(str, BITS))} bits.")
+@click.option("--group-size", type=int, default=64, show_default=True, 
+              help=f"Quantization group size: {', '.join(map(str, GROUP_SIZES))}.")
 @click.option("--recipe", default=None,
               help="Per-layer bits: 'mixed-4-8' = 4 bits, but the (tied) embedding/output head at 8 bits.")
 @click.option("--tokenizer", default=None, help="tokenizer.model to copy into the output (default: the input's own).")

@@ -31,8 +31,7 @@ from mlx_openelm.hub import TOKENIZER_FILE, resolve_model_path, resolve_tokenize
 from mlx_openelm.loading import (
     DTYPE_NAMES,
     IGNORED_KEYS,
-    apply_quantization,
-    layer_quantization,
+    check_weights,
     SAFETENSORS_FILE,
     SAFETENSORS_INDEX,
     fp16_is_safe,
@@ -41,7 +40,14 @@ from mlx_openelm.loading import (
 )
 
 from .corenet import expected_shapes, read_corenet
-from .quantize import QuantizationPlan, check_options, plan_quantization
+from mlx_openelm.model import Model
+from mlx_openelm.quantization import (
+    QuantizationPlan,
+    apply_quantization,
+    check_options,
+    plan_quantization,
+    read_quantization,
+)
 
 CORENET_VOCAB_SIZE = 32128
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
@@ -81,43 +87,23 @@ class HFSource(Source):
         config_path = folder / "config.json"
         config = read_config(config_path)
         self.args = ModelArgs.from_dict(config, source=str(config_path))
-        # A folder written by this converter with --bits: its tensors are dequantized on read.
-        self.quantization: Optional[dict] = config.get("quantization")
-        if self.quantization is not None and not isinstance(self.quantization, dict):
-            raise ConfigError(f"{config_path}: 'quantization' must be an object")
+        # A quantized MLX folder (--dequantize): its tensors are dequantized as they are read.
+        self.quantization = read_quantization(config, str(config_path))
         self.kind = "mlx-quantized" if self.quantization else "huggingface"
         self._arrays = {n: a for n, a in read_weights(folder).items() if n not in IGNORED_KEYS}  # lazy
-        self._order = list(self._arrays)
-        self._quantized: dict[str, tuple[int, int]] = {}  # weight name -> (bits, group size)
-        if self.quantization:
-            self._find_quantized(config_path)
-        shapes = {n: self._float_shape(n) for n in self._order}
-        check_tensors(shapes, self.args, str(folder), f"{config_path}", order=self._order)
-        self._order = list(expected_shapes(self.args))  # model order (reads are per tensor anyway)
-        self._shapes = {n: shapes[n] for n in self._order}
-        for name in self._order:
-            if name not in self._quantized and self._arrays[name].dtype not in (mx.float32, mx.float16, mx.bfloat16):
-                dtype = self._arrays[name].dtype
-                raise CheckpointError(f"{folder}: tensor '{name}' has dtype {dtype}, expected floats")
+        model = Model(self.args)  # a lazy skeleton: never evaluated
+        if self.quantization is not None:
+            apply_quantization(model, self.quantization, str(config_path), self._arrays)
+        problems = check_weights(model, self._arrays)
+        if problems:
+            raise CheckpointError(f"{folder}: {problems[0].describe(str(config_path))}")
+        # weight name -> (bits, group size) of each quantized layer
+        self._quantized = {f"{path}.weight": (m.bits, m.group_size)
+                           for path, m in model.named_modules() if hasattr(m, "scales")}
+        self._shapes = expected_shapes(self.args)  # the float model's, in model order
+        self._order = list(self._shapes)
         candidate = folder / TOKENIZER_FILE
         self.tokenizer = candidate if candidate.is_file() else None
-
-    def _find_quantized(self, config_path: Path) -> None:
-        """Pair each quantized weight with its scales and biases, and its bits and group size."""
-        for name in [n for n in self._order if n.endswith(".scales")]:
-            module = name[: -len(".scales")]
-            spec = layer_quantization(self.quantization, module, str(config_path))
-            if spec is None or f"{module}.weight" not in self._arrays or f"{module}.biases" not in self._arrays:
-                raise CheckpointError(f"{config_path}: tensor '{name}' does not belong to a quantized layer")
-            self._quantized[f"{module}.weight"] = (spec["bits"], spec["group_size"])
-            self._order = [n for n in self._order if n not in (name, f"{module}.biases")]
-
-    def _float_shape(self, name: str) -> tuple[int, ...]:
-        shape = tuple(self._arrays[name].shape)
-        if name in self._quantized:
-            bits = self._quantized[name][0]
-            return shape[:-1] + (shape[-1] * 32 // bits,)
-        return shape
 
     def names(self) -> list[str]:
         return list(self._order)
@@ -199,20 +185,6 @@ class AveragedSource(Source):
 
 def _leaves(source: Source) -> list[Source]:
     return list(source.sources) if isinstance(source, AveragedSource) else [source]
-
-
-def check_tensors(shapes: dict[str, tuple[int, ...]], args: ModelArgs, source: str, what: str,
-                  order: Optional[Sequence[str]] = None) -> None:
-    """Every tensor of `args` is present with its shape, and nothing else; else name the first culprit."""
-    expected = expected_shapes(args)
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise CheckpointError(f"{source}: tensor '{name}' is missing ({what} implies shape {shape})")
-        if tuple(shapes[name]) != shape:
-            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(shapes[name])}, {what} implies {shape}")
-    extra = [n for n in (order or shapes) if n not in expected]
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensor '{extra[0]}' ({what} has no such parameter)")
 
 
 def open_source(reference: Union[str, Path], preset: Optional[str] = None,
@@ -427,8 +399,6 @@ def layerwise_logits(
     """
     from mlx.utils import tree_flatten
 
-    from mlx_openelm.model import Model
-
     model = Model(args)
     if quantization is not None:
         apply_quantization(model, quantization)
@@ -472,7 +442,7 @@ def model_logits(folder: Path, tokens: Sequence[int]) -> np.ndarray:
     """Logits of a converted folder on `tokens`, as `load_model(folder, float32)` computes them."""
     config = read_config(folder / "config.json")
     weights = read_weights(folder)
-    return layerwise_logits(ModelArgs.from_dict(config), weights.pop, tokens, config.get("quantization"))
+    return layerwise_logits(ModelArgs.from_dict(config), weights.pop, tokens, read_quantization(config))
 
 
 def _peak_memory_mb() -> float:
@@ -505,7 +475,7 @@ def convert(
     average: several such checkpoints of one model, averaged in float64 (instead of hf_path).
     dtype: float dtype of the output (default float16; bfloat16 for 3B-class models).
     bits / group_size / recipe: affine quantization of every Linear layer and the embedding
-        (bits 4 or 8, group 32/64/128); recipe 'mixed-4-8' keeps the head at 8 bits.
+        (see `mlx_openelm.quantization` for the allowed bits and group sizes); recipe 'mixed-4-8' keeps the head at 8 bits.
     evaluate: compare the output with the float input on a fixed token sequence (KL divergence).
     dequantize: the input is a quantized MLX folder; write its weights back in float.
 

@@ -209,9 +209,6 @@ class CoreNetArchive:
             out[str(name)] = value
         return out
 
-    def close(self) -> None:
-        self._zip.close()
-
 
 # ---- names -----------------------------------------------------------------------------
 
@@ -256,37 +253,30 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 def match_corenet(
     state: dict[str, LazyTensor], args: ModelArgs, source: str, what: str
 ) -> "OrderedDict[str, LazyTensor]":
-    """Our name -> tensor, checking every tensor against `args`.
+    """Our name -> tensor, checked against `Model(args)` by `loading.check_weights`.
 
-    The first tensor that disagrees (missing, wrong shape, or not part of the model)
-    is a CheckpointError naming it and `what` (e.g. "preset 270M").
+    The first tensor that disagrees (missing, wrong shape or dtype, or not part of the
+    model) is a CheckpointError naming it as CoreNet spells it, and `what` (e.g. "preset 270M").
     """
+    from mlx_openelm.loading import check_weights
+    from mlx_openelm.model import Model
+
     # DDP-wrapped models save 'module.'-prefixed names; strip that one wrapper.
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    shapes = expected_shapes(args)
-    out: "OrderedDict[str, LazyTensor]" = OrderedDict()
-    for ours, theirs in corenet_names(args).items():
-        if theirs not in state:
-            raise CheckpointError(
-                f"{source}: tensor '{theirs}' is missing, {what} expects it with shape {shapes[ours]}"
-            )
-        tensor = state[theirs]
-        if tensor.shape != shapes[ours]:
-            raise CheckpointError(
-                f"{source}: tensor '{theirs}' has shape {tensor.shape}, {what} expects {shapes[ours]}"
-            )
-        if tensor.dtype not in ("float32", "float16", "bfloat16", "float64"):
-            raise CheckpointError(f"{source}: tensor '{theirs}' has dtype {tensor.dtype}, expected floats")
-        out[ours] = tensor
-    known = set(corenet_names(args).values())
-    extra = [k for k in state if k not in known]
-    if extra:
-        raise CheckpointError(
-            f"{source}: tensor '{extra[0]}' is not part of {what}"
-            + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-        )
-    return out
+    names = corenet_names(args)
+    ours = {theirs: our for our, theirs in names.items()}
+    mapped = {ours.get(k, f"corenet:{k}"): v for k, v in state.items()}
+    problems = check_weights(Model(args), mapped)
+    if problems:
+        first = problems[0]
+        if first.kind == "unexpected":
+            extra = sum(p.kind == "unexpected" for p in problems) - 1
+            theirs = first.name[len("corenet:"):]
+            raise CheckpointError(f"{source}: tensor '{theirs}' is not part of {what}"
+                                  + (f" (and {extra} more)" if extra else ""))
+        raise CheckpointError(f"{source}: {first.describe(what, name=names[first.name])}")
+    return OrderedDict((our, mapped[our]) for our in names)
 
 
 def read_corenet(path: Path, args: ModelArgs, what: str) -> "OrderedDict[str, LazyTensor]":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -12,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import ModelArgs, read_config
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OpenELMWarning
 from .model import Model
 from .quantization import apply_quantization, read_quantization
 from .hub import resolve_model_path, resolve_tokenizer
@@ -33,6 +34,14 @@ IGNORED_KEYS = frozenset({"transformer.classifier.weight"})
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+# The converter writes into ".<name>.tmp-<random>" beside its target, with this file inside
+# (the writer's pid) until the moment it is renamed into place.
+TEMPORARY_INFIX = ".tmp-"
+IN_PROGRESS_FILE = ".mlx-openelm-converting"
+
+# CoreNet pads the vocabulary of the 32000-piece Llama-2 tokenizer to 32128.
+PADDED_VOCAB = {32000: 32128}
 
 DTypeLike = Union[str, mx.Dtype, None]
 
@@ -66,6 +75,12 @@ def default_dtype(args: ModelArgs, stored: Optional[mx.Dtype] = None) -> mx.Dtyp
     if stored == mx.bfloat16 or not fp16_is_safe(args):
         return mx.bfloat16
     return mx.float16
+
+
+def is_temporary_folder(folder: Path) -> bool:
+    """Whether `folder` is a conversion's temporary folder (unfinished, or left by a killed run)."""
+    name = folder.absolute().name
+    return (name.startswith(".") and TEMPORARY_INFIX in name) or (folder / IN_PROGRESS_FILE).exists()
 
 
 def _load_safetensors(path: Path) -> dict[str, mx.array]:
@@ -186,31 +201,62 @@ def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
         raise CheckpointError(f"{folder}: model folder not found")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: expected a model folder (config.json + safetensors), got a file")
+    if is_temporary_folder(folder):
+        raise CheckpointError(f"{folder}: an unfinished conversion's temporary folder, not a model")
     config_path = folder / "config.json"
     config = read_config(config_path)
     args = ModelArgs.from_dict(config, source=str(config_path))
+    quantization = read_quantization(config, str(config_path))
     compute_dtype = parse_dtype(dtype)
 
     weights = read_weights(folder)
     for name in IGNORED_KEYS:
         weights.pop(name, None)
     model = Model(args)
-    if "quantization" in config:
-        if not isinstance(config["quantization"], Mapping):
-            raise ConfigError(f"{config_path}: 'quantization' must be an object")
-        apply_quantization(model, config["quantization"], str(config_path), weights)
-    _check_names_and_shapes(model, weights, folder)
+    if quantization is not None:
+        apply_quantization(model, quantization, str(config_path), weights)
+    problems = check_weights(model, weights)
+    if problems:
+        raise CheckpointError(f"{folder}: weights do not match config.json: {_list_problems(problems)}")
 
     if compute_dtype is None:
         compute_dtype = default_dtype(args, stored_float_dtype(weights))
+    elif quantization is not None and compute_dtype != mx.float32 and mx.default_device() == mx.cpu:
+        warnings.warn(
+            f"{DTYPE_NAMES[compute_dtype]} with a quantized model is very slow on MLX's CPU backend "
+            "(about 50x slower than float32, the default here)", OpenELMWarning, stacklevel=2,
+        )
     weights = {
         name: array.astype(compute_dtype) if mx.issubdtype(array.dtype, mx.floating) else array
         for name, array in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    mx.eval(model.parameters())
+    _evaluate_finite(model.parameters(), folder)
     return model
+
+
+def _list_problems(problems: list[WeightProblem], most: int = 8) -> str:
+    """All problems in a line: missing and unexpected names grouped, then each mismatch."""
+    parts = []
+    for kind, label in (("missing", "missing tensors"), ("unexpected", "unexpected tensors")):
+        names = sorted(p.name for p in problems if p.kind == kind)
+        if names:
+            parts.append(f"{label}: {', '.join(names[:most])}{' ...' if len(names) > most else ''}")
+    mismatches = [p.describe() for p in problems if p.kind in ("shape", "dtype")]
+    parts += mismatches[:most] + (["..."] if len(mismatches) > most else [])
+    return "; ".join(parts)
+
+
+def _evaluate_finite(parameters: Mapping[str, Any], folder: Path) -> None:
+    """Evaluate the parameters, checking in the same pass that every float is finite."""
+    flat = tree_flatten(parameters)
+    finite = {name: mx.isfinite(a).all() for name, a in flat if mx.issubdtype(a.dtype, mx.floating)}
+    mx.eval([a for _, a in flat], finite)
+    bad = [name for name, ok in finite.items() if not ok.item()]
+    if bad:
+        raise CheckpointError(f"{folder}: tensor '{bad[0]}' holds NaN or infinite values"
+                              + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))
 
 
 def load(
@@ -235,6 +281,12 @@ def load(
         raise CheckpointError(
             f"{tokenizer_path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
             f"{model.args.vocab_size}; is this the right tokenizer?"
+        )
+    if tok.vocab_size < model.args.vocab_size and PADDED_VOCAB.get(tok.vocab_size) != model.args.vocab_size:
+        warnings.warn(
+            f"{tokenizer_path}: tokenizer has {tok.vocab_size} pieces, fewer than the model's vocab_size "
+            f"{model.args.vocab_size}; the model may generate ids it cannot decode (is this the right tokenizer?)",
+            OpenELMWarning, stacklevel=2,
         )
     return model, tok
 

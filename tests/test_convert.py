@@ -17,7 +17,8 @@ from mlx_openelm.config import preset_args
 from mlx_openelm.convert import convert as convert_module
 from mlx_openelm.convert.convert import convert, default_convert_dtype, kl_divergence, parse_size
 from mlx_openelm.errors import CheckpointError, ConfigError, OpenELMError, TokenizerError
-from mlx_openelm.loading import apply_quantization, load_model, read_weights
+from mlx_openelm.loading import load_model, read_weights
+from mlx_openelm.quantization import apply_quantization
 from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
 
 TOKENS = mx.array([[1, 5, 9, 33, 100, 200, 7, 8, 300, 12, 64, 2, 17, 383, 250, 3]])

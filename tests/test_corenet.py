@@ -128,7 +128,7 @@ def test_checkpoint_that_does_not_fit_the_preset_names_the_first_tensor(tmp_path
     result = CliRunner().invoke(main, ["convert", "--hf-path", str(pt), "--preset", "270M",
                                        "--mlx-path", str(tmp_path / "out")])
     assert result.exit_code != 0
-    assert "tensor 'token_embeddings.weight' has shape (384, 64), preset 270M (vocab 32128) expects (32128, 1280)" \
+    assert "tensor 'token_embeddings.weight' has shape (384, 64), preset 270M (vocab 32128) implies (32128, 1280)" \
         in result.output
     assert listing(tmp_path) == before
 

@@ -150,3 +150,75 @@ def test_corenet_vocab_size_loads(tmp_path):
     config = {**TINY_CONFIG, "vocab_size": 416}  # CoreNet pads 32000 -> 32128; same idea here
     model = load_model(write_hf_checkpoint(tmp_path / "v", config, random_weights(config)))
     assert model(mx.array([[1, 415]])).shape == (1, 2, 416)
+
+
+# ---- the quantization entry, integer and non-finite tensors -----------------------------------
+
+def _quantized_copy(hf_checkpoint, folder, entry):
+    from mlx_openelm.convert.convert import convert
+
+    convert(hf_checkpoint, folder, bits=4, group_size=32, evaluate=False)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"] = entry
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"bits": 4, "group_size": 0}, r"config.json: quantization.group_size: 0 is not supported; choose one of 32"),
+    ({"bits": "four", "group_size": 32}, r"config.json: quantization.bits: 'four' is not supported"),
+    ({"bits": 4, "group_size": 32, "layers": [1, 2]}, r"config.json: quantization.layers must be an object"),
+    ({"bits": 4, "group_size": 32, "layers": {"lm_head": 3}}, r"quantization.layers\['lm_head'\] must be an object or false"),
+    ({"bits": 4, "group_size": 32, "layers": {"x": {"bits": 5}}}, r"quantization.layers\['x'\].bits: 5 is not supported"),
+    ({"group_size": 32}, r"config.json: quantization.bits is missing"),
+    ([4, 32], r"config.json: quantization must be an object, got list"),
+])
+def test_every_key_of_the_quantization_entry_is_validated(hf_checkpoint, tmp_path, entry, message):
+    folder = _quantized_copy(hf_checkpoint, tmp_path / "q", entry)
+    with pytest.raises(ConfigError, match=message):
+        load_model(folder)
+
+
+def test_quantization_entry_round_trips_in_both_formats():
+    from mlx_openelm.quantization import Quantization
+
+    ours = Quantization(4, 64, {"lm_head": (8, 64), "transformer.layers.0.ffn.proj_2": None}, "mixed-4-8")
+    assert Quantization.from_config(ours.to_config()) == ours
+    mlx_lm = Quantization.from_config({"bits": 4, "group_size": 64, "lm_head": {"bits": 8, "group_size": 64}})
+    assert mlx_lm.mlx_lm_format and mlx_lm.spec("lm_head") == (8, 64) and mlx_lm.spec("other") == (4, 64)
+
+
+def test_integer_tensor_in_a_float_checkpoint_is_refused(tmp_path, tiny_weights):
+    weights = {**tiny_weights, "transformer.norm.weight": np.ones(64, np.int32)}
+    folder = write_hf_checkpoint(tmp_path / "ints", TINY_CONFIG, weights)
+    with pytest.raises(CheckpointError, match=r"tensor 'transformer.norm.weight' has dtype int32, expected floats"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny_weights, bad):
+    proj = tiny_weights["transformer.layers.1.ffn.proj_1.weight"].copy()
+    proj[3, 5] = bad
+    folder = write_hf_checkpoint(tmp_path / "nan", TINY_CONFIG,
+                                 {**tiny_weights, "transformer.layers.1.ffn.proj_1.weight": proj})
+    with pytest.raises(CheckpointError, match=r"tensor 'transformer.layers.1.ffn.proj_1.weight' holds NaN or inf"):
+        load_model(folder)
+
+
+def test_half_dtype_with_a_quantized_model_on_cpu_warns_once(hf_checkpoint, tmp_path):
+    if mx.default_device() != mx.cpu:
+        pytest.skip("CPU backend only")
+    from mlx_openelm.convert.convert import convert
+    from mlx_openelm.errors import OpenELMWarning
+
+    convert(hf_checkpoint, tmp_path / "q", bits=4, group_size=32, evaluate=False)
+    with pytest.warns(OpenELMWarning, match="float16 with a quantized model is very slow") as record:
+        load_model(tmp_path / "q", dtype="float16")
+    assert len([w for w in record if issubclass(w.category, OpenELMWarning)]) == 1
+
+
+def test_smaller_tokenizer_warns_but_the_padded_corenet_vocabulary_does_not(hf_checkpoint, tmp_path):
+    from mlx_openelm.errors import OpenELMWarning
+
+    with pytest.warns(OpenELMWarning, match="tokenizer has 320 pieces, fewer than the model's vocab_size 384"):
+        load(hf_checkpoint)
