@@ -144,6 +144,22 @@ def write_hf_checkpoint(
     return folder
 
 
+def cache_repo(cache: Path, repo_id: str, files: dict[str, Path],
+               commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay out `files` ({name: source path}) as huggingface_hub's cache holds a downloaded repo."""
+    import shutil
+
+    owner, name = repo_id.split("/")
+    repo = Path(cache) / f"models--{owner}--{name}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for filename, source in files.items():
+        shutil.copy(source, snapshot / filename)
+    return snapshot
+
+
 def train_tokenizer(path: Path, vocab_size: int = 320) -> Path:
     """A small Llama-style SentencePiece BPE model (unk 0, BOS 1, EOS 2, byte fallback)."""
     import sentencepiece as spm

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 from click.testing import CliRunner
 
@@ -18,20 +16,7 @@ from mlx_openelm.hub import (
     resolve_tokenizer,
 )
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def cache_repo(cache, repo_id, files):
-    """Lay out `files` ({name: source path}) as huggingface_hub's cache holds a downloaded repo."""
-    owner, name = repo_id.split("/")
-    repo = cache / f"models--{owner}--{name}"
-    snapshot = repo / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
-    for filename, source in files.items():
-        shutil.copy(source, snapshot / filename)
-    return snapshot
+from synthetic import cache_repo
 
 
 @pytest.fixture
