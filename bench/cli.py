@@ -11,8 +11,10 @@ from pathlib import Path
 
 import click
 
-from mlx_openelm.cli import user_errors
+from mlx_openelm.cli_common import check_output_path, user_errors
 from mlx_openelm.quantization import BITS, GROUP_SIZES
+
+from .settings import BenchSettings, Progress
 
 BITS_CHOICES = (16, *sorted(BITS, reverse=True))  # 16: unquantized
 
@@ -131,10 +133,35 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
     mlx-openelm bench --preset 270M --ablation rmsnorm
     mlx-openelm bench --model ./OpenELM-270M-Instruct --trials 5
     """
+    from .paper import PAPER_BITS, PAPER_GENERATION_TOKENS, PAPER_PROMPT_TOKENS
+
     if bool(models) == bool(presets):
         raise click.UsageError("give either --model PATH or --preset NAME (one of the two)")
     if ablation and compare:
         raise click.UsageError("--ablation and --compare run separately; pick one")
+    outputs = {option: check_output_path(path, option)
+               for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path))}
+    _check_extras(plot_path, compare)
+    paper = protocol == "paper"
+    settings = BenchSettings(
+        models=list(models), presets=list(presets or []),
+        bits=[None if b == 16 else b for b in bits_list] if bits_list else (list(PAPER_BITS) if paper else None),
+        dtype=dtype, group_size=int(group_size),
+        prompt_tokens=prompt_tokens or [PAPER_PROMPT_TOKENS if paper else 512],
+        generation_tokens=generation_tokens or [PAPER_GENERATION_TOKENS if paper else 128],
+        trials=trials, warmup=warmup, protocol=protocol, prompt="fixed" if paper else "random",
+        ablation=ablation, compare=compare, bandwidth_gbs=bandwidth, seed=seed, command=_command_line(),
+    )
+    from .runner import run_benchmark
+
+    document = run_benchmark(settings, progress=ClickProgress())
+    document["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    _print_report(document, settings)
+    _write_outputs(document, outputs)
+
+
+def _check_extras(plot_path, compare) -> None:
+    """Optional dependencies, checked before any work."""
     if plot_path:
         try:
             import matplotlib  # noqa: F401
@@ -150,56 +177,58 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
         except ImportError:
             raise click.BadParameter(MLX_LM_HINT, param_hint="'--compare'") from None
 
-    paper = protocol == "paper"
-    settings = {
-        "protocol": protocol,
-        "prompt": "fixed" if paper else "random",
-        "prompt_tokens": prompt_tokens or ([35] if paper else [512]),
-        "generation_tokens": generation_tokens or ([1024] if paper else [128]),
-        "bits": bits_list or ([16, 4] if paper else None),
-        "dtype": dtype,
-        "group_size": int(group_size),
-        "trials": trials,
-        "warmup": warmup,
-        "warmup_tokens": 16,
-        "batch_size": 1,
-        "sampler": "greedy (EOS ignored)",
-        "ablation": ablation,
-        "compare": compare,
-        "bandwidth_gbs": bandwidth,
-        "seed": seed,
-        "sources": list(models) if models else list(presets),
-        "command": " ".join(["mlx-openelm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mlx-openelm" else None,
-    }
 
-    from .runner import run_benchmark
+def _command_line():
+    return " ".join(["mlx-openelm", *sys.argv[1:]]) if Path(sys.argv[0]).name == "mlx-openelm" else None
 
-    document = run_benchmark(settings, models=list(models), presets=list(presets or []))
+
+class ClickProgress(Progress):
+    """Trial results on stderr; a per-token counter when stderr is a terminal."""
+
+    def message(self, text: str) -> None:
+        click.echo(text, err=True)
+
+    def tokens(self, label: str, done: int, total: int) -> None:
+        if not sys.stderr.isatty():
+            return
+        if done == 1 or done == total or done % 8 == 0:
+            click.echo(f"\r{label} {done}/{total} tokens", err=True, nl=False)
+        if done == total:
+            click.echo("\r" + " " * (len(label) + 24) + "\r", err=True, nl=False)
+
+
+RATIO_TITLES = {
+    "ablation": "RMSNorm ablation: fused mx.fast.rms_norm / naive RMSNorm (x>1: fused is faster)",
+    "compare": "mlx-openelm / mlx-lm (x>1: ours is faster, or for peak GB uses more memory)",
+}
+
+
+def _print_report(document: dict, settings) -> None:
+    from . import report
+    from .paper import PAPER_SOURCE
+
+    click.echo(report.results_table(document["rows"]))
+    if document["ratios"]:
+        click.echo()
+        click.echo(report.ratio_table(document["ratios"], RATIO_TITLES["ablation" if settings.ablation else "compare"]))
+    if settings.protocol == "paper":
+        click.echo()
+        click.echo(f"Beside {PAPER_SOURCE}: the paper's figures: not found "
+                   "(no sourced copy of Table 7b was available offline)")
+    for line in document["notes"]:
+        click.echo(f"note: {line}", err=True)
+
+
+def _write_outputs(document: dict, outputs: dict) -> None:
     from . import report
 
-    rows = document["rows"]
-    click.echo(report.results_table(rows))
-    for pairs, title in document.pop("_pair_tables", []):
-        click.echo()
-        click.echo(report.ratio_table(pairs, title))
-    if paper:
-        from .paper import PAPER_SOURCE, PAPER_TABLE_7B, paper_figures
-
-        click.echo()
-        click.echo(f"Beside {PAPER_SOURCE}:")
-        click.echo(report.paper_table(rows, paper_figures))
-        if not PAPER_TABLE_7B:
-            click.echo("(the paper's figures: not found; no sourced copy of Table 7b was available offline)")
-    for note in document["notes"]:
-        click.echo(f"note: {note}", err=True)
-    document["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    if json_path:
-        report.write_json(Path(json_path), document)
-        click.echo(f"wrote {json_path}", err=True)
-    if csv_path:
-        report.write_csv(Path(csv_path), rows)
-        click.echo(f"wrote {csv_path}", err=True)
-    if plot_path:
-        machine = document["machine"]
-        report.write_plot(Path(plot_path), rows, title=f"{machine['cpu']} ({machine['mlx_device']})")
-        click.echo(f"wrote {plot_path}", err=True)
+    writers = {
+        "--json": lambda path: report.write_json(path, document),
+        "--csv": lambda path: report.write_csv(path, document["rows"]),
+        "--plot": lambda path: report.write_plot(
+            path, document["rows"], title=f"{document['machine']['cpu']} ({document['machine']['mlx_device']})"),
+    }
+    for option, path in outputs.items():
+        if path is not None:
+            writers[option](path)
+            click.echo(f"wrote {path}", err=True)

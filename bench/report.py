@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlx_openelm.quantization import BITS
 
 RATE_KEYS = ("prompt_tps", "generation_tps", "total_tps")
 TRIAL_KEYS = ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb", "ttft_s", "generation_s", "bandwidth_gbs")
@@ -28,7 +27,7 @@ def _range(row: dict, key: str, digits: int = 1) -> str:
 
 
 def weights_label(row: dict) -> str:
-    if row["bits"] in BITS or row.get("quantized"):
+    if row.get("quantized"):
         return f"q{row['bits']}/g{row['group_size']}"
     return row["dtype"]
 
@@ -69,31 +68,14 @@ def results_table(rows: Sequence[dict]) -> str:
     return render_table(headers, lines)
 
 
-def ratio_table(pairs: Sequence[tuple[dict, dict]], title: str) -> str:
-    """`title` over per-configuration ratios first/second for each column."""
+def ratio_table(ratios: Sequence[dict], title: str) -> str:
+    """`title` over the per-configuration ratios (numerator / denominator) of each column."""
     headers = ["model", "weights", "ratio", "prompt tok/s", "gen tok/s", "total tok/s", "peak GB"]
     lines = []
-    for a, b in pairs:
-        cells = []
-        for key in (*RATE_KEYS, "peak_memory_gb"):
-            x, y = a.get(key), b.get(key)
-            cells.append("-" if not x or not y else f"x{x / y:.2f}")
-        lines.append([a["model"], weights_label(a), f"{engine_label(a)} / {engine_label(b)}", *cells])
+    for r in ratios:
+        cells = ["-" if r.get(key) is None else f"x{r[key]:.2f}" for key in (*RATE_KEYS, "peak_memory_gb")]
+        lines.append([r["model"], weights_label(r), f"{r['numerator']} / {r['denominator']}", *cells])
     return title + "\n" + render_table(headers, lines)
-
-
-def paper_table(rows: Sequence[dict], lookup) -> str:
-    headers = ["model", "weights", "engine", "ours prompt", "ours gen", "ours total",
-               "paper prompt", "paper gen", "paper total"]
-    lines = []
-    for row in rows:
-        if row["engine"] != "mlx-openelm" or row.get("variant"):
-            continue
-        paper = lookup(row["model"], 16 if row["bits"] == 16 else row["bits"])
-        ref = ["not found"] * 3 if paper is None else [_fmt(paper.get(k)) for k in RATE_KEYS]
-        lines.append([row["model"], weights_label(row), engine_label(row),
-                      *(_fmt(row.get(k)) for k in RATE_KEYS), *ref])
-    return render_table(headers, lines)
 
 
 # ---- files ----------------------------------------------------------------------------
@@ -124,7 +106,7 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
         for row in rows:
             for i, trial in enumerate(row["trials"], start=1):
                 line = {k: row.get(k) for k in CSV_FIELDS[:8]}
-                line["group_size"] = row.get("group_size") if row["bits"] in BITS else ""
+                line["group_size"] = row.get("group_size") if row.get("quantized") else ""
                 line["trial"] = i
                 line.update({k: _clean(trial.get(k)) for k in TRIAL_KEYS})
                 writer.writerow(line)

@@ -1,53 +1,41 @@
-"""Running a benchmark sweep: sources x bits x prompt/generation lengths x engines."""
+"""Running a benchmark sweep: sources x bits x prompt/generation lengths x engines.
+
+A library: `run_benchmark(BenchSettings(...), progress=...)` returns the result
+document (machine, settings, rows, ratios, notes); `bench/cli.py` formats it.
+"""
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlx_openelm import __version__
 from mlx_openelm.config import ModelArgs, preset_args
+from mlx_openelm.errors import ConfigError
 from mlx_openelm.loading import DTYPE_NAMES, default_dtype, load_model, model_dtype, parse_dtype
 from mlx_openelm.model import Model
-from mlx_openelm.quantization import BITS
+from mlx_openelm.quantization import BITS, plan_quantization
 
 from . import core
 from .hardware import machine_info
+from .settings import BenchSettings, Progress
 
 METRICS = ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb", "ttft_s", "generation_s")
 
 
-def _progress(message: str) -> None:
-    click.echo(message, err=True)
-
-
-def _token_progress(prefix: str, total: int):
-    """A per-token counter on stderr when it is a terminal (nothing otherwise)."""
-    if not sys.stderr.isatty():
-        return None
-
-    def show(n: int) -> None:
-        if n == 1 or n == total or n % 8 == 0:
-            click.echo(f"\r{prefix} {n}/{total} tokens", err=True, nl=False)
-        if n == total:
-            click.echo("\r" + " " * (len(prefix) + 24) + "\r", err=True, nl=False)
-
-    return show
-
-
 def check_group_size(args: ModelArgs, group_size: int, label: str) -> None:
-    """Every quantized matrix's input width must be a multiple of the group size."""
-    widths = {args.model_dim, *args.ffn_dims, *(q * args.head_dim for q in args.num_query_heads)}
-    bad = sorted(w for w in widths if w % group_size)
-    if bad:
-        raise click.BadParameter(
-            f"{label}: input widths {bad} are not multiples of {group_size}; pick another group size",
-            param_hint="'--group-size'",
+    """The bench quantizes every matrix: the quantization policy must keep none in float
+    (an input width that is not a multiple of the group size)."""
+    shapes = {name: p.shape for name, p in tree_flatten(Model(args).parameters())}  # lazy: nothing computed
+    skipped = plan_quantization(shapes, BITS[0], group_size).skipped
+    if skipped:
+        raise ConfigError(
+            f"{label}: input widths {sorted(set(skipped.values()))} are not multiples of {group_size}; "
+            "pick another --group-size"
         )
 
 
@@ -79,21 +67,21 @@ class Source:
             self.label = Path(self.folder).name
             self.dtype = None  # known once loaded
 
-    def model(self, bits: int, group_size: int) -> Model:
+    def model(self, bits: Optional[int], group_size: int) -> Model:
         if self.kind == "preset":
             model = core.random_model(self.args, self.dtype, seed=self.seed)
         else:
             model = load_model(self.folder, dtype=self.requested)
             self.dtype = model_dtype(model)
-        if bits in BITS and not self.stored_quantization:
+        if bits is not None and not self.stored_quantization:
             core.quantize(model, bits, group_size)
         mx.eval(model.parameters())
         return model
 
 
-def _dtype_notes(source: Source, bits: int, notes: list) -> None:
+def _dtype_notes(source: Source, bits: Optional[int], notes: list) -> None:
     dtype = DTYPE_NAMES[source.dtype]
-    if bits == 16 and not source.stored_quantization and source.dtype == mx.float32:
+    if bits is None and not source.stored_quantization and source.dtype == mx.float32:
         note = (f"{source.label}: --bits 16 ran unquantized in float32 (the compute dtype here); "
                 "pass --dtype float16 or bfloat16 for 16-bit weights")
     elif mx.default_device() == mx.cpu and source.dtype != mx.float32:
@@ -114,8 +102,8 @@ def _engines(model: Model, ablation: Optional[str], compare: Optional[str]) -> l
     return engines
 
 
-def _row(engine, source: Source, bits: int, group_size: int, model: Model, trials: list, peak_bw) -> dict:
-    quantized = bits in BITS
+def _row(engine, source: Source, bits: Optional[int], group_size: int, model: Model, trials: list, peak_bw) -> dict:
+    quantized = bits is not None
     row = {
         "engine": engine.name,
         "variant": engine.variant,
@@ -149,90 +137,107 @@ def _row(engine, source: Source, bits: int, group_size: int, model: Model, trial
     return row
 
 
-def run_benchmark(settings: dict, models: list, presets: list) -> dict:
+def _bits_to_run(source: Source, settings: BenchSettings) -> tuple[list[Optional[int]], int]:
+    """The bit widths and group size to measure `source` at; checks that they apply."""
+    stored = source.stored_quantization
+    if stored:
+        stored_bits = int(stored.get("bits", 0))
+        if settings.bits is not None and settings.bits != [stored_bits]:
+            raise ConfigError(
+                f"{source.ref} is stored {stored_bits}-bit; benchmark it as stored (omit --bits) or use an "
+                f"unquantized checkpoint to sweep bit widths")
+        return [stored_bits], int(stored.get("group_size", settings.group_size))
+    bits_list = settings.bits or [None]
+    if any(b is not None for b in bits_list):
+        check_group_size(source.args, settings.group_size, source.label)
+    return bits_list, settings.group_size
+
+
+def _check_lengths(source: Source, lengths: list[tuple[int, int]]) -> None:
+    for prompt_len, gen_len in lengths:
+        if prompt_len + gen_len - 1 > source.args.max_context_length:
+            raise ConfigError(
+                f"--prompt-tokens/--generation-tokens: {prompt_len} prompt + {gen_len} generated tokens exceed "
+                f"{source.label}'s context of {source.args.max_context_length} tokens")
+
+
+def engine_label(engine) -> str:
+    return f"{engine.name}{' ' + engine.variant if engine.variant else ''}"
+
+
+def _measure(engines: list, prompt: mx.array, gen_len: int, name: str, settings: BenchSettings,
+             progress: Progress) -> dict:
+    """Warm-up, then the trials of every engine interleaved (A B A B); trials per engine."""
+    if settings.warmup:
+        for engine in engines:
+            progress.message(f"{name} {engine_label(engine)}: warm-up")
+            core.run_trial(engine, prompt, min(gen_len, settings.warmup_tokens))
+    results = {id(e): [] for e in engines}
+    for t in range(settings.trials):
+        for engine in engines:
+            label = f"{name} {engine_label(engine)} trial {t + 1}/{settings.trials}"
+            trial = core.run_trial(engine, prompt, gen_len,
+                                   on_token=lambda n, label=label: progress.tokens(label, n, gen_len))
+            results[id(engine)].append(trial)
+            progress.message(f"{label}: prompt {trial.prompt_tps:.1f} tok/s, "
+                             f"generation {trial.generation_tps:.1f} tok/s, peak {trial.peak_memory_gb:.2f} GB")
+    return results
+
+
+def _ratio(a: dict, b: dict) -> dict:
+    entry = {key: a[key] for key in ("model", "bits", "group_size", "quantized", "dtype", "prompt_tokens",
+                                     "generation_tokens")}
+    entry["numerator"], entry["denominator"] = core_label(a), core_label(b)
+    for key in ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb"):
+        entry[key] = a[key] / b[key] if a.get(key) and b.get(key) else None
+    return entry
+
+
+def _sources(settings: BenchSettings) -> list[tuple[str, str]]:
+    return [(m, "model") for m in settings.models] + [(p, "preset") for p in settings.presets]
+
+
+def run_benchmark(settings: BenchSettings, progress: Optional[Progress] = None) -> dict:
+    """Measure every source x bit width x lengths x engine; returns the result document.
+
+    Rows hold one configuration each (median and min-max over trials, bytes per token,
+    bandwidth); with two engines (--ablation, --compare) `ratios` holds first/second.
+    """
+    progress = progress or Progress()
     machine = machine_info()
-    peak_bw = settings["bandwidth_gbs"] or machine["peak_bandwidth_gbs"]
-    group_size = settings["group_size"]
+    peak_bw = settings.bandwidth_gbs or machine["peak_bandwidth_gbs"]
+    lengths = [(p, g) for p in settings.prompt_tokens for g in settings.generation_tokens]
     notes: list[str] = []
     rows: list[dict] = []
-    pair_tables: list = []
-    sources = [(m, "model") for m in models] + [(p, "preset") for p in presets]
-    lengths = [(p, g) for p in settings["prompt_tokens"] for g in settings["generation_tokens"]]
-
-    n_engines = 2 if (settings["ablation"] or settings["compare"]) else 1
-
-    for ref, kind in sources:
-        _progress(f"building {ref} ...")
-        source = Source(ref, kind, settings["dtype"], settings["seed"])
-        if source.stored_quantization:
-            stored_bits = int(source.stored_quantization.get("bits", 0))
-            bits_list = settings["bits"] or [stored_bits]
-            if bits_list != [stored_bits]:
-                raise click.BadParameter(
-                    f"{ref} is stored {stored_bits}-bit; benchmark it as stored (omit --bits) or use an "
-                    f"unquantized checkpoint to sweep bit widths", param_hint="'--bits'")
-            group = int(source.stored_quantization.get("group_size", group_size))
-        else:
-            bits_list = settings["bits"] or [16]
-            group = group_size
-            if any(b in BITS for b in bits_list):
-                check_group_size(source.args, group, source.label)
-        for prompt_len, gen_len in lengths:
-            if prompt_len + gen_len - 1 > source.args.max_context_length:
-                raise click.BadParameter(
-                    f"{prompt_len} prompt + {gen_len} generated tokens exceed {source.label}'s context of "
-                    f"{source.args.max_context_length} tokens", param_hint="'--prompt-tokens'")
-
+    ratios: list[dict] = []
+    for ref, kind in _sources(settings):
+        progress.message(f"building {ref} ...")
+        source = Source(ref, kind, settings.dtype, settings.seed)
+        bits_list, group = _bits_to_run(source, settings)
+        _check_lengths(source, lengths)
         for bits in bits_list:
             model = source.model(bits, group)
             _dtype_notes(source, bits, notes)
-            engines = _engines(model, settings["ablation"], settings["compare"])
+            engines = _engines(model, settings.ablation, settings.compare)
+            weights = DTYPE_NAMES[source.dtype] if bits is None else f"q{bits}/g{group}"
             for prompt_len, gen_len in lengths:
-                prompt = core.make_prompt(source.args.vocab_size, prompt_len, settings["seed"])
-                weights = f"{DTYPE_NAMES[source.dtype]}" if bits == 16 else f"q{bits}/g{group}"
+                prompt = core.make_prompt(source.args.vocab_size, prompt_len, settings.seed)
                 name = f"{source.label} {weights} {prompt_len}+{gen_len}"
-                if settings["warmup"]:
-                    for engine in engines:
-                        _progress(f"{name} {engine.name}{' ' + engine.variant if engine.variant else ''}: warm-up")
-                        core.run_trial(engine, prompt, min(gen_len, settings["warmup_tokens"]))
-                results = {id(e): [] for e in engines}
-                for t in range(settings["trials"]):
-                    for engine in engines:  # interleaved: A B A B
-                        label = f"{name} {engine.name}{' ' + engine.variant if engine.variant else ''}"
-                        prefix = f"{label} trial {t + 1}/{settings['trials']}"
-                        trial = core.run_trial(engine, prompt, gen_len, on_token=_token_progress(prefix, gen_len))
-                        results[id(engine)].append(trial)
-                        _progress(f"{prefix}: prompt {trial.prompt_tps:.1f} tok/s, "
-                                  f"generation {trial.generation_tps:.1f} tok/s, "
-                                  f"peak {trial.peak_memory_gb:.2f} GB")
+                results = _measure(engines, prompt, gen_len, name, settings, progress)
                 config_rows = [_row(e, source, bits, group, model, results[id(e)], peak_bw) for e in engines]
                 rows.extend(config_rows)
-                if n_engines == 2:
-                    pair_tables.append((config_rows[0], config_rows[1]))
+                if len(config_rows) == 2:
+                    ratios.append(_ratio(*config_rows))
             del engines, model
             mx.clear_cache()
-
-    ratios = []
-    for a, b in pair_tables:
-        entry = {"model": a["model"], "bits": a["bits"], "prompt_tokens": a["prompt_tokens"],
-                 "generation_tokens": a["generation_tokens"],
-                 "numerator": core_label(a), "denominator": core_label(b)}
-        for key in ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb"):
-            entry[key] = a[key] / b[key] if a.get(key) and b.get(key) else None
-        ratios.append(entry)
-    if settings["ablation"]:
-        title = "RMSNorm ablation: fused mx.fast.rms_norm / naive RMSNorm (x>1: fused is faster)"
-    else:
-        title = "mlx-openelm / mlx-lm (x>1: ours is faster, or for peak GB uses more memory)"
     return {
         "tool": "mlx-openelm bench",
         "version": __version__,
         "machine": machine,
-        "settings": settings,
+        "settings": settings.to_dict(),
         "rows": rows,
         "ratios": ratios,
         "notes": notes,
-        "_pair_tables": [(pair_tables, title)] if pair_tables else [],
     }
 
 

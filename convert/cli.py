@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from mlx_openelm.cli import user_errors
+from mlx_openelm.cli_common import user_errors
 from mlx_openelm.quantization import BITS, GROUP_SIZES
 
 

@@ -1,4 +1,4 @@
-"""Multi-turn chat with OpenELM-Instruct: a `ChatSession` (library) and the REPL loop (terminal).
+"""Multi-turn chat with OpenELM-Instruct: the library `ChatSession` (the REPL is in `chat_cli`).
 
 `ChatSession` keeps the messages, one KV cache for the whole conversation, and the
 token ids already in that cache. Each turn it renders the full conversation with the
@@ -24,8 +24,7 @@ Policies:
 
 from __future__ import annotations
 
-import sys
-from typing import Callable, Iterator, Optional, TextIO
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
@@ -33,13 +32,6 @@ from .errors import ContextLengthError
 from .generation import GenerationResponse, stream_generate
 from .model import make_cache
 from .tokenizer import Tokenizer
-
-HELP = """Commands:
-  /reset   start a new conversation (the system prompt stays)
-  /help    show this help
-  /exit    quit (Ctrl-D works too)
-Ctrl-C stops a reply and keeps the conversation. Start a message with // to send a literal '/'."""
-
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
@@ -191,99 +183,3 @@ def _with_history_prefix(process, prefix: mx.array):
         return process(mx.concatenate([prefix, history]), logits)
 
     return wrapped
-
-
-def _read_line(stdin: TextIO, interactive: bool) -> Optional[str]:
-    """One line of input, None at end of input."""
-    if interactive:
-        try:
-            return input(">>> ")
-        except EOFError:
-            return None
-    line = stdin.readline()
-    return None if line == "" else line
-
-
-def run_repl(
-    session: ChatSession,
-    max_tokens: int = 256,
-    stdin: Optional[TextIO] = None,
-    interactive: Optional[bool] = None,
-    quiet: bool = False,
-    **gen_kwargs,
-) -> None:
-    """Read messages and commands line by line, streaming replies to stdout.
-
-    Notices, statistics (unless `quiet`) and errors go to stderr; the `>>> ` prompt
-    shows only when `interactive` (default: stdin is a terminal). Returns at /exit or
-    end of input.
-    """
-    import click
-
-    stdin = stdin if stdin is not None else sys.stdin
-    if interactive is None:
-        interactive = stdin.isatty()
-    if interactive:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:  # pragma: no cover - Windows
-            pass
-
-    def note(message: str) -> None:
-        click.echo(click.style(message, dim=True), err=True)
-
-    if interactive:
-        note("Type a message and press Enter. /help lists the commands; /exit or Ctrl-D quits.")
-    while True:
-        try:
-            line = _read_line(stdin, interactive)
-        except KeyboardInterrupt:
-            if not interactive:
-                return
-            click.echo("", err=True)
-            note("(/exit or Ctrl-D quits)")
-            continue
-        if line is None:
-            if interactive:
-                click.echo("", err=True)
-            return
-        text = line.strip()
-        if not text:
-            continue
-        if text.startswith("//"):
-            text = text[1:]
-        elif text.startswith("/"):
-            command = text.split()[0].lower()
-            if command in ("/exit", "/quit"):
-                return
-            if command == "/reset":
-                session.reset()
-                note("[new conversation]")
-            elif command == "/help":
-                click.echo(HELP, err=True)
-            else:
-                note(f"unknown command {command}; /help lists the commands")
-            continue
-
-        last = None
-        replies = session.send(text, max_tokens=max_tokens, **gen_kwargs)
-        try:
-            for response in replies:
-                click.echo(response.text, nl=False)
-                sys.stdout.flush()
-                last = response
-        except KeyboardInterrupt:
-            replies.close()
-            click.echo("")
-            note("[interrupted: the reply so far stays in the conversation]")
-            continue
-        except ContextLengthError as e:
-            click.echo(click.style(f"Error: {e}", fg="red"), err=True)
-            continue
-        click.echo("")
-        if last is not None and not quiet:
-            note(
-                f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
-                f"prompt: {session.last_prefill_tokens} new tokens, {last.prompt_tps:.1f} tok/s"
-                f"{' | cut at the token limit' if session.finish_reason == 'length' else ''}]"
-            )

@@ -56,7 +56,7 @@ def assert_ok(result):
 def test_tiny_preset_through_the_command(tiny_preset, tmp_path):
     out, table = tmp_path / "out.json", tmp_path / "out.csv"
     result = run("--preset", tiny_preset, "--bits", "16,4", "--prompt-tokens", 12, "--generation-tokens", 6,
-                 "--trials", 2, "--json", out, "--csv", table)
+                 "--trials", 2, "--dtype", "float32", "--json", out, "--csv", table)
     assert_ok(result)
     assert "prompt tok/s" in result.stdout and "q4/g64" in result.stdout
     doc = json.loads(out.read_text())
@@ -66,16 +66,17 @@ def test_tiny_preset_through_the_command(tiny_preset, tmp_path):
     assert doc["settings"]["prompt_tokens"] == [12] and doc["settings"]["generation_tokens"] == [6]
     assert doc["settings"]["trials"] == 2 and doc["settings"]["group_size"] == 64
     rows = doc["rows"]
-    assert [(r["engine"], r["bits"]) for r in rows] == [("mlx-openelm", 16), ("mlx-openelm", 4)]
+    assert [(r["engine"], r["bits"], r["quantized"]) for r in rows] == [("mlx-openelm", None, False),
+                                                                         ("mlx-openelm", 4, True)]
     for row in rows:
         for field in ROW_FIELDS:
             assert field in row, field
-        assert row["model"] == "tiny" and row["dtype"] == "float32"  # CPU default, labelled honestly
+        assert row["model"] == "tiny" and row["dtype"] == "float32"
         assert row["prompt_tokens"] == 12 and row["generation_tokens"] == 6
         for key in ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb", "bandwidth_gbs"):
             assert row[key] > 0 and math.isfinite(row[key]), key
-            assert row[f"{key}_min"] <= row[key] <= row[f"{key}_max"] if f"{key}_min" in row else True
-        assert row["bandwidth_share"] is None  # no known peak bandwidth for this CPU
+        for key in ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb"):
+            assert row[f"{key}_min"] <= row[key] <= row[f"{key}_max"], key
         assert len(row["trials"]) == 2
         for trial in row["trials"]:
             assert trial["generation_tokens"] == 6 and trial["prompt_tokens"] == 12
@@ -150,7 +151,7 @@ def test_compare_mlx_lm_gives_both_rows(tiny_preset, tmp_path):
     assert_ok(result)
     doc = json.loads(out.read_text())
     assert [(r["engine"], r["bits"]) for r in doc["rows"]] == [
-        ("mlx-openelm", 16), ("mlx-lm", 16), ("mlx-openelm", 8), ("mlx-lm", 8)]
+        ("mlx-openelm", None), ("mlx-lm", None), ("mlx-openelm", 8), ("mlx-lm", 8)]
     for row in doc["rows"]:
         assert row["generation_tokens"] == 5 and row["generation_tps"] > 0
     assert len(doc["ratios"]) == 2 and doc["ratios"][0]["denominator"] == "mlx-lm"
@@ -192,15 +193,26 @@ def test_paper_protocol_settings(tiny_preset, tmp_path):
     assert_ok(result)
     doc = json.loads(out.read_text())
     assert doc["settings"]["prompt"] == "fixed"
-    assert [r["bits"] for r in doc["rows"]] == [16, 4]
+    assert [r["bits"] for r in doc["rows"]] == [None, 4]
     assert all(r["prompt_tokens"] == 35 for r in doc["rows"])
     assert "not found" in result.stdout  # no invented paper figures
 
 
-def test_paper_protocol_defaults_to_1024_tokens():
-    from mlx_openelm.bench.paper import PAPER_BITS, PAPER_GENERATION_TOKENS, PAPER_PROMPT_TOKENS
+def test_paper_protocol_defaults_to_1024_tokens(tiny_preset, monkeypatch):
+    """Without length flags the paper protocol asks the runner for 35 + 1024 tokens at 16 and 4 bits."""
+    from mlx_openelm.bench import runner
 
-    assert (PAPER_PROMPT_TOKENS, PAPER_GENERATION_TOKENS, PAPER_BITS) == (35, 1024, (16, 4))
+    seen = []
+
+    def fake_run(settings, progress=None):
+        seen.append(settings)
+        return {"rows": [], "ratios": [], "notes": [], "machine": {}}
+
+    monkeypatch.setattr(runner, "run_benchmark", fake_run)
+    assert_ok(run("--preset", tiny_preset, "--protocol", "paper"))
+    assert (seen[0].prompt_tokens, seen[0].generation_tokens, seen[0].bits) == ([35], [1024], [None, 4])
+    assert_ok(run("--preset", tiny_preset))
+    assert (seen[1].prompt_tokens, seen[1].generation_tokens, seen[1].bits) == ([512], [128], None)
 
 
 def test_model_folder(hf_checkpoint, tmp_path):
@@ -210,10 +222,10 @@ def test_model_folder(hf_checkpoint, tmp_path):
                  "--generation-tokens", 3, "--trials", 1, "--json", out)
     assert_ok(result)
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["bits"], r["group_size"]) for r in rows] == [("OpenELM-tiny", 16, None),
+    assert [(r["model"], r["bits"], r["group_size"]) for r in rows] == [("OpenELM-tiny", None, None),
                                                                        ("OpenELM-tiny", 4, 32)]
     bad = run("--model", hf_checkpoint, "--bits", "4", "--trials", 1)
-    assert bad.exit_code == 2 and "--group-size" in bad.output and "multiples of 64" in bad.output
+    assert bad.exit_code == 1 and "--group-size" in bad.output and "multiples of 64" in bad.output
 
 
 def test_random_model_matches_the_preset_architecture():
@@ -270,7 +282,7 @@ def test_model_or_preset_exactly_one(tiny_preset, hf_checkpoint):
 
 def test_context_overflow_is_a_clear_error(tiny_preset):
     result = run("--preset", tiny_preset, "--prompt-tokens", 2000, "--generation-tokens", 100, "--trials", 1)
-    assert result.exit_code == 2 and "context" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "context" in result.output and "Traceback" not in result.output
 
 
 def test_help_lists_bench():

@@ -1,0 +1,70 @@
+"""`mlx-openelm generate`: one prompt, the reply streamed to stdout."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .cli_common import (
+    clean_prompt,
+    echo_stream,
+    format_stats,
+    load_model_and_tokenizer,
+    make_generation_kwargs,
+    model_options,
+    read_stdin,
+    sampling_options,
+    user_errors,
+)
+
+
+def _json_fields(last) -> dict:
+    if last is None:
+        return {}
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "prompt_tps": last.prompt_tps,
+        "generation_tokens": last.generation_tokens,
+        "generation_tps": last.generation_tps,
+        "peak_memory_gb": last.peak_memory_gb,
+        "finish_reason": last.finish_reason,
+    }
+
+
+@click.command("generate")
+@model_options
+@click.option("--prompt", "-p", required=True, help="Prompt text, or '-' to read it from stdin.")
+@click.option("--chat", "--chat-template", "chat", is_flag=True,
+              help="Wrap the prompt in OpenELM-Instruct's chat format (a user turn, then the assistant's).")
+@click.option("--system", "-s", default=None, help="System prompt for --chat (implies --chat).")
+@sampling_options
+@click.option("--quiet", "-q", is_flag=True, help="Print only the generated text.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and statistics) at the end.")
+@user_errors
+def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, max_tokens, temp, top_k, top_p,
+                     min_p, repetition_penalty, seed, quiet, as_json):
+    """Generate text from a prompt, streaming it to stdout (statistics go to stderr)."""
+    from .generation import stream_generate
+
+    if prompt == "-":
+        prompt = clean_prompt(read_stdin(), "the prompt (stdin)")
+    else:
+        prompt = clean_prompt(prompt, "--prompt")
+    if system is not None:
+        system = clean_prompt(system, "--system")
+    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json)
+    if chat or system is not None:
+        messages = [{"role": "system", "content": system}] if system else []
+        prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
+
+    pieces: list[str] = []
+    responses = stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs)
+    last = echo_stream(responses, echo=not as_json, pieces=pieces)
+    if as_json:
+        click.echo(json.dumps({"text": "".join(pieces), **_json_fields(last)}))
+        return
+    click.echo()
+    if not quiet and last is not None:
+        click.echo(format_stats(last) + f" | finish: {last.finish_reason}", err=True)
