@@ -99,7 +99,7 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits
     if average and not checkpoints:
         raise click.UsageError("--average needs the checkpoints to average as arguments")
 
-    from .convert import convert as run_convert
+    from .pipeline import convert as run_convert
 
     bar = {"bar": None}
 

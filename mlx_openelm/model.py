@@ -81,19 +81,13 @@ class DecoderLayer(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The embedding, the decoder layers and the final norm; `Model` runs them."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.token_embeddings = nn.Embedding(args.vocab_size, args.model_dim)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_transformer_layers)]
         self.norm = nn.RMSNorm(args.model_dim, eps=RMS_NORM_EPS)
-
-    def __call__(self, tokens: mx.array, cache: Optional[Sequence[KVCache]]) -> mx.array:
-        h = self.token_embeddings(tokens)
-        mask = "causal" if tokens.shape[1] > 1 else None
-        caches = cache if cache is not None else [None] * len(self.layers)
-        for layer, layer_cache in zip(self.layers, caches):
-            h = layer(h, mask, layer_cache)
-        return self.norm(h)
 
 
 class Model(nn.Module):
@@ -118,7 +112,26 @@ class Model(nn.Module):
             )
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
-        h = self.transformer(tokens, cache)
+        h = self.embed(tokens)
+        for i, layer_cache in enumerate(cache if cache is not None else [None] * len(self.layers)):
+            h = self.run_layer(i, h, layer_cache)
+        return self.head(h)
+
+    # The forward pass in its three steps, so a caller can run it a layer at a time (the
+    # converter's quality check loads one layer's weights at a time this way).
+
+    def embed(self, tokens: mx.array) -> mx.array:
+        """(B, L) token ids -> (B, L, model_dim) hidden states."""
+        return self.transformer.token_embeddings(tokens)
+
+    def run_layer(self, i: int, h: mx.array, cache: Optional[KVCache] = None) -> mx.array:
+        """Decoder layer `i` on hidden states `h` (causal over h's positions)."""
+        mask = "causal" if h.shape[1] > 1 else None
+        return self.layers[i](h, mask, cache)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm and output projection: hidden states -> logits."""
+        h = self.transformer.norm(h)
         if "lm_head" in self:
             return self.lm_head(h)
         return self.transformer.token_embeddings.as_linear(h)

@@ -48,7 +48,7 @@ def make(folder: str) -> None:
 
 
 def ours(src: str, out: str, bits: str, group: str) -> None:
-    from mlx_openelm.convert.convert import convert
+    from mlx_openelm.convert import convert
 
     start = time.perf_counter()
     quant = {"recipe": "mixed-4-8"} if bits == "mixed-4-8" else {"bits": int(bits)}
@@ -80,7 +80,7 @@ def compare(src: str, ours_path: str, theirs_path: str) -> None:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load_model as lm_load_model
 
-    from mlx_openelm.convert.convert import eval_tokens, kl_divergence
+    from mlx_openelm.convert.quality import eval_tokens, kl_divergence
     from mlx_openelm.loading import load_model, read_weights
 
     float_model = load_model(src, dtype=mx.float32)

@@ -14,8 +14,10 @@ from click.testing import CliRunner
 
 from mlx_openelm.cli import main
 from mlx_openelm.config import preset_args
-from mlx_openelm.convert import convert as convert_module
-from mlx_openelm.convert.convert import convert, default_convert_dtype, kl_divergence, parse_size
+from mlx_openelm.convert import convert, pipeline
+from mlx_openelm.convert.pipeline import default_convert_dtype
+from mlx_openelm.convert.quality import kl_divergence
+from mlx_openelm.convert.writing import parse_size
 from mlx_openelm.errors import CheckpointError, ConfigError, OpenELMError, TokenizerError
 from mlx_openelm.loading import load_model, read_weights
 from mlx_openelm.quantization import apply_quantization
@@ -290,7 +292,7 @@ def test_refusals_name_the_culprit_and_leave_nothing_behind(workdir, case):
 def test_failure_mid_conversion_removes_everything(workdir, monkeypatch):
     root, src, existing = workdir
     calls = []
-    real = convert_module.convert_tensor
+    real = pipeline.convert_tensor
 
     def flaky(name, *args, **kwargs):
         calls.append(name)
@@ -298,7 +300,7 @@ def test_failure_mid_conversion_removes_everything(workdir, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "convert_tensor", flaky)
+    monkeypatch.setattr(pipeline, "convert_tensor", flaky)
     before = listing(root)
     for target, force in [(root / "new" / "model", False), (existing, True)]:
         calls.clear()
@@ -324,9 +326,18 @@ def test_output_folder_is_not_private(workdir):
     assert (root / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
-def test_errors_are_openelm_errors():
-    assert issubclass(ConfigError, OpenELMError) and issubclass(CheckpointError, OpenELMError)
-    assert issubclass(TokenizerError, OpenELMError)
+def test_refusals_raise_the_openelm_error_of_their_kind(workdir):
+    root, src, _ = workdir
+    (root / "junk.pt").write_bytes(b"not a zip")
+    cases = [
+        (lambda: convert(src, root / "a", group_size=0), ConfigError),
+        (lambda: convert(root / "junk.pt", root / "b", preset="270M"), CheckpointError),
+        (lambda: convert(src, root / "c", tokenizer=root / "missing.model"), TokenizerError),
+    ]
+    for run, kind in cases:
+        with pytest.raises(kind) as info:
+            run()
+        assert isinstance(info.value, OpenELMError), type(info.value)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------
@@ -366,7 +377,8 @@ def test_cli_average_takes_checkpoints_as_arguments(tmp_path, tiny_weights):
 def test_layerwise_check_equals_the_loaded_model(hf_checkpoint, tmp_path, options):
     """The KL check runs one layer at a time (no second full model in memory) yet computes
     exactly what `load_model` + a full forward computes, for float and quantized outputs."""
-    from mlx_openelm.convert.convert import model_logits, open_source, reference_logits
+    from mlx_openelm.convert.quality import model_logits, reference_logits
+    from mlx_openelm.convert.sources import open_source
 
     out = tmp_path / "out"
     convert(hf_checkpoint, out, evaluate=False, **options)
@@ -380,7 +392,8 @@ def test_layerwise_check_equals_the_loaded_model(hf_checkpoint, tmp_path, option
 
 def test_layerwise_check_holds_one_layer_at_a_time(hf_checkpoint):
     """Every tensor is requested exactly once, in model order: embedding, layer 0, 1, 2, norm."""
-    from mlx_openelm.convert.convert import layerwise_logits, open_source
+    from mlx_openelm.convert.quality import layerwise_logits
+    from mlx_openelm.convert.sources import open_source
 
     source = open_source(hf_checkpoint)
     requested = []

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mlx_openelm.cli import main
 from mlx_openelm.config import ModelArgs, preset_args
-from mlx_openelm.convert.convert import convert
+from mlx_openelm.convert import convert
 from mlx_openelm.convert.corenet import CoreNetArchive, corenet_names, expected_shapes, read_corenet
 from mlx_openelm.errors import CheckpointError
 from mlx_openelm.loading import load_model, read_weights

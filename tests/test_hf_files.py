@@ -76,7 +76,7 @@ def test_mlx_lm_load_opens_a_converted_folder(hf_checkpoint, tmp_path):
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     import mlx.core as mx
 
-    from mlx_openelm.convert.convert import convert
+    from mlx_openelm.convert import convert
 
     out = tmp_path / "converted"
     convert(hf_checkpoint, out, dtype="float32", evaluate=False)

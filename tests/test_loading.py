@@ -155,7 +155,7 @@ def test_corenet_vocab_size_loads(tmp_path):
 # ---- the quantization entry, integer and non-finite tensors -----------------------------------
 
 def _quantized_copy(hf_checkpoint, folder, entry):
-    from mlx_openelm.convert.convert import convert
+    from mlx_openelm.convert import convert
 
     convert(hf_checkpoint, folder, bits=4, group_size=32, evaluate=False)
     config = json.loads((folder / "config.json").read_text())
@@ -208,7 +208,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, tiny_weights
 def test_half_dtype_with_a_quantized_model_on_cpu_warns_once(hf_checkpoint, tmp_path):
     if mx.default_device() != mx.cpu:
         pytest.skip("CPU backend only")
-    from mlx_openelm.convert.convert import convert
+    from mlx_openelm.convert import convert
     from mlx_openelm.errors import OpenELMWarning
 
     convert(hf_checkpoint, tmp_path / "q", bits=4, group_size=32, evaluate=False)

@@ -79,7 +79,7 @@ def test_loads_mlx_lm_quantized_folders(hf_checkpoint, tmp_path, mixed):
     expected = np.array(theirs(tokens))
     np.testing.assert_allclose(np.array(ours(tokens)), expected, atol=1e-4, rtol=1e-5)
 
-    from mlx_openelm.convert.convert import convert
+    from mlx_openelm.convert import convert
 
     convert(tmp_path, tmp_path.parent / f"{tmp_path.name}-float", dequantize=True, dtype="float32", evaluate=False)
     dequantized = load_model(tmp_path.parent / f"{tmp_path.name}-float", dtype="float32")

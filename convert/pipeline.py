@@ -1,0 +1,193 @@
+"""Convert OpenELM checkpoints (Hugging Face safetensors or CoreNet .pt) to MLX folders.
+
+`convert(...)` tells the story; each step lives in the module named for its job:
+`sources` (reading inputs lazily, tensor by tensor), `mlx_openelm.quantization` (the plan),
+`quantize` (casting or quantizing each tensor), `writing` (shards, config.json, tokenizer),
+`quality` (the layer-wise KL check) and `install` (temp folder, atomic rename, signals).
+It holds about one output shard and one input tensor at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.errors import ConfigError
+from mlx_openelm.hub import resolve_tokenizer
+from mlx_openelm.loading import DTYPE_NAMES, fp16_is_safe, parse_dtype
+from mlx_openelm.quantization import QuantizationPlan, check_options, plan_quantization
+
+from .install import discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_blocked
+from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
+from .quantize import convert_tensor
+from .report import ConvertReport, layer_bits, peak_memory_mb
+from .sources import AveragedSource, Source, leaves, open_source
+from .writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_tokenizer, model_config, parse_size, write_config
+
+Progress = Callable[[int, int, str], None]
+
+
+def convert(
+    hf_path: Union[str, Path, None] = None,
+    mlx_path: Union[str, Path] = "mlx_model",
+    *,
+    average: Sequence[Union[str, Path]] = (),
+    preset: Optional[str] = None,
+    config: Union[str, Path, None] = None,
+    dtype: Union[str, mx.Dtype, None] = None,
+    bits: Optional[int] = None,
+    group_size: int = 64,
+    recipe: Optional[str] = None,
+    tokenizer: Union[str, Path, None] = None,
+    force: bool = False,
+    max_shard_size: Union[str, int] = DEFAULT_MAX_SHARD_BYTES,
+    evaluate: bool = True,
+    dequantize: bool = False,
+    progress: Optional[Progress] = None,
+) -> ConvertReport:
+    """Convert a checkpoint (or the average of several) into an MLX model folder at `mlx_path`.
+
+    hf_path: a Hugging Face OpenELM folder, or a CoreNet `.pt` file (with `preset`, or
+        `config`: a config.json describing a non-preset CoreNet architecture).
+    average: several such checkpoints of one model, averaged in float64 (instead of hf_path).
+    dtype: float dtype of the output (default float16; bfloat16 for 3B-class models).
+    bits / group_size / recipe: affine quantization of every Linear layer and the embedding
+        (see `mlx_openelm.quantization` for the allowed bits and group sizes); recipe 'mixed-4-8' keeps the head at 8 bits.
+    evaluate: compare the output with the float input on a fixed token sequence (KL divergence).
+    dequantize: the input is a quantized MLX folder; write its weights back in float.
+
+    Raises ConfigError/CheckpointError/TokenizerError before writing anything for bad inputs
+    or options; on any failure or interrupt while writing, the temporary folder is removed.
+    An existing `mlx_path` is replaced only with `force`, even if it appears while converting.
+    """
+    start = time.perf_counter()
+    references = _references(hf_path, average)
+    default_bits = check_options(bits, group_size, recipe)
+    out_dtype = parse_dtype(dtype, option="--dtype") if dtype is not None else None
+    max_bytes = parse_size(max_shard_size)
+    if mlx_path is None or str(mlx_path) == "":
+        raise ConfigError("--mlx-path: an output folder is required")
+    target = Path(mlx_path).expanduser()
+
+    source = open_sources(references, preset, config)
+    _check_inputs(source, target, force, dequantize, default_bits)
+    args = source.args
+    out_dtype = out_dtype or default_convert_dtype(args)
+    tokenizer_path = source.tokenizer if tokenizer is None else resolve_tokenizer(None, tokenizer)
+    plan = plan_quantization(source.shapes(), default_bits, group_size, recipe) if default_bits else None
+
+    created_parents, tmp = make_parents(target.parent), None
+    try:
+        with signals_blocked():
+            remove_stale_temp_folders(target)
+            tmp = make_temp_folder(target)
+        report = _write_model(source, tmp, out_dtype, plan, max_bytes, progress)
+        report.output, report.bits, report.recipe = str(target), default_bits, recipe
+        if tokenizer_path is not None:
+            copy_tokenizer(tmp, tokenizer_path)
+            report.tokenizer = str(tokenizer_path)
+        out_config = model_config(args, out_dtype, plan.quantization if plan else None)
+        if evaluate:
+            _evaluate(report, open_sources(references, preset, config), tmp, out_config)
+        write_config(tmp, out_config)
+        with signals_blocked():
+            install(tmp, target, force)
+            tmp, created_parents = None, []
+    except BaseException:
+        discard(tmp, created_parents)
+        raise
+    report.seconds = time.perf_counter() - start
+    report.peak_memory_mb = peak_memory_mb()
+    return report
+
+
+def default_convert_dtype(args: ModelArgs) -> mx.Dtype:
+    """float16, except for models that overflow it (3B-class: model_dim >= 3072): bfloat16."""
+    return mx.float16 if fp16_is_safe(args) else mx.bfloat16
+
+
+def _references(hf_path, average: Sequence) -> list:
+    if hf_path is not None and average:
+        raise ConfigError("give either --hf-path or --average, not both")
+    if hf_path is None and not average:
+        raise ConfigError("nothing to convert: give --hf-path (or --average CKPT CKPT ...)")
+    if average and len(average) < 2:
+        raise ConfigError("--average needs at least two checkpoints")
+    return [hf_path] if hf_path is not None else list(average)
+
+
+def open_sources(references: Sequence, preset: Optional[str], config) -> Source:
+    """One input, or the average of several."""
+    sources = [open_source(r, preset, config) for r in references]
+    return sources[0] if len(sources) == 1 else AveragedSource(sources)
+
+
+def _is_within(path: Path, other: Path) -> bool:
+    try:
+        path.resolve().relative_to(other.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _check_inputs(source: Source, target: Path, force: bool, dequantize: bool, bits: Optional[int]) -> None:
+    """Refuse what cannot work before anything is written."""
+    inputs = [s.path for s in leaves(source)]
+    for path in inputs:
+        if _is_within(target, path) or _is_within(path, target):
+            raise ConfigError(f"--mlx-path: {target} overlaps the input {path}; choose another output folder")
+    quantized_inputs = [s.path for s in leaves(source) if getattr(s, "quantization", None)]
+    if dequantize and not quantized_inputs:
+        raise ConfigError(f"--dequantize: {inputs[0]} is not a quantized model")
+    if quantized_inputs and not dequantize:
+        raise ConfigError(
+            f"{quantized_inputs[0]} holds a quantized model: pass --dequantize to write it back in float "
+            "(to quantize differently, convert the original checkpoint: re-quantizing compounds the error)"
+        )
+    if dequantize and bits is not None:
+        raise ConfigError("--dequantize writes float weights; it cannot be combined with --bits or --recipe")
+    if (target.exists() or target.is_symlink()) and not force:
+        raise ConfigError(f"--mlx-path: {target} already exists; pass --force to replace it")
+
+
+def _write_model(source: Source, folder: Path, dtype: mx.Dtype, plan: Optional[QuantizationPlan],
+                 max_bytes: int, progress: Optional[Progress]) -> ConvertReport:
+    """Convert every tensor into shards in `folder`; the report of what was written."""
+    writer = ShardWriter(folder, max_bytes, metadata={"format": "mlx"})
+    names = source.names()
+    worst, worst_name, stored_bits = 0.0, "", 0
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress(i, len(names), name)
+        tensors, rel = convert_tensor(name, source.get(name), dtype, plan, source=str(source.path))
+        if rel >= worst:
+            worst, worst_name = rel, name
+        stored_bits += sum(a.nbytes for a in tensors.values()) * 8
+        writer.add(tensors)
+        del tensors
+    if progress is not None:
+        progress(len(names), len(names), "")
+    files = writer.finish()
+    parameters = source.args.num_parameters()
+    return ConvertReport(
+        output="", inputs=[str(s.path) for s in leaves(source)], source_kind=source.kind,
+        dtype=DTYPE_NAMES[dtype], bits=None, group_size=plan.quantization.group_size if plan else None,
+        recipe=None, parameters=parameters, bits_per_weight=stored_bits / parameters,
+        size_bytes=sum(f.stat().st_size for f in files), shards=len(files), layer_bits=layer_bits(plan),
+        skipped_layers=dict(plan.skipped) if plan else {}, max_rel_error=worst, max_rel_error_tensor=worst_name,
+    )
+
+
+def _evaluate(report: ConvertReport, reference: Source, folder: Path, config: dict) -> None:
+    """The output against the float input on a fixed token sequence: KL and top-1 agreement."""
+    tokens = eval_tokens(reference.args)
+    ref = reference_logits(reference, tokens)
+    out = model_logits(folder, tokens, config)
+    kl = kl_divergence(ref, out)
+    report.kl_mean, report.kl_max = float(kl.mean()), float(kl.max())
+    report.top1_agreement = float((ref.argmax(-1) == out.argmax(-1)).mean())
+    report.eval_tokens = len(tokens)

@@ -1,0 +1,130 @@
+"""Writing a converted model: safetensors shards, config.json and the tokenizer, into the temp folder.
+
+OS errors (disk full, read-only or vanished folders) become one-line CheckpointErrors
+naming the path; MLX reports a failed write as a RuntimeError, which is turned the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import mlx.core as mx
+
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.errors import CheckpointError, ConfigError
+from mlx_openelm.hub import TOKENIZER_FILE
+from mlx_openelm.loading import DTYPE_NAMES, SAFETENSORS_FILE, SAFETENSORS_INDEX
+from mlx_openelm.quantization import Quantization
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write under `path` into a CheckpointError naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or path}: cannot write ({e.strerror or e})") from None
+    except RuntimeError as e:  # mlx.core.save_safetensors: "[write] Unable to write ..."
+        raise CheckpointError(f"{path}: cannot write ({e}); is the disk full?") from None
+
+
+def parse_size(value: Union[str, int, float]) -> int:
+    """'5GB', '500MB', '64KB', '123' (bytes) -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        size = int(value)
+    else:
+        text = str(value).strip().upper().replace("IB", "B")
+        units = {"KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}
+        for unit, factor in units.items():
+            if text.endswith(unit):
+                try:
+                    size = int(float(text[: -len(unit)]) * factor)
+                except (ValueError, OverflowError):
+                    raise ConfigError(f"--max-shard-size: cannot read {value!r} (e.g. 5GB, 500MB)") from None
+                break
+        else:
+            try:
+                size = int(text)
+            except (ValueError, OverflowError):
+                raise ConfigError(f"--max-shard-size: cannot read {value!r} (e.g. 5GB, 500MB)") from None
+    if size <= 0:
+        raise ConfigError(f"--max-shard-size: must be positive, got {value!r}")
+    return size
+
+
+class ShardWriter:
+    """Collects converted tensors and writes a safetensors shard whenever the next would overflow."""
+
+    def __init__(self, folder: Path, max_bytes: int, metadata: dict):
+        self.folder, self.max_bytes, self.metadata = folder, max_bytes, metadata
+        self.pending: dict[str, mx.array] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, group: dict[str, mx.array]) -> None:
+        size = sum(a.nbytes for a in group.values())
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.update(group)
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.folder / f"shard-{len(self.files) + 1:05d}.safetensors"
+        with writing(path):
+            mx.save_safetensors(str(path), self.pending, metadata=self.metadata)
+        self.files.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        """Give the shards their final names; write the index when there are several."""
+        self.flush()
+        with writing(self.folder):
+            return self._name_shards()
+
+    def _name_shards(self) -> list[Path]:
+        if len(self.files) == 1:
+            final = self.folder / SAFETENSORS_FILE
+            os.replace(self.files[0][0], final)
+            return [final]
+        n = len(self.files)
+        weight_map, finals = {}, []
+        for i, (path, names) in enumerate(self.files):
+            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(path, final)
+            finals.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+        return finals
+
+
+def model_config(args: ModelArgs, dtype: mx.Dtype, quantization: Optional[Quantization]) -> dict:
+    """The output's config.json: the architecture, its float dtype and its quantization entry."""
+    config = args.to_dict()
+    config["torch_dtype"] = DTYPE_NAMES[dtype]
+    if quantization is not None:
+        config["quantization"] = quantization.to_config()
+    return config
+
+
+def write_config(folder: Path, config: dict) -> None:
+    """config.json last of all: a folder without one is never taken for a model."""
+    path = folder / "config.json"
+    with writing(path):
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def copy_tokenizer(folder: Path, tokenizer: Union[str, Path]) -> None:
+    with writing(folder / TOKENIZER_FILE):
+        shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
