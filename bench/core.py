@@ -178,8 +178,8 @@ class OursEngine(Engine):
 
     def tokens(self, prompt: mx.array, n: int) -> Iterator[int]:
         # generate_step never stops on EOS: it yields exactly n tokens (context permitting).
-        for token, _ in generate_step(prompt, self.model, max_tokens=n, sampler=greedy, cache=make_cache(self.model)):
-            yield token
+        for step in generate_step(prompt, self.model, max_tokens=n, sampler=greedy, cache=make_cache(self.model)):
+            yield step.token
 
 
 def import_mlx_lm():

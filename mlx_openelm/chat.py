@@ -48,6 +48,8 @@ class ChatSession:
     `notify` receives one-line notices (turns dropped to fit the context). The reply
     reserve is at most `max_reserve_fraction` of the context; when turns must be
     dropped, the rest plus the reserve is cut down to `refit_fraction` of it.
+    With `draft_model` every reply is decoded speculatively; the draft keeps its own
+    cache, in step with the model's, so it is reused across turns too.
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class ChatSession:
         notify: Optional[Callable[[str], None]] = None,
         max_reserve_fraction: float = 0.25,
         refit_fraction: float = 0.5,
+        draft_model=None,
     ):
         if not 0 < max_reserve_fraction < refit_fraction <= 1:
             raise ValueError(
@@ -71,6 +74,8 @@ class ChatSession:
         self.max_reserve_fraction = max_reserve_fraction
         self.refit_fraction = refit_fraction
         self.cache = make_cache(model)
+        self.draft_model = draft_model
+        self.draft_cache = make_cache(draft_model) if draft_model is not None else None
         self.cached_ids: list[int] = []  # the tokens whose keys/values are in `cache`, in order
         self.messages: list[dict[str, str]] = []
         self.last_prefill_tokens = 0  # tokens fed before the last reply (not taken from the cache)
@@ -94,8 +99,9 @@ class ChatSession:
 
     def _trim_cache(self, length: int) -> None:
         """Keep the first `length` cached positions (also repairs layers left uneven by an interrupt)."""
-        length = max(0, min([length, len(self.cached_ids)] + [c.offset for c in self.cache]))
-        for c in self.cache:
+        caches = self.cache + (self.draft_cache or [])
+        length = max(0, min([length, len(self.cached_ids)] + [c.offset for c in caches]))
+        for c in caches:
             c.trim(c.offset - length)
         self.cached_ids = self.cached_ids[:length]
 
@@ -132,8 +138,10 @@ class ChatSession:
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        if "cache" in kwargs:
+        if "cache" in kwargs or "draft_cache" in kwargs:
             raise TypeError("ChatSession manages its own cache")
+        if self.draft_model is not None:
+            kwargs.update(draft_model=self.draft_model, draft_cache=self.draft_cache)
         reserve = min(max_tokens, int(self.context_length * self.max_reserve_fraction))
         messages, ids, dropped = self._fit(self.messages + [{"role": "user", "content": text}], reserve)
         if dropped:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from .cache import KVCache
 from .errors import ContextLengthError
 from .model import Model, make_cache
-from .sampling import LogitsProcessor, Sampler, greedy
+from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
+from .speculative import DraftProposer, SpeculativeDecoder, check_draft
 from .tokenizer import Tokenizer
 
 
@@ -72,6 +73,47 @@ def token_budget(model: Model, cache: Optional[Sequence[KVCache]], prompt_size: 
     return max(0, min(max_tokens, context - start - prompt_size + 1))
 
 
+class GenerationStep(NamedTuple):
+    """One token from `generate_step`, with running totals for speculative decoding."""
+
+    token: int
+    logprobs: mx.array  # the target's log-probabilities for this position (after logits processors)
+    from_draft: bool = False  # proposed (draft model or prompt lookup) and accepted by the target
+    last: bool = False  # the token budget (`max_tokens`, or the context) ends with this token
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    target_forward_passes: int = 0  # target passes that produced the tokens so far (prefill not counted)
+
+
+def _check_prompt(prompt: Union[mx.array, Sequence[int]], model: Model) -> mx.array:
+    prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError(f"prompt must be a non-empty 1-D list of token ids, got shape {prompt.shape}")
+    vocab_size = model.args.vocab_size
+    if mx.issubdtype(prompt.dtype, mx.floating) or not (0 <= prompt.min().item() and prompt.max().item() < vocab_size):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), the model's vocabulary")
+    return prompt.astype(mx.uint32)
+
+
+def _check_speculative(cache, draft_model, draft_cache, num_draft_tokens: int, prompt_lookup: int, ngram: int):
+    if draft_model is not None and prompt_lookup:
+        raise ValueError("use either draft_model or prompt_lookup, not both")
+    if draft_model is not None and num_draft_tokens < 1:
+        raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+    if prompt_lookup < 0 or ngram < 1:
+        raise ValueError(f"prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1, got {prompt_lookup}, {ngram}")
+    if draft_model is None:
+        return None
+    if draft_cache is None:
+        if cache[0].offset:
+            raise ValueError("a cache that already holds tokens needs the draft_cache that holds the same tokens")
+        return make_cache(draft_model)
+    if draft_cache[0].offset != cache[0].offset:
+        raise ValueError(f"draft_cache holds {draft_cache[0].offset} positions, cache {cache[0].offset}: "
+                         "they must hold the same tokens")
+    return draft_cache
+
+
 def generate_step(
     prompt: Union[mx.array, Sequence[int]],
     model: Model,
@@ -82,59 +124,96 @@ def generate_step(
     cache: Optional[Sequence[KVCache]] = None,
     prefill_step_size: int = 512,
     prompt_progress: Optional[Callable[[int, int], None]] = None,
-) -> Iterator[tuple[int, mx.array]]:
-    """Yield `(token, logprobs)` for up to `max_tokens` new tokens after `prompt`.
+    draft_model: Optional[Model] = None,
+    draft_cache: Optional[Sequence[KVCache]] = None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int = 0,
+    prompt_lookup_ngram: int = 2,
+) -> Iterator[GenerationStep]:
+    """Yield a `GenerationStep` (token, logprobs, ...) for up to `max_tokens` new tokens after `prompt`.
 
     `prompt` is token ids (BOS included if wanted). Generation also ends when the
-    model's context (`max_context_length`) is full. `cache` (from `make_cache`)
-    continues an earlier conversation. While a token is handed out, the next one
-    is already being computed (`mx.async_eval`), so the cache then holds the prompt
-    and every token yielded so far; only a token that ends the budget (the last of
-    `max_tokens`, or one that fills the context) is never fed to the model.
+    model's context (`max_context_length`) is full; the step that ends the budget has
+    `last` set. `cache` (from `make_cache`) continues an earlier conversation. While a
+    token is handed out, the next one is already being computed (`mx.async_eval`), so
+    the cache then holds the prompt and every token yielded so far; only a token that
+    ends the budget is never fed to the model.
+
+    Speculative decoding (see `speculative`): `draft_model` (same tokenizer; its own
+    `draft_cache` holding the same tokens as `cache`) drafts `num_draft_tokens` tokens
+    per target pass, or `prompt_lookup` > 0 proposes up to that many tokens copied from
+    the context after an n-gram match (n up to `prompt_lookup_ngram`). Greedy output is
+    the target's own, and sampled output has the target's distribution. Both caches end
+    as after plain decoding, but while tokens are handed out they may run a round ahead.
     """
-    prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
-    if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D list of token ids, got shape {prompt.shape}")
-    vocab_size = model.args.vocab_size
-    if mx.issubdtype(prompt.dtype, mx.floating) or not (0 <= prompt.min().item() and prompt.max().item() < vocab_size):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), the model's vocabulary")
-    prompt = prompt.astype(mx.uint32)
+    prompt = _check_prompt(prompt, model)
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if draft_model is not None:
+        check_draft(model, draft_model)
     cache = make_cache(model) if cache is None else cache
+    draft_cache = _check_speculative(cache, draft_model, draft_cache, num_draft_tokens, prompt_lookup,
+                                     prompt_lookup_ngram)
     limit = token_budget(model, cache, prompt.size, max_tokens)
     if limit == 0:
         return
     sampler = sampler or greedy
     processors = list(logits_processors or [])
+    with wired_limit():
+        prompt_tail = prefill(model, prompt, cache, prefill_step_size, prompt_progress)
+        if draft_model is None and not prompt_lookup:
+            yield from _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors)
+            return
+        draft = None
+        if draft_model is not None:
+            prefill(draft_model, prompt, draft_cache, prefill_step_size)
+            draft = DraftProposer(draft_model, draft_cache, model.args.vocab_size)
+        decoder = SpeculativeDecoder(model, cache, prompt.tolist(), sampler, processors, draft,
+                                     num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
+        yield from _speculative_steps(decoder, limit)
 
-    def next_token(tokens: mx.array) -> tuple[mx.array, mx.array]:
-        nonlocal history
+
+def _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors) -> Iterator[GenerationStep]:
+    """One target pass per token, the next pass queued (`async_eval`) before a token is handed out."""
+
+    def next_token(history: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         logits = model(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)  # (1, vocab)
         if processors:
             history = mx.concatenate([history, tokens])
-            for process in processors:
-                logits = process(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        logprobs = to_logprobs(logits, history, processors)
+        return sampler(logprobs), logprobs.squeeze(0), history
 
-    with wired_limit():
-        prompt_tail = prefill(model, prompt, cache, prefill_step_size, prompt_progress)
-        history = prompt[: prompt.size - prompt_tail.size]
-        token, logprobs = next_token(prompt_tail)
-        mx.async_eval(token, logprobs)
-        for n in range(limit):
-            if n + 1 < limit:
-                following = next_token(token)
-                mx.async_eval(*following)
-            yield int(token.item()), logprobs
-            if n + 1 < limit:
-                token, logprobs = following
+    # the tokens the logits processors see: the prompt, then each token as it is fed
+    history = prompt[: prompt.size - prompt_tail.size]
+    token, logprobs, history = next_token(history, prompt_tail)
+    mx.async_eval(token, logprobs)
+    for n in range(1, limit + 1):
+        if n < limit:
+            following = next_token(history, token)
+            mx.async_eval(following[:2])
+        yield GenerationStep(int(token.item()), logprobs, last=n == limit, target_forward_passes=n)
+        if n < limit:
+            token, logprobs, history = following
+
+
+def _speculative_steps(decoder: SpeculativeDecoder, limit: int) -> Iterator[GenerationStep]:
+    produced = accepted = 0
+    while produced < limit:
+        for token, logprobs, from_draft in decoder.round(limit - produced):
+            produced += 1
+            accepted += from_draft
+            yield GenerationStep(token, logprobs, from_draft, produced == limit, decoder.drafted, accepted,
+                                 decoder.target_passes)
+    decoder.level_draft()  # only at the natural end: a consumer that stops early trims the caches anyway
 
 
 @dataclass
 class GenerationResponse:
-    """One streamed step: the text this token completed and running statistics."""
+    """One streamed step: the text this token completed and running statistics.
+
+    The speculative-decoding counts are running totals (the last response's cover the whole
+    generation); `acceptance_rate` is accepted / drafted, None when nothing was drafted.
+    """
 
     text: str
     token: int
@@ -145,6 +224,11 @@ class GenerationResponse:
     generation_tps: float
     peak_memory_gb: float
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length", on the last response
+    from_draft: bool = False
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: Optional[float] = None
+    target_forward_passes: int = 0
 
 
 def stream_generate(
@@ -156,44 +240,47 @@ def stream_generate(
 ) -> Iterator[GenerationResponse]:
     """Stream a completion of `prompt` (text, which gets BOS, or token ids).
 
-    Keyword arguments go to `generate_step` (sampler, logits_processors, cache, ...).
-    EOS ends generation with finish reason "stop"; running out of `max_tokens` or
-    of the model's context ends it with "length".
+    Keyword arguments go to `generate_step` (sampler, logits_processors, cache,
+    draft_model, prompt_lookup, ...). EOS ends generation with finish reason "stop";
+    running out of `max_tokens` or of the model's context ends it with "length".
     """
     prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
     prompt_size = len(prompt_ids)
-    limit = token_budget(model, kwargs.get("cache"), prompt_size, max_tokens)
     detokenizer = tokenizer.detokenizer()
     mx.reset_peak_memory()
     tic = time.perf_counter()
     first_token_time = prompt_tps = 0.0
     steps = generate_step(prompt_ids, model, max_tokens=max_tokens, **kwargs)
-    for n, (token, logprobs) in enumerate(steps, start=1):
+    for n, step in enumerate(steps, start=1):
         now = time.perf_counter()
         if n == 1:
             first_token_time = now
             prompt_tps = prompt_size / (now - tic)
         generation_tps = (n - 1) / (now - first_token_time) if n > 1 else 0.0
-        if token == tokenizer.eos_id:
+        if step.token == tokenizer.eos_id:
             finish = "stop"
             text = detokenizer.finalize()
         else:
-            text = detokenizer.add_token(token)
-            finish = "length" if n == limit else None
+            text = detokenizer.add_token(step.token)
+            finish = "length" if step.last else None
             if finish:
                 text += detokenizer.finalize()
-        response = GenerationResponse(
+        yield GenerationResponse(
             text=text,
-            token=token,
-            logprobs=logprobs,
+            token=step.token,
+            logprobs=step.logprobs,
             prompt_tokens=prompt_size,
             prompt_tps=prompt_tps,
             generation_tokens=n,
             generation_tps=generation_tps,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
+            from_draft=step.from_draft,
+            drafted_tokens=step.drafted_tokens,
+            accepted_tokens=step.accepted_tokens,
+            acceptance_rate=step.accepted_tokens / step.drafted_tokens if step.drafted_tokens else None,
+            target_forward_passes=step.target_forward_passes,
         )
-        yield response
         if finish:
             return
 

@@ -7,7 +7,7 @@ maps (token history (n,), logits (B, vocab)) to adjusted logits.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
@@ -60,6 +60,20 @@ def validate_sampling(temp: float, top_k: int, top_p: float, min_p: float) -> No
         raise ValueError(f"min_p must be in [0, 1) (0 disables it), got {min_p}")
 
 
+def make_filter(temp: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
+    """The logits a sampler at `temp > 0` draws from: log-probabilities divided by `temp`,
+    then the top-k, top-p and min-p masks (-inf outside). Speculative sampling needs this
+    distribution itself, not only a draw from it."""
+
+    def filtered(logprobs: mx.array) -> mx.array:
+        logits = logprobs / temp
+        logits = apply_top_k(logits, top_k)
+        logits = apply_top_p(logits, top_p)
+        return apply_min_p(logits, min_p)
+
+    return filtered
+
+
 def make_sampler(
     temp: float = 0.0,
     top_k: int = 0,
@@ -71,24 +85,36 @@ def make_sampler(
 
     The order follows Hugging Face's warpers. With `seed`, draws come from the
     sampler's own PRNG key, so two samplers with one seed give the same tokens.
+    A non-greedy sampler also carries `filtered_logits` (see `make_filter`) and
+    `next_key()` (its next PRNG key, None without a seed) for speculative sampling.
     """
     validate_sampling(temp, top_k, top_p, min_p)
     if temp == 0:
         return greedy
+    filtered = make_filter(temp, top_k, top_p, min_p)
     key = mx.random.key(seed) if seed is not None else None
 
-    def sample(logprobs: mx.array) -> mx.array:
+    def next_key() -> Optional[mx.array]:
         nonlocal key
-        logits = logprobs / temp
-        logits = apply_top_k(logits, top_k)
-        logits = apply_top_p(logits, top_p)
-        logits = apply_min_p(logits, min_p)
         if key is None:
-            return mx.random.categorical(logits, axis=-1)
+            return None
         key, draw_key = mx.random.split(key)
-        return mx.random.categorical(logits, axis=-1, key=draw_key)
+        return draw_key
 
+    def sample(logprobs: mx.array) -> mx.array:
+        return mx.random.categorical(filtered(logprobs), axis=-1, key=next_key())
+
+    sample.filtered_logits = filtered
+    sample.next_key = next_key
     return sample
+
+
+def to_logprobs(logits: mx.array, history: mx.array, processors: Sequence[LogitsProcessor]) -> mx.array:
+    """Apply the logits processors (seeing the token `history`) to (B, vocab) logits;
+    return normalised log-probabilities."""
+    for process in processors:
+        logits = process(history, logits)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def make_repetition_penalty(penalty: float) -> LogitsProcessor:

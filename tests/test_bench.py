@@ -247,7 +247,7 @@ def test_generate_step_ignores_eos(tiny_preset):
 
     model = random_model(ModelArgs.from_file(tiny_preset), mx.float32)
     always_eos = lambda logprobs: mx.full((logprobs.shape[0],), model.args.eos_token_id, dtype=mx.uint32)  # noqa: E731
-    tokens = [t for t, _ in generate_step([1, 5, 7], model, max_tokens=7, sampler=always_eos)]
+    tokens = [step.token for step in generate_step([1, 5, 7], model, max_tokens=7, sampler=always_eos)]
     assert tokens == [model.args.eos_token_id] * 7
 
 

@@ -116,7 +116,7 @@ def loaded(hf_checkpoint):
 def fresh_reply(model, ids, max_tokens, penalty=1.2):
     """What the model says after the whole conversation, with no cache reuse."""
     steps = generate_step(ids, model, max_tokens=max_tokens, logits_processors=make_logits_processors(penalty))
-    return [t for t, _ in steps]
+    return [step.token for step in steps]
 
 
 def send(session, text, max_tokens=8, **kwargs):

@@ -33,17 +33,18 @@ def _rollout(model, prompt, n, penalty=None):
 def test_greedy_generate_step_equals_full_forward_rollout(model_and_tokenizer):
     model, _ = model_and_tokenizer
     steps = list(generate_step(PROMPT, model, max_tokens=12))
-    assert [t for t, _ in steps] == _rollout(model, PROMPT, 12)
-    logprobs = steps[0][1]
+    assert [s.token for s in steps] == _rollout(model, PROMPT, 12)
+    assert [s.last for s in steps] == [False] * 11 + [True]
+    logprobs = steps[0].logprobs
     assert logprobs.shape == (TINY_CONFIG["vocab_size"],)
     assert abs(mx.logsumexp(logprobs).item()) < 1e-5
 
 
 def test_chunked_prefill_gives_the_same_tokens(model_and_tokenizer):
     model, _ = model_and_tokenizer
-    whole = [t for t, _ in generate_step(PROMPT, model, max_tokens=6)]
+    whole = [s.token for s in generate_step(PROMPT, model, max_tokens=6)]
     seen = []
-    chunked = [t for t, _ in generate_step(PROMPT, model, max_tokens=6, prefill_step_size=2,
+    chunked = [s.token for s in generate_step(PROMPT, model, max_tokens=6, prefill_step_size=2,
                                            prompt_progress=lambda done, total: seen.append((done, total)))]
     assert chunked == whole
     assert seen == [(2, 7), (4, 7), (6, 7)]
@@ -52,7 +53,7 @@ def test_chunked_prefill_gives_the_same_tokens(model_and_tokenizer):
 def test_repetition_penalty_matches_hugging_face_rollout(model_and_tokenizer):
     model, _ = model_and_tokenizer
     processors = make_logits_processors(repetition_penalty=1.3)
-    tokens = [t for t, _ in generate_step(PROMPT, model, max_tokens=10, logits_processors=processors)]
+    tokens = [s.token for s in generate_step(PROMPT, model, max_tokens=10, logits_processors=processors)]
     assert tokens == _rollout(model, PROMPT, 10, penalty=1.3)
     assert tokens != _rollout(model, PROMPT, 10)  # the penalty changed something
 
@@ -67,7 +68,7 @@ def test_greedy_generation_is_deterministic(model_and_tokenizer):
 def test_seeded_sampling_is_reproducible(model_and_tokenizer):
     model, _ = model_and_tokenizer
     runs = [
-        [t for t, _ in generate_step(PROMPT, model, max_tokens=15, sampler=make_sampler(temp=1.0, seed=seed))]
+        [s.token for s in generate_step(PROMPT, model, max_tokens=15, sampler=make_sampler(temp=1.0, seed=seed))]
         for seed in (3, 3, 4)
     ]
     assert runs[0] == runs[1] != runs[2]
@@ -107,10 +108,10 @@ def test_text_prompt_gets_bos(model_and_tokenizer):
 def test_cache_continues_a_conversation(model_and_tokenizer):
     model, _ = model_and_tokenizer
     cache = make_cache(model)
-    first = [t for t, _ in generate_step(PROMPT, model, max_tokens=5, cache=cache)]
+    first = [s.token for s in generate_step(PROMPT, model, max_tokens=5, cache=cache)]
     assert cache[0].offset == len(PROMPT) + 4  # every yielded token but the last went through
     follow_up = [first[-1], 99, 3]
-    second = [t for t, _ in generate_step(follow_up, model, max_tokens=4, cache=cache)]
+    second = [s.token for s in generate_step(follow_up, model, max_tokens=4, cache=cache)]
     assert second == _rollout(model, PROMPT + first + [99, 3], 4)
 
 

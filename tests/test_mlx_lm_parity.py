@@ -39,7 +39,7 @@ def test_logits_equal_mlx_lm(request, fixture):
 
 def test_cached_greedy_decoding_equals_mlx_lm(hf_checkpoint):
     ours, theirs = load_model(hf_checkpoint, dtype="float32"), _mlx_lm_model(hf_checkpoint)
-    our_tokens = [t for t, _ in generate_step(TOKENS, ours, max_tokens=20)]
+    our_tokens = [step.token for step in generate_step(TOKENS, ours, max_tokens=20)]
     cache = lm_cache.make_prompt_cache(theirs)
     logits = theirs(mx.array(TOKENS)[None], cache=cache)
     their_tokens = []

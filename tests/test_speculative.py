@@ -1,0 +1,300 @@
+"""Speculative decoding: exactness against plain decoding, the acceptance rule, cache rollback, chat."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from mlx_openelm import ChatSession, generate_step, load, load_model, make_cache, make_logits_processors, make_sampler
+from mlx_openelm.errors import ConfigError
+from mlx_openelm.generation import stream_generate
+from mlx_openelm.speculative import (
+    acceptance_probabilities,
+    count_accepted,
+    find_lookup_tokens,
+    match_vocab,
+    residual_distribution,
+    speculative_sample,
+    trim_to,
+)
+from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
+
+PROMPT = [1, 40, 7, 250, 33, 12, 90]
+# the first two of the target's three layers (fewer layers, narrower FFN list): a different architecture
+SHALLOW_CONFIG = {
+    **TINY_CONFIG,
+    "num_transformer_layers": 2,
+    "num_query_heads": TINY_CONFIG["num_query_heads"][:2],
+    "num_kv_heads": TINY_CONFIG["num_kv_heads"][:2],
+    "ffn_multipliers": TINY_CONFIG["ffn_multipliers"][:2],
+}
+
+
+def _model(folder, config, weights):
+    return load_model(write_hf_checkpoint(folder, config, weights), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    return load(hf_checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def drafts(loaded, hf_checkpoint, tiny_weights, tmp_path_factory):
+    """Drafts for the tiny target: itself, a 4-bit copy, and a shallower model sharing its first layers."""
+    target, _ = loaded
+    quantized = load_model(hf_checkpoint, dtype="float32")
+    nn.quantize(quantized, group_size=32, bits=4)  # 32 divides every input width of the tiny model
+    shallow_weights = {k: v for k, v in tiny_weights.items() if "layers.2." not in k}
+    shallow = _model(tmp_path_factory.mktemp("shallow"), SHALLOW_CONFIG, shallow_weights)
+    return {"self": target, "4-bit": quantized, "shallow": shallow}
+
+
+def _tokens(steps) -> list[int]:
+    return [s.token for s in steps]
+
+
+def _plain(model, prompt, n, **kwargs) -> list[int]:
+    return _tokens(generate_step(prompt, model, max_tokens=n, **kwargs))
+
+
+# ---- greedy exactness --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["self", "4-bit", "shallow"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_with_a_draft_model_equals_plain_greedy(loaded, drafts, name, k):
+    target, _ = loaded
+    for processors in ([], make_logits_processors(1.3)):
+        steps = list(generate_step(PROMPT, target, max_tokens=30, draft_model=drafts[name], num_draft_tokens=k,
+                                   logits_processors=processors))
+        assert _tokens(steps) == _plain(target, PROMPT, 30, logits_processors=processors)
+        last = steps[-1]
+        assert last.last and last.accepted_tokens == sum(s.from_draft for s in steps)
+        assert last.target_forward_passes + last.accepted_tokens == 30  # each pass adds one token of its own
+        if name == "self":
+            assert last.accepted_tokens == last.drafted_tokens > 0
+    assert 0 < last.accepted_tokens <= last.drafted_tokens
+
+
+def test_prompt_lookup_on_a_repetitive_prompt_equals_plain_greedy(loaded):
+    target, _ = loaded
+    prompt = [1] + [40, 7, 250, 33, 12, 90, 17, 5] * 4
+    for lookup, ngram in ((10, 2), (3, 1), (10, 3)):
+        steps = list(generate_step(prompt, target, max_tokens=40, prompt_lookup=lookup, prompt_lookup_ngram=ngram))
+        assert _tokens(steps) == _plain(target, prompt, 40)
+        assert steps[-1].accepted_tokens > 0  # the model repeats itself: copies get accepted
+
+
+@pytest.mark.parametrize("mode", [{"draft": "self"}, {"draft": "shallow"}, {"prompt_lookup": 4}])
+def test_exact_across_the_cache_growth_boundary(loaded, drafts, mode):
+    target, _ = loaded
+    prompt = [1] + [(7 * i) % 300 + 3 for i in range(248)]  # the caches grow past 256 positions while decoding
+    kwargs = {"draft_model": drafts[mode["draft"]]} if "draft" in mode else mode
+    assert _tokens(generate_step(prompt, target, max_tokens=20, **kwargs)) == _plain(target, prompt, 20)
+
+
+def test_exact_up_to_the_end_of_the_context(tmp_path, tiny_weights):
+    config = {**TINY_CONFIG, "max_context_length": 24}
+    target = _model(tmp_path / "t", config, tiny_weights)
+    shallow = _model(tmp_path / "s", {**SHALLOW_CONFIG, "max_context_length": 24},
+                     {k: v for k, v in tiny_weights.items() if "layers.2." not in k})
+    expected = _plain(target, PROMPT, 100)
+    assert len(expected) == 24 - len(PROMPT) + 1
+    for kwargs in ({"draft_model": target, "num_draft_tokens": 8}, {"draft_model": shallow, "num_draft_tokens": 5},
+                   {"prompt_lookup": 10}):
+        steps = list(generate_step(PROMPT, target, max_tokens=100, **kwargs))
+        assert _tokens(steps) == expected
+        assert [s.last for s in steps].index(True) == len(steps) - 1
+
+
+def test_cache_continues_like_plain_decoding(loaded, drafts):
+    target, _ = loaded
+    cache, draft_cache = make_cache(target), make_cache(target)
+    first = _tokens(generate_step(PROMPT, target, max_tokens=6, cache=cache, draft_model=target,
+                                  draft_cache=draft_cache))
+    # both caches hold exactly the tokens before the last one handed out (as after plain decoding)
+    assert cache[0].offset == draft_cache[0].offset == len(PROMPT) + 5
+    second = _tokens(generate_step([first[-1], 99, 3], target, max_tokens=8, cache=cache, draft_model=target,
+                                   draft_cache=draft_cache))
+    assert second == _plain(target, PROMPT + first + [99, 3], 8)
+
+
+# ---- sampling ----------------------------------------------------------------------------------
+
+
+def test_sampling_with_a_self_draft_accepts_every_proposal(loaded):
+    """p == q when the draft is the target: any error in the drafted distributions (temperature, masks,
+    repetition-penalty history) would show up as rejections."""
+    target, _ = loaded
+    sampler = make_sampler(temp=0.8, top_k=50, top_p=0.95, seed=3)
+    steps = list(generate_step(PROMPT, target, max_tokens=30, draft_model=target, sampler=sampler,
+                               logits_processors=make_logits_processors(1.2)))
+    # 7 passes of 3 proposals + 1 own token, then one of 1 + 1 for the last two places of the budget
+    assert steps[-1].accepted_tokens == steps[-1].drafted_tokens == 22
+    assert steps[-1].target_forward_passes == 8
+
+
+def test_seeded_speculative_sampling_is_reproducible(loaded, drafts):
+    target, _ = loaded
+    runs = [
+        _tokens(generate_step(PROMPT, target, max_tokens=20, draft_model=drafts["shallow"],
+                              sampler=make_sampler(temp=1.0, seed=seed)))
+        for seed in (5, 5, 6)
+    ]
+    assert runs[0] == runs[1] != runs[2]
+
+
+def test_acceptance_probability_is_min_of_one_and_the_ratio():
+    p = mx.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    q = mx.array([[0.2, 0.6, 0.2], [0.5, 0.25, 0.25]])
+    accept = acceptance_probabilities(p, q, mx.array([1, 2]))
+    np.testing.assert_allclose(np.array(accept), [0.5, 1.0], rtol=1e-6)
+    accept = acceptance_probabilities(p, q, mx.array([0, 0]))
+    np.testing.assert_allclose(np.array(accept), [1.0, 0.2], rtol=1e-6)
+
+
+def test_count_accepted_stops_at_the_first_rejection():
+    probs = mx.array([0.5, 0.5, 0.5, 0.5])
+    assert count_accepted(probs, mx.array([0.1, 0.2, 0.9, 0.1])).item() == 2
+    assert count_accepted(probs, mx.array([0.7, 0.1, 0.1, 0.1])).item() == 0
+    assert count_accepted(probs, mx.array([0.1, 0.1, 0.1, 0.1])).item() == 4
+
+
+def test_residual_is_the_normalised_positive_part_of_p_minus_q():
+    p = mx.array([0.5, 0.3, 0.2, 0.0])
+    q = mx.array([0.2, 0.6, 0.1, 0.1])
+    np.testing.assert_allclose(np.array(residual_distribution(p, q)), [0.75, 0.0, 0.25, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(np.array(residual_distribution(p, p)), np.array(p))  # nothing left: p itself
+
+
+@pytest.mark.parametrize("proposal", ["drawn from q", "point mass (prompt lookup)"])
+def test_speculative_sampling_gives_the_target_distribution(proposal):
+    """First and second tokens of 200,000 rounds in one batched call: their frequencies match the
+    target's distributions, whatever q proposed (5-sigma bounds, sigma <= 0.0012)."""
+    n, vocab = 200_000, 5
+    p = mx.array([[0.05, 0.4, 0.1, 0.3, 0.15], [0.3, 0.1, 0.2, 0.2, 0.2], [0.6, 0.1, 0.1, 0.1, 0.1]])
+    q = mx.array([[0.3, 0.1, 0.4, 0.1, 0.1], [0.0, 0.1, 0.6, 0.1, 0.2]])
+    key = mx.random.key(0)
+    if proposal == "drawn from q":
+        proposals = mx.random.categorical(mx.log(mx.broadcast_to(q, (n, 2, vocab))), key=key)
+    else:
+        proposals = mx.broadcast_to(mx.array([2, 0]), (n, 2))
+        q = (mx.arange(vocab)[None] == mx.array([2, 0])[:, None]).astype(mx.float32)
+    accepted, token = speculative_sample(mx.broadcast_to(p, (n, 3, vocab)), mx.broadcast_to(q, (n, 2, vocab)),
+                                         proposals, key=mx.random.key(1))
+    accepted, token, proposals = np.array(accepted), np.array(token), np.array(proposals)
+    first = np.where(accepted >= 1, proposals[:, 0], token)
+    np.testing.assert_allclose(np.bincount(first, minlength=vocab) / n, np.array(p[0]), atol=0.006)
+    # given the first proposal was accepted, the second token follows p[1]
+    kept = accepted >= 1
+    second = np.where(accepted[kept] >= 2, proposals[kept, 1], token[kept])
+    np.testing.assert_allclose(np.bincount(second, minlength=vocab) / kept.sum(), np.array(p[1]), atol=0.01)
+
+
+# ---- cache rollback -----------------------------------------------------------------------------
+
+
+def test_random_propose_and_accept_leaves_the_cache_of_the_accepted_tokens(loaded):
+    target, _ = loaded
+    rng = np.random.default_rng(0)
+    cache = make_cache(target)
+    kept = [int(t) for t in rng.integers(3, 384, 5)]
+    target(mx.array(kept[:-1])[None], cache=cache)
+    while len(kept) < 300:  # past the 256-position growth step
+        proposals = [int(t) for t in rng.integers(3, 384, rng.integers(0, 7))]
+        target(mx.array(kept[-1:] + proposals)[None], cache=cache)
+        n = int(rng.integers(0, len(proposals) + 1))
+        kept += proposals[:n] + [int(rng.integers(3, 384))]
+        trim_to(cache, len(kept) - 1)
+        mx.eval([c.state for c in cache])
+    reference = make_cache(target)
+    target(mx.array(kept[:-1])[None], cache=reference)
+    for ours, theirs in zip(cache, reference):
+        assert ours.offset == theirs.offset == len(kept) - 1
+        for a, b in zip(ours.state, theirs.state):
+            np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-5)
+
+
+# ---- draft compatibility ------------------------------------------------------------------------
+
+
+def test_a_draft_with_another_vocabulary_is_refused(loaded, tmp_path):
+    target, _ = loaded
+    config = {**TINY_CONFIG, "vocab_size": 400}
+    other = _model(tmp_path / "v400", config, random_weights(config))
+    with pytest.raises(ConfigError, match="vocabulary has 400 tokens, the target's 384"):
+        list(generate_step(PROMPT, target, draft_model=other))
+
+
+def test_padded_corenet_vocabulary_is_matched_on_the_shared_ids(tmp_path):
+    """A 32128-row (CoreNet-padded) copy drafts for the 32000-token model and the other way round."""
+    small = {**TINY_CONFIG, "vocab_size": 32000, "num_transformer_layers": 1, "num_query_heads": [4],
+             "num_kv_heads": [1], "ffn_multipliers": [0.5]}
+    padded = {**small, "vocab_size": 32128}
+    weights = random_weights(padded)
+    unpadded = {**weights, "transformer.token_embeddings.weight": weights["transformer.token_embeddings.weight"][:32000]}
+    model_32000 = _model(tmp_path / "a", small, unpadded)
+    model_32128 = _model(tmp_path / "b", padded, weights)
+    for target, draft in ((model_32000, model_32128), (model_32128, model_32000)):
+        steps = list(generate_step(PROMPT, target, max_tokens=8, draft_model=draft))
+        assert _tokens(steps) == _plain(target, PROMPT, 8)
+        assert steps[-1].drafted_tokens > 0
+    logits = mx.zeros((1, 32000))
+    assert match_vocab(logits, 32128)[0, 32000:].tolist() == [-float("inf")] * 128
+    assert match_vocab(mx.zeros((2, 32128)), 32000).shape == (2, 32000)
+
+
+def test_bad_speculative_options(loaded):
+    target, _ = loaded
+    with pytest.raises(ValueError, match="either draft_model or prompt_lookup"):
+        list(generate_step(PROMPT, target, draft_model=target, prompt_lookup=5))
+    with pytest.raises(ValueError, match="num_draft_tokens must be >= 1"):
+        list(generate_step(PROMPT, target, draft_model=target, num_draft_tokens=0))
+    with pytest.raises(ValueError, match="prompt_lookup must be >= 0"):
+        list(generate_step(PROMPT, target, prompt_lookup=-1))
+    cache = make_cache(target)
+    list(generate_step(PROMPT, target, max_tokens=2, cache=cache))
+    with pytest.raises(ValueError, match="needs the draft_cache"):
+        list(generate_step([5], target, cache=cache, draft_model=target))
+
+
+def test_prompt_lookup_follows_hugging_face():
+    context = [5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 6, 7]
+    assert find_lookup_tokens(context, 3) == [8, 9, 5]  # first earlier "6 7"
+    assert find_lookup_tokens(context, 10) == [8, 9, 5, 6, 7, 1, 2, 6, 7]  # not past the end
+    assert find_lookup_tokens([4, 1, 2, 9, 3, 2], 2) == [9, 3]  # no bigram match: the unigram "2"
+    assert find_lookup_tokens([4, 1, 2, 9, 3, 2], 2, max_ngram_size=1) == [9, 3]
+    assert find_lookup_tokens([1, 2, 3], 4) == []
+    assert find_lookup_tokens([7], 4) == []
+
+
+# ---- responses and chat -------------------------------------------------------------------------
+
+
+def test_responses_carry_the_acceptance_statistics(loaded):
+    target, tokenizer = loaded
+    responses = list(stream_generate(target, tokenizer, PROMPT, max_tokens=12, draft_model=target,
+                                     num_draft_tokens=3))
+    last = responses[-1]
+    assert last.finish_reason == "length" and last.generation_tokens == 12
+    assert last.drafted_tokens == last.accepted_tokens == 9 and last.acceptance_rate == 1.0
+    assert last.target_forward_passes == 3
+    assert [r.from_draft for r in responses] == [True, True, True, False] * 3
+    plain = list(stream_generate(target, tokenizer, PROMPT, max_tokens=5))[-1]
+    assert (plain.drafted_tokens, plain.acceptance_rate, plain.target_forward_passes) == (0, None, 5)
+
+
+def test_chat_with_a_draft_reuses_both_caches_and_says_what_plain_chat_says(loaded, drafts):
+    target, tokenizer = loaded
+    processors = make_logits_processors(1.2)
+    plain = ChatSession(target, tokenizer, system="Be brief.")
+    drafted = ChatSession(target, tokenizer, system="Be brief.", draft_model=drafts["shallow"])
+    for text in ("Hello there", "What is MLX?", "Thanks"):
+        expected = [r.token for r in plain.send(text, max_tokens=10, logits_processors=processors)]
+        got = [r.token for r in drafted.send(text, max_tokens=10, logits_processors=processors)]
+        assert got == expected
+        assert drafted.last_prefill_tokens <= plain.last_prefill_tokens + 2  # the draft may lag a token or two
+        assert drafted.draft_cache[0].offset == drafted.cache[0].offset == len(drafted.cached_ids)
