@@ -116,11 +116,11 @@ def _preset(item: str) -> str:
 @click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB/s",
               help="Peak memory bandwidth of this machine (default: known Apple M-series chips only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and prompt.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("--json", "json_path", default=None, metavar="PATH",
               help="Write every configuration and trial, the machine and the settings as JSON.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("--csv", "csv_path", default=None, metavar="PATH",
               help="Write one CSV line per trial.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+@click.option("--plot", "plot_path", default=None, metavar="PATH",
               help="Draw generation tok/s per configuration to a PNG (needs matplotlib).")
 @user_errors
 def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generation_tokens, trials, warmup,

@@ -7,9 +7,12 @@ of library warnings. Nothing here imports MLX at import time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +22,7 @@ import click
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
-# ---- errors and notes ------------------------------------------------------------
+# ---- errors, warnings, signals and notes ------------------------------------------------------------
 
 def note(message: str) -> None:
     """A dim one-line notice on stderr."""
@@ -35,71 +38,98 @@ def os_error_message(error: OSError) -> str:
 
 
 def user_errors(fn):
-    """Turn mlx-openelm's own errors, bad values and OS errors on a named file into a
-    one-line `Error:` and exit 1. Library warnings show as one-line `warning:` notes."""
+    """Run a command the way every subcommand runs: mlx-openelm's own errors, bad values
+    and OS errors on a named file become a one-line `Error:` and exit 1; library warnings
+    show as one-line `warning:` notes; SIGTERM/SIGHUP end the command like an exception
+    (cleanup runs, exit status 128 + signal number, no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from .errors import OpenELMError
 
-        show_warnings()
-        try:
-            return fn(*args, **kwargs)
-        except (OpenELMError, ValueError) as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
-                raise
-            raise click.ClickException(os_error_message(e)) from None
+        with warnings_as_notes(), signals_as_exit():
+            try:
+                return fn(*args, **kwargs)
+            except (OpenELMError, ValueError) as e:
+                raise click.ClickException(str(e)) from None
+            except OSError as e:
+                if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
+                    raise
+                raise click.ClickException(os_error_message(e)) from None
 
     return wrapper
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
-
-
-def show_warnings() -> None:
-    """Show `OpenELMWarning`s as one-line `warning: ...` notes on stderr, each once.
-
-    Installed process-wide (the CLI owns the process); other warnings keep Python's format.
-    """
+@contextlib.contextmanager
+def warnings_as_notes():
+    """Within the block, each distinct `OpenELMWarning` prints once as `warning: MESSAGE`
+    on stderr (no source line); other warnings keep Python's format."""
     from .errors import OpenELMWarning
 
-    if getattr(warnings.formatwarning, "_mlx_openelm", False):
+    with warnings.catch_warnings():
+        plain = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, OpenELMWarning):
+                click.echo(f"warning: {message}", err=True)
+            else:
+                plain(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        warnings.simplefilter("once", OpenELMWarning)
+        yield
+
+
+class Terminated(SystemExit):
+    """Raised by SIGTERM/SIGHUP inside a command (exit status 128 + the signal number)."""
+
+
+@contextlib.contextmanager
+def signals_as_exit():
+    """Within the block, SIGTERM and SIGHUP raise `Terminated`, so `finally` blocks and
+    context managers clean up as they do for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    plain = warnings.formatwarning
 
-    def formatwarning(message, category, filename, lineno, line=None):
-        if issubclass(category, OpenELMWarning):
-            return _format_warning(message, category, filename, lineno, line)
-        return plain(message, category, filename, lineno, line)
+    def terminate(signum, frame):
+        raise Terminated(128 + signum)
 
-    formatwarning._mlx_openelm = True
-    warnings.formatwarning = formatwarning
-    warnings.filterwarnings("once", category=OpenELMWarning)
+    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    previous = {name: signal.signal(getattr(signal, name), terminate) for name in names}
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def check_output_path(path: str | None, option: str) -> Path | None:
-    """Fail before any work when `path` cannot be written: its folder must exist and be
-    writable, and the path must not be a folder. Returns the path (None stays None)."""
+    """Fail before any work when `path` cannot be written (missing or special folder,
+    no permission, a folder in the way), by creating and removing a scratch file beside
+    it: the real test, for root and read-only file systems too. None stays None."""
     import os
+    import tempfile
 
     if path is None:
         return None
     target = Path(path)
-    parent = target.parent if str(target.parent) else Path(".")
-    problem = None
-    if target.is_dir():
-        problem = "is a folder"
-    elif not parent.is_dir():
-        problem = f"folder {parent} does not exist" if not parent.exists() else f"{parent} is not a folder"
-    elif target.exists() and not target.is_file():
-        problem = "is not a regular file"
-    elif not os.access(parent if not target.exists() else target, os.W_OK):
-        problem = "permission denied (not writable)"
-    if problem:
-        raise click.BadParameter(f"{path}: {problem}", param_hint=f"'{option}'")
+    parent = target.parent
+    try:
+        if target.is_dir():
+            raise IsADirectoryError(21, "is a folder", str(target))
+        if not parent.is_dir():
+            what = "is not a folder" if parent.exists() else "does not exist"
+            raise FileNotFoundError(2, f"{parent} {what}", str(target))
+        if target.exists() and not target.is_file():  # a device such as /dev/null or /dev/stdout
+            if not os.access(target, os.W_OK):
+                raise PermissionError(13, "permission denied", str(target))
+            return target
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise click.BadParameter(f"cannot write {path}: {reason}", param_hint=f"'{option}'") from None
     return target
 
 

@@ -59,7 +59,9 @@ def test_generate_reads_the_prompt_from_stdin_and_prints_json(hf_checkpoint):
 
 def test_quiet_prints_only_text(hf_checkpoint):
     result = _run(["generate", "--model", str(hf_checkpoint), "--prompt", "hi", "-m", "3", "--quiet"])
-    assert result.exit_code == 0 and result.stderr == ""
+    assert result.exit_code == 0 and result.stdout.count("\n") == 1
+    # no loading line, no statistics: only library warnings (the tiny test tokenizer is short of the vocab)
+    assert all(line.startswith("warning: ") for line in result.stderr.splitlines())
 
 
 @pytest.mark.parametrize(

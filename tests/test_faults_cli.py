@@ -1,0 +1,236 @@
+"""Fault injection through the real `mlx-openelm` process: bad flags, paths and bytes,
+signals. Each case asserts the exit status, the one-line message and no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import click
+import pytest
+from click.testing import CliRunner
+from test_bench import BENCH_CONFIG
+
+from mlx_openelm import generate, load, make_logits_processors
+from mlx_openelm.cli_common import user_errors
+
+
+def cli(*args, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlx_openelm.cli", *map(str, args)], input=input,
+                          capture_output=True, timeout=timeout, check=False)
+
+
+def text(stream: bytes) -> str:
+    return stream.decode("utf-8", errors="replace")
+
+
+def assert_clean(proc, code: int, *words: str) -> str:
+    err = text(proc.stderr)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "Traceback" not in text(proc.stdout)
+    for word in words:
+        assert word in err, (word, err)
+    return err
+
+
+def warning_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning: ")]
+
+
+# ---- output locations are checked before any work -----------------------------------------
+
+@pytest.fixture(scope="module")
+def bench_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("faults") / "config.json"
+    path.write_text(json.dumps(BENCH_CONFIG))
+    return path
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv", "--plot"])
+@pytest.mark.parametrize("where, reason", [
+    ("/dev/null/out", "/dev/null is not a folder"),
+    ("/proc/out", "cannot write /proc/out"),
+    ("{tmp}/missing/out", "missing does not exist"),
+    ("{tmp}", "is a folder"),
+])
+def test_bench_output_paths_fail_before_the_benchmark(bench_config, tmp_path, option, where, reason):
+    path = where.format(tmp=tmp_path)
+    proc = cli("bench", "--preset", bench_config, "--trials", 1, option, path)
+    err = assert_clean(proc, 2, option, path, reason)
+    assert "building" not in err  # no model was built, no trial ran
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"Error: Invalid value for '{option}': cannot write {path}")
+
+
+def test_bench_writes_to_a_device(bench_config):
+    proc = cli("bench", "--preset", bench_config, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
+               "--generation-tokens", 2, "--json", "/dev/null")
+    assert_clean(proc, 0, "wrote /dev/null")
+
+
+def test_an_os_error_on_a_named_file_is_one_line_and_other_os_errors_keep_their_traceback(tmp_path):
+    @click.command()
+    @click.argument("kind")
+    @user_errors
+    def command(kind):
+        if kind == "file":
+            (tmp_path / "no" / "such" / "file").write_text("x")
+        raise OSError(5, "Input/output error")
+
+    result = CliRunner().invoke(command, ["file"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"Error: {tmp_path}/no/such/file: No such file or directory"
+    result = CliRunner().invoke(command, ["other"])
+    assert isinstance(result.exception, OSError)  # not about a user's file: a bug, shown as one
+
+
+# ---- bytes that are not UTF-8 -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    return load(hf_checkpoint)
+
+
+def expected_text(loaded, prompt: str, max_tokens: int) -> str:
+    model, tokenizer = loaded
+    return generate(model, tokenizer, prompt, max_tokens=max_tokens, logits_processors=make_logits_processors(1.2))
+
+
+def test_invalid_bytes_in_the_prompt_argument_are_replaced_and_said_once(hf_checkpoint, loaded):
+    prompt = b"caf\xe9 and \xff\xfe bytes"
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"mlx_openelm.cli", b"generate", b"--model",
+                           str(hf_checkpoint).encode(), b"-p", prompt, b"-m", b"4", b"-q"],
+                          capture_output=True, timeout=120, check=False)
+    err = assert_clean(proc, 0)
+    notes = [line for line in warning_lines(err) if "UTF-8" in line]
+    assert notes == ["warning: --prompt is not valid UTF-8; invalid bytes replaced with U+FFFD"]
+    assert text(proc.stdout) == expected_text(loaded, "caf\ufffd and \ufffd\ufffd bytes", 4) + "\n"
+
+
+def test_invalid_bytes_on_stdin_are_replaced_and_said_once(hf_checkpoint, loaded):
+    proc = cli("generate", "--model", hf_checkpoint, "-p", "-", "-m", "4", "-q", input=b"Once \xc3 upon\xff a time")
+    err = assert_clean(proc, 0)
+    assert [line for line in warning_lines(err) if "UTF-8" in line] == [
+        "warning: the prompt (stdin) is not valid UTF-8; invalid bytes replaced with U+FFFD"]
+    assert text(proc.stdout) == expected_text(loaded, "Once \ufffd upon\ufffd a time", 4) + "\n"
+
+
+def test_chat_survives_invalid_bytes_and_says_so_once(hf_checkpoint):
+    proc = cli("chat", "--model", hf_checkpoint, "-m", "3", input=b"hello\n\xff\xfe bad\nagain \xc3\nbye\n")
+    err = assert_clean(proc, 0)
+    assert [line for line in warning_lines(err) if "UTF-8" in line] == [
+        "warning: a chat line is not valid UTF-8; invalid bytes replaced with U+FFFD"]
+    assert sum("tok/s" in line for line in err.splitlines()) == 4  # every line got its reply
+
+
+# ---- library warnings: one line each, once ---------------------------------------------------
+
+def test_library_warnings_are_one_line_notes_shown_once(hf_checkpoint, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(hf_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "bogus_key": 1}))
+    proc = cli("chat", "--model", folder, "-m", "2", "-q", input=b"hi\nhi again\n")
+    err = assert_clean(proc, 0)
+    lines = warning_lines(err)
+    assert sum("unknown config keys ['bogus_key']" in line for line in lines) == 1
+    assert sum("fewer than the model's vocab_size" in line for line in lines) == 1  # the tiny test tokenizer
+    assert "OpenELMWarning" not in err and "warnings.warn" not in err and ".py:" not in err
+
+
+def test_half_precision_with_a_quantized_model_on_cpu_warns_once(hf_checkpoint, tmp_path):
+    import mlx.core as mx
+
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the warning is about MLX's CPU backend")
+    out = tmp_path / "q4"
+    assert_clean(cli("convert", "--hf-path", hf_checkpoint, "--mlx-path", out, "--bits", 4, "--group-size", 32,
+                     "--no-eval"), 0)
+    proc = cli("generate", "--model", out, "--dtype", "float16", "-p", "hi", "-m", 2)
+    lines = [line for line in warning_lines(assert_clean(proc, 0)) if "quantized model is very slow" in line]
+    assert lines == ["warning: float16 with a quantized model is very slow on MLX's CPU backend "
+                     "(about 50x slower than float32, the default here)"]
+
+
+# ---- bad flags and paths ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, code, words", [
+    (["generate", "--model", "{ckpt}", "-p", "hi", "--max-tokens", "many"], 2, ["--max-tokens", "many"]),
+    (["generate", "--model", "{tmp}/nothing", "-p", "hi"], 1, ["Error: ", "nothing: model folder not found"]),
+    (["chat", "--model", "{ckpt}", "--top-p", "2"], 2, ["--top-p"]),
+    (["chat", "--model", "{ckpt}", "--tokenizer", "{tmp}/none.model"], 1, ["none.model: tokenizer file not found"]),
+    (["bench", "--preset", "270M", "--bits", "3"], 2, ["--bits", "3 bits"]),
+    (["nonsense"], 2, ["No such command 'nonsense'"]),
+])
+def test_bad_flags_and_paths(hf_checkpoint, tmp_path, args, code, words):
+    args = [a.format(ckpt=hf_checkpoint, tmp=tmp_path) for a in args]
+    err = assert_clean(cli(*args, input=b""), code, *words)
+    if code == 1:
+        assert err.strip().splitlines()[-1].startswith("Error: ")
+
+
+# ---- signals ----------------------------------------------------------------------------------
+
+def start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mlx_openelm.cli", *map(str, args)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_output(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Block until the process has written its first bytes to stdout (it is generating)."""
+    deadline = time.monotonic() + timeout
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        if proc.stdout.read(1):
+            return
+        assert proc.poll() is None, text(proc.stderr.read())
+        time.sleep(0.02)
+    raise AssertionError("no output")
+
+
+def finish(proc: subprocess.Popen, input: bytes = b"") -> tuple[int, str]:
+    os.set_blocking(proc.stdout.fileno(), True)
+    _, err = proc.communicate(input, timeout=60)
+    return proc.returncode, text(err)
+
+
+@pytest.mark.parametrize("signum, code, words", [
+    (signal.SIGINT, 1, "Aborted!"),
+    (signal.SIGTERM, 128 + signal.SIGTERM, ""),
+])
+def test_a_signal_during_generate_stops_it_cleanly(hf_checkpoint, signum, code, words):
+    proc = start("generate", "--model", hf_checkpoint, "-p", "Once upon a time", "-m", 2000, "--repetition-penalty", 1)
+    wait_for_output(proc)
+    proc.send_signal(signum)
+    returncode, err = finish(proc)
+    assert returncode == code, err
+    assert "Traceback" not in err and words in err
+    assert "generation: 2000 tokens" not in err  # it stopped early
+
+
+def test_sigterm_ends_a_waiting_chat_cleanly(hf_checkpoint):
+    proc = start("chat", "--model", hf_checkpoint, "-m", 2, "-q")
+    proc.stdin.write(b"hi\n")
+    proc.stdin.flush()
+    wait_for_output(proc)  # the first reply came; the chat now waits for the next line
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    returncode, err = finish(proc)
+    assert returncode == 128 + signal.SIGTERM and "Traceback" not in err
+
+
+def test_sigint_during_a_chat_reply_keeps_the_chat(hf_checkpoint):
+    proc = start("chat", "--model", hf_checkpoint, "-m", 600, "--repetition-penalty", 1)
+    proc.stdin.write(b"tell me everything\n")
+    proc.stdin.flush()
+    wait_for_output(proc)
+    proc.send_signal(signal.SIGINT)
+    returncode, err = finish(proc, b"and now briefly\n")
+    assert returncode == 0 and "Traceback" not in err
+    assert "[interrupted: the reply so far stays in the conversation]" in err
+    assert sum("tok/s" in line for line in err.splitlines()) == 1  # the second reply completed
