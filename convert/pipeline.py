@@ -17,6 +17,7 @@ import mlx.core as mx
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError
+from mlx_openelm.hf_files import write_tokenizer_files
 from mlx_openelm.hub import resolve_tokenizer
 from mlx_openelm.loading import DTYPE_NAMES, fp16_is_safe, parse_dtype
 from mlx_openelm.quantization import QuantizationPlan, check_options, plan_quantization
@@ -89,6 +90,7 @@ def convert(
         report.output, report.bits, report.recipe = str(target), default_bits, recipe
         if tokenizer_path is not None:
             copy_tokenizer(tmp, tokenizer_path)
+            write_tokenizer_files(tmp, args.max_context_length)  # so transformers and mlx-lm open it too
             report.tokenizer = str(tokenizer_path)
         out_config = model_config(args, out_dtype, plan.quantization if plan else None)
         if evaluate:

@@ -193,9 +193,9 @@ def sampling_options(fn):
 def model_options(fn):
     """`--model`, `--tokenizer` and `--dtype`."""
     return _apply([
-        click.option("--model", "model_path", required=True,
-                     help="Model folder (HF OpenELM or converted MLX) or Hugging Face repo id "
-                          "(apple/OpenELM-270M-Instruct, fetched once into the HF cache)."),
+        click.option("--model", "model_path", default=None,
+                     help="Model folder (HF OpenELM or converted MLX) or Hugging Face repo id, fetched once "
+                          "into the HF cache (default: apple/OpenELM-270M-Instruct)."),
         click.option("--tokenizer", "tokenizer_path", default=None,
                      help="Llama-2 tokenizer.model, a folder holding it, or a repo id (default: the model "
                           "folder's, else $MLX_OPENELM_TOKENIZER_REPO or NousResearch/Llama-2-7b-hf)."),
@@ -215,14 +215,19 @@ def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed) 
 
 
 def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False):
-    """Resolve `--model` / `--tokenizer` (paths or Hugging Face repo ids) and load both."""
+    """Resolve `--model` / `--tokenizer` (paths or Hugging Face repo ids; no model: the default) and load both."""
     from .loading import load
 
     def log(message: str) -> None:
         if not quiet:
             click.echo(message, err=True)
 
-    log(f"Loading {model_ref} ...")
+    if model_ref is None:
+        from .hub import DEFAULT_MODEL
+
+        log(f"Loading {DEFAULT_MODEL} (the default; choose another with --model) ...")
+    else:
+        log(f"Loading {model_ref} ...")
     return load(model_ref, tokenizer=tokenizer_ref, dtype=dtype, log=log)
 
 

@@ -260,14 +260,15 @@ def _evaluate_finite(parameters: Mapping[str, Any], folder: Path) -> None:
 
 
 def load(
-    path: Union[str, Path],
+    path: Union[str, Path, None],
     tokenizer: Union[str, Path, None] = None,
     dtype: DTypeLike = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its SentencePiece tokenizer; returns `(model, tokenizer)`.
 
-    `path` is a model folder or a Hugging Face repo id (see `mlx_openelm.hub`). The
+    `path` is a model folder or a Hugging Face repo id (see `mlx_openelm.hub`; None: the
+    default, ``apple/OpenELM-270M-Instruct``). The
     tokenizer is `tokenizer` (a `tokenizer.model` file, a folder holding one, or a repo
     id), else the model folder's own `tokenizer.model`, else the default Llama-2
     tokenizer repo; when none is found the error says what to pass. `log` receives

@@ -145,3 +145,25 @@ def test_cli_error_for_an_uncached_repo_is_one_line(hf_cache):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: apple/OpenELM-nope is not in the Hugging Face cache")
     assert "Traceback" not in result.output
+
+
+def test_chat_and_generate_without_model_use_the_default(hf_cache, sharded_checkpoint, tokenizer_path):
+    cache_repo(hf_cache, DEFAULT_MODEL, {p.name: p for p in sharded_checkpoint.iterdir()})
+    cache_repo(hf_cache, DEFAULT_TOKENIZER_REPO, {"tokenizer.model": tokenizer_path})
+    runner = CliRunner()
+    chat = runner.invoke(main, ["chat", "-m", "4"], input="hi\n", catch_exceptions=False)
+    assert chat.exit_code == 0, chat.output
+    assert f"Loading {DEFAULT_MODEL} (the default" in chat.stderr and chat.stdout.count("\n") == 1
+    result = runner.invoke(main, ["generate", "-p", "Once upon a time", "-m", "6", "-q"], catch_exceptions=False)
+    model, tokenizer = load(sharded_checkpoint, tokenizer=tokenizer_path)
+    expected = generate(model, tokenizer, "Once upon a time", max_tokens=6,
+                        logits_processors=make_logits_processors(1.2))
+    assert result.exit_code == 0 and result.stdout == expected + "\n"
+
+
+def test_default_model_missing_offline_is_one_line_saying_what_to_do(hf_cache):
+    result = CliRunner().invoke(main, ["chat"], input="hi\n")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {DEFAULT_MODEL} is not in the Hugging Face cache")
+    assert f"`hf download {DEFAULT_MODEL}`" in last and "--model" in last
