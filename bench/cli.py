@@ -133,8 +133,6 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
     mlx-openelm bench --preset 270M --ablation rmsnorm
     mlx-openelm bench --model ./OpenELM-270M-Instruct --trials 5
     """
-    from .paper import PAPER_BITS, PAPER_GENERATION_TOKENS, PAPER_PROMPT_TOKENS
-
     if bool(models) == bool(presets):
         raise click.UsageError("give either --model PATH or --preset NAME (one of the two)")
     if ablation and compare:
@@ -142,15 +140,13 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
     outputs = {option: check_output_path(path, option)
                for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path))}
     _check_extras(plot_path, compare)
-    paper = protocol == "paper"
+    chosen = {"bits": [None if b == 16 else b for b in bits_list] if bits_list else None,
+              "prompt_tokens": prompt_tokens, "generation_tokens": generation_tokens}
     settings = BenchSettings(
-        models=list(models), presets=list(presets or []),
-        bits=[None if b == 16 else b for b in bits_list] if bits_list else (list(PAPER_BITS) if paper else None),
-        dtype=dtype, group_size=int(group_size),
-        prompt_tokens=prompt_tokens or [PAPER_PROMPT_TOKENS if paper else 512],
-        generation_tokens=generation_tokens or [PAPER_GENERATION_TOKENS if paper else 128],
-        trials=trials, warmup=warmup, protocol=protocol, prompt="fixed" if paper else "random",
-        ablation=ablation, compare=compare, bandwidth_gbs=bandwidth, seed=seed, command=_command_line(),
+        models=list(models), presets=list(presets or []), dtype=dtype, group_size=int(group_size), trials=trials,
+        warmup=warmup, protocol=protocol, ablation=ablation, compare=compare, bandwidth_gbs=bandwidth, seed=seed,
+        command=_command_line(),
+        **{**_protocol_defaults(protocol), **{key: value for key, value in chosen.items() if value}},
     )
     from .runner import run_benchmark
 
@@ -158,6 +154,16 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
     document["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     _print_report(document, settings)
     _write_outputs(document, outputs)
+
+
+def _protocol_defaults(protocol: str) -> dict:
+    """Settings a protocol implies unless given: the paper's are Table 7b's."""
+    if protocol != "paper":
+        return {}
+    from .paper import PAPER_BITS, PAPER_GENERATION_TOKENS, PAPER_PROMPT_TOKENS
+
+    return {"prompt": "fixed", "prompt_tokens": [PAPER_PROMPT_TOKENS],
+            "generation_tokens": [PAPER_GENERATION_TOKENS], "bits": list(PAPER_BITS)}
 
 
 def _check_extras(plot_path, compare) -> None:

@@ -51,12 +51,11 @@ def bench_config(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("option", ["--json", "--csv", "--plot"])
-@pytest.mark.parametrize("where, reason", [
-    ("/dev/null/out", "/dev/null is not a folder"),
-    ("/proc/out", "cannot write /proc/out"),
-    ("{tmp}/missing/out", "missing does not exist"),
-    ("{tmp}", "is a folder"),
+@pytest.mark.parametrize("option, where, reason", [
+    ("--json", "/dev/null/out", "/dev/null is not a folder"),
+    ("--json", "/proc/out", "cannot write /proc/out"),
+    ("--csv", "{tmp}/missing/out", "missing does not exist"),
+    ("--plot", "{tmp}", "is a folder"),
 ])
 def test_bench_output_paths_fail_before_the_benchmark(bench_config, tmp_path, option, where, reason):
     path = where.format(tmp=tmp_path)
