@@ -6,10 +6,11 @@ This module does not import MLX, so the CLI can read and validate configs
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import math
+import reprlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -30,6 +31,57 @@ _INERT_KEYS = {
     "quantization",  # read by the loader, not by the architecture
     "quantization_config",  # mlx-lm writes a copy of "quantization" under this name
 }
+
+# Keys that name a fixed part of the architecture: the values this project implements.
+_FIXED_KEYS = {
+    "activation_fn_name": ("swish", "silu"),
+    "normalization_layer_name": ("rms_norm",),
+}
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """How one config.json key is read: its type, default and allowed range."""
+
+    kind: type  # int, float or bool; for a list key, the type of its entries
+    default: Any = _REQUIRED  # None: derived from other keys when absent
+    low: float = 1  # smallest allowed value (of each entry of a list key)
+    high: float = math.inf  # largest allowed value
+    low_open: bool = False  # `low` itself is not allowed
+    is_list: bool = False
+
+
+# Every key the architecture reads, with its bounds. The upper bounds sit far above the
+# largest published OpenELM (3B: 36 layers, model_dim 3072, head_dim 128, 24 query heads,
+# FFN width 12288, vocab 32128 in CoreNet checkpoints, context 2048): they exist so a typo or
+# a hostile file fails here, naming the key, instead of hanging while the model is built
+# (100000 layers) or overflowing inside MLX (a vocab_size of 10**12).
+KEYS: dict[str, Key] = {
+    "num_transformer_layers": Key(int, high=1024),
+    "model_dim": Key(int, high=65536),
+    "head_dim": Key(int, high=4096),
+    "vocab_size": Key(int, high=2**21),
+    "num_query_heads": Key(int, None, high=1024, is_list=True),
+    "num_kv_heads": Key(int, None, high=1024, is_list=True),
+    "ffn_multipliers": Key(float, low=0, high=64, low_open=True, is_list=True),
+    "qkv_multipliers": Key(float, (0.5, 1.0), low=0, high=64, low_open=True, is_list=True),
+    "num_gqa_groups": Key(int, 4, high=1024),
+    "ffn_dim_divisor": Key(int, 256, high=65536),
+    "ffn_with_glu": Key(bool, True),
+    "normalize_qk_projections": Key(bool, True),
+    "share_input_output_layers": Key(bool, True),
+    "rope_freq_constant": Key(float, 10000.0, low=0, high=1e12, low_open=True),
+    "rope_max_length": Key(int, 4096, high=2**24),
+    "max_context_length": Key(int, 2048, high=2**24),
+    "bos_token_id": Key(int, 1, low=0, high=2**21 - 1),  # and below vocab_size
+    "eos_token_id": Key(int, 2, low=0, high=2**21 - 1),
+}
+# The widest projection any layer may have (q/k/v rows, attention output, FFN), derived from
+# the keys above; 3B's widest is its 12288-wide FFN.
+MAX_LAYER_WIDTH = 2**18
 
 
 def make_divisible(value: float, divisor: int, min_value: Optional[int] = None) -> int:
@@ -75,7 +127,6 @@ class ModelArgs:
     bos_token_id: int = 1
     eos_token_id: int = 2
     model_type: str = "openelm"
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # ---- derived per-layer sizes -------------------------------------------------
     @property
@@ -102,7 +153,12 @@ class ModelArgs:
     # ---- construction -------------------------------------------------------------
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], source: str = "config.json") -> "ModelArgs":
-        """Build and validate from a config.json dict. Errors name `source` and the key."""
+        """Build and validate from a config.json dict. Errors name `source` and the key.
+
+        Three steps: read each key with its type and bounds (`KEYS`), derive the per-layer
+        lists a CoreNet-style config leaves out, then check the layers against each other.
+        Unknown keys are ignored with an `OpenELMWarning`.
+        """
 
         def fail(msg: str) -> ConfigError:
             return ConfigError(f"{source}: {msg}")
@@ -111,121 +167,24 @@ class ModelArgs:
             raise fail("expected a JSON object")
         model_type = config.get("model_type")
         if model_type != "openelm":
-            raise fail(f"'model_type' is {model_type!r}, expected 'openelm' (is this an OpenELM checkpoint?)")
-
-        def get(key: str, kind: type, default: Any = dataclasses.MISSING) -> Any:
-            if key not in config or config[key] is None:
-                if default is dataclasses.MISSING:
-                    raise fail(f"missing required key '{key}'")
-                return default
-            value = config[key]
-            if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if kind is int and isinstance(value, float) and value.is_integer():
-                return int(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise fail(f"'{key}' must be {kind.__name__}, got {value!r}")
-            return value
-
-        num_layers = get("num_transformer_layers", int)
-        model_dim = get("model_dim", int)
-        head_dim = get("head_dim", int)
-        num_gqa_groups = get("num_gqa_groups", int, 4)
-        ffn_dim_divisor = get("ffn_dim_divisor", int, 256)
-        for key, value in [
-            ("num_transformer_layers", num_layers),
-            ("model_dim", model_dim),
-            ("head_dim", head_dim),
-            ("num_gqa_groups", num_gqa_groups),
-            ("ffn_dim_divisor", ffn_dim_divisor),
-        ]:
-            if value <= 0:
-                raise fail(f"'{key}' must be positive, got {value}")
-
-        qkv_multipliers = _number_list(config.get("qkv_multipliers", [0.5, 1.0]), "qkv_multipliers", fail)
-        if "num_query_heads" in config:
-            num_query_heads = _int_list(config["num_query_heads"], "num_query_heads", fail)
-        else:
-            # CoreNet form: attention width scaled linearly (multipliers rounded to 2 places).
-            if len(qkv_multipliers) != 2:
-                raise fail("'num_query_heads' is missing and 'qkv_multipliers' is not a [min, max] pair")
-            widths = [
-                make_divisible(model_dim * m, head_dim * num_gqa_groups)
-                for m in _linspace(qkv_multipliers[0], qkv_multipliers[1], num_layers, decimals=2)
-            ]
-            num_query_heads = [w // head_dim for w in widths]
-        if "num_kv_heads" in config:
-            num_kv_heads = _int_list(config["num_kv_heads"], "num_kv_heads", fail)
-        else:
-            num_kv_heads = [q // num_gqa_groups for q in num_query_heads]
-
-        if "ffn_multipliers" not in config:
-            raise fail("missing required key 'ffn_multipliers'")
-        ffn_multipliers = _number_list(config["ffn_multipliers"], "ffn_multipliers", fail)
-        if len(ffn_multipliers) == 2 and num_layers != 2:
-            ffn_multipliers = _linspace(ffn_multipliers[0], ffn_multipliers[1], num_layers, decimals=2)
-        elif len(ffn_multipliers) == 1 and num_layers != 1:
-            ffn_multipliers = ffn_multipliers * num_layers
-
-        for key, values in [
-            ("num_query_heads", num_query_heads),
-            ("num_kv_heads", num_kv_heads),
-            ("ffn_multipliers", ffn_multipliers),
-        ]:
-            if len(values) != num_layers:
-                raise fail(f"'{key}' has {len(values)} entries but 'num_transformer_layers' is {num_layers}")
-        for i, (q, kv) in enumerate(zip(num_query_heads, num_kv_heads)):
-            if q <= 0 or kv <= 0:
-                raise fail(f"layer {i}: 'num_query_heads' and 'num_kv_heads' must be positive, got {q} and {kv}")
-            if q % kv:
-                raise fail(f"layer {i}: 'num_query_heads' ({q}) is not divisible by 'num_kv_heads' ({kv})")
-        for i, m in enumerate(ffn_multipliers):
-            if m <= 0:
-                raise fail(f"layer {i}: 'ffn_multipliers' entry must be positive, got {m}")
-
-        activation = config.get("activation_fn_name", "swish")
-        if activation not in ("swish", "silu"):
-            raise fail(f"'activation_fn_name' is {activation!r}; only 'swish' (SiLU) is supported")
-        norm_name = config.get("normalization_layer_name", "rms_norm")
-        if norm_name != "rms_norm":
-            raise fail(f"'normalization_layer_name' is {norm_name!r}; only 'rms_norm' is supported")
-
-        vocab_size = get("vocab_size", int)
-        if vocab_size <= 0:
-            raise fail(f"'vocab_size' must be positive, got {vocab_size}")
-        max_context_length = get("max_context_length", int, 2048)
-        if max_context_length <= 0:
-            raise fail(f"'max_context_length' must be positive, got {max_context_length}")
-
-        known = {f.name for f in dataclasses.fields(cls)} | _INERT_KEYS | {
-            "activation_fn_name",
-            "normalization_layer_name",
-        }
+            raise fail(
+                f"'model_type' is {reprlib.repr(model_type)}, expected 'openelm' (is this an OpenELM checkpoint?)"
+            )
+        for key, allowed in _FIXED_KEYS.items():
+            value = config.get(key, allowed[0])
+            if value not in allowed:
+                raise fail(f"'{key}' is {reprlib.repr(value)}; only {allowed[0]!r} is supported")
+        known = KEYS.keys() | _FIXED_KEYS.keys() | _INERT_KEYS | {"model_type"}
         unknown = sorted(k for k in config if k not in known)
         if unknown:
-            warnings.warn(f"{source}: ignoring unknown config keys {unknown}", OpenELMWarning, stacklevel=2)
+            message = f"{source}: ignoring unknown config keys {reprlib.repr(unknown)}"
+            warnings.warn(message, OpenELMWarning, stacklevel=2)
 
-        return cls(
-            model_dim=model_dim,
-            head_dim=head_dim,
-            num_transformer_layers=num_layers,
-            vocab_size=vocab_size,
-            num_query_heads=tuple(num_query_heads),
-            num_kv_heads=tuple(num_kv_heads),
-            ffn_multipliers=tuple(float(m) for m in ffn_multipliers),
-            ffn_dim_divisor=ffn_dim_divisor,
-            ffn_with_glu=get("ffn_with_glu", bool, True),
-            normalize_qk_projections=get("normalize_qk_projections", bool, True),
-            share_input_output_layers=get("share_input_output_layers", bool, True),
-            rope_freq_constant=get("rope_freq_constant", float, 10000.0),
-            rope_max_length=get("rope_max_length", int, 4096),
-            max_context_length=max_context_length,
-            num_gqa_groups=num_gqa_groups,
-            qkv_multipliers=tuple(qkv_multipliers),
-            bos_token_id=get("bos_token_id", int, 1),
-            eos_token_id=get("eos_token_id", int, 2),
-            extra={k: config[k] for k in config if k in _INERT_KEYS},
-        )
+        values = {key: _read_key(config, key, spec, fail) for key, spec in KEYS.items()}
+        values.update(_per_layer_widths(values, fail))
+        args = cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in values.items()})
+        _check_layers(args, fail)
+        return args
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelArgs":
@@ -261,26 +220,101 @@ class ModelArgs:
         }
         return out
 
-    def replace(self, **changes: Any) -> "ModelArgs":
-        return dataclasses.replace(self, **changes)
+
+def _read_key(config: Mapping[str, Any], key: str, spec: Key, fail) -> Any:
+    """The typed, bounds-checked value of `key` (a list for list keys), or its default."""
+    if config.get(key) is None:
+        if spec.default is _REQUIRED:
+            raise fail(f"missing required key '{key}'")
+        return list(spec.default) if isinstance(spec.default, tuple) else spec.default
+    value = config[key]
+    if not spec.is_list:
+        typed = _typed(value, spec.kind)
+        if typed is None:
+            raise fail(f"'{key}' must be {spec.kind.__name__}, got {reprlib.repr(value)}")
+        return _checked(typed, spec, f"'{key}'", fail)
+    if spec.kind is float and _typed(value, float) is not None:
+        value = [value]  # a single multiplier stands for every layer
+    entries = [_typed(v, spec.kind) for v in value] if isinstance(value, (list, tuple)) else []
+    if not entries or None in entries:
+        what = "numbers" if spec.kind is float else "integers"
+        raise fail(f"'{key}' must be a list of {what}, got {reprlib.repr(value)}")
+    return [_checked(v, spec, f"'{key}'[{i}]" if len(entries) > 1 else f"'{key}'", fail)
+            for i, v in enumerate(entries)]
 
 
-def _number_list(value: Any, key: str, fail) -> list[float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return [float(value)]
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        raise fail(f"'{key}' must be a list of numbers, got {value!r}")
-    return [float(v) for v in value]
+def _typed(value: Any, kind: type) -> Any:
+    """`value` as `kind`, or None when it is not one (bools are not numbers; integral floats are ints)."""
+    if isinstance(value, bool) or kind is bool:
+        return value if isinstance(value, bool) and kind is bool else None
+    if kind is float and isinstance(value, (int, float)):
+        try:
+            return float(value)
+        except OverflowError:  # an integer literal beyond the float range
+            return math.inf if value > 0 else -math.inf
+    if kind is int and isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return value if isinstance(value, kind) else None
 
 
-def _int_list(value: Any, key: str, fail) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        raise fail(f"'{key}' must be a list of integers, got {value!r}")
-    return list(value)
+def _checked(value: Any, spec: Key, name: str, fail) -> Any:
+    """`value` itself, after checking it is finite and inside `spec`'s bounds."""
+    if spec.kind is bool:
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise fail(f"{name} must be a finite number, got {value}")
+    if value < spec.low or (spec.low_open and value == spec.low):
+        positive = spec.low == 0 if spec.low_open else (spec.low == 1 and spec.kind is int)
+        bound = "positive" if positive else f"{'>' if spec.low_open else '>='} {int(spec.low)}"
+        raise fail(f"{name} must be {bound}, got {reprlib.repr(value)}")
+    if value > spec.high:
+        raise fail(f"{name} is {reprlib.repr(value)}, over the limit of {int(spec.high)} (see mlx_openelm.config.KEYS)")
+    return value
+
+
+def _per_layer_widths(values: dict[str, Any], fail) -> dict[str, list]:
+    """Per-layer head counts and FFN multipliers, expanded from CoreNet's [min, max] form where given so."""
+    num_layers, model_dim, head_dim = values["num_transformer_layers"], values["model_dim"], values["head_dim"]
+    groups = values["num_gqa_groups"]
+    query_heads = values["num_query_heads"]
+    if query_heads is None:
+        # Attention width scaled linearly over the layers (multipliers rounded to 2 places).
+        multipliers = values["qkv_multipliers"]
+        if len(multipliers) != 2:
+            raise fail("'num_query_heads' is missing and 'qkv_multipliers' is not a [min, max] pair")
+        query_heads = [
+            make_divisible(model_dim * m, head_dim * groups) // head_dim
+            for m in _linspace(multipliers[0], multipliers[1], num_layers, decimals=2)
+        ]
+    kv_heads = values["num_kv_heads"]
+    if kv_heads is None:
+        kv_heads = [q // groups for q in query_heads]
+    ffn = values["ffn_multipliers"]
+    if len(ffn) == 2 and num_layers != 2:
+        ffn = _linspace(ffn[0], ffn[1], num_layers, decimals=2)
+    elif len(ffn) == 1 and num_layers != 1:
+        ffn = ffn * num_layers
+    return {"num_query_heads": query_heads, "num_kv_heads": kv_heads, "ffn_multipliers": ffn}
+
+
+def _check_layers(args: "ModelArgs", fail) -> None:
+    """Cross-key checks: one entry per layer, whole KV-head groups, layer widths, token ids in the vocabulary."""
+    num_layers = args.num_transformer_layers
+    for key in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
+        if len(getattr(args, key)) != num_layers:
+            raise fail(f"'{key}' has {len(getattr(args, key))} entries but 'num_transformer_layers' is {num_layers}")
+    for i, (q, kv) in enumerate(zip(args.num_query_heads, args.num_kv_heads)):
+        if q % kv:
+            raise fail(f"layer {i}: 'num_query_heads' ({q}) is not divisible by 'num_kv_heads' ({kv})")
+    widths = [("q/k/v", "'num_query_heads', 'num_kv_heads' and 'head_dim'", args.qkv_out_dims),
+              ("FFN", "'ffn_multipliers', 'model_dim' and 'ffn_dim_divisor'", args.ffn_dims)]
+    for kind, keys, dims in widths:
+        for i, width in enumerate(dims):
+            if width > MAX_LAYER_WIDTH:
+                raise fail(f"layer {i}: {keys} give a {kind} width of {width}, over the limit of {MAX_LAYER_WIDTH}")
+    for key in ("bos_token_id", "eos_token_id"):
+        if getattr(args, key) >= args.vocab_size:
+            raise fail(f"'{key}' ({getattr(args, key)}) is not below 'vocab_size' ({args.vocab_size})")
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -303,20 +337,26 @@ def _preset_table() -> dict[str, Any]:
     return json.loads(text)["presets"]
 
 
-PRESET_NAMES: tuple[str, ...] = ("270M", "450M", "1_1B", "3B")
-_PRESET_ALIASES = {"1.1B": "1_1B", "1B": "1_1B", "OpenELM-1.1B": "1_1B"}
+PRESET_NAMES: tuple[str, ...] = tuple(_preset_table())  # '270M', '450M', '1_1B', '3B'
+
+
+def _preset(name: str) -> dict[str, Any]:
+    """The presets.json entry for `name` (a preset name or alias, with or without 'OpenELM-')."""
+    table = _preset_table()
+    key = name.removeprefix("OpenELM-")
+    for preset, entry in table.items():
+        if key == preset or key in entry.get("aliases", ()):
+            return entry
+    raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
 
 
 def preset_config(name: str) -> dict[str, Any]:
-    """The config.json dict of a published OpenELM size ('270M', '450M', '1_1B', '3B')."""
-    table = _preset_table()
-    key = _PRESET_ALIASES.get(name, name).removeprefix("OpenELM-")
-    if key not in table:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(table)}")
-    return dict(table[key]["config"])
+    """The config.json dict of a published OpenELM size (one of `PRESET_NAMES`, or an alias such as '1.1B')."""
+    return dict(_preset(name)["config"])
 
 
 def preset_args(name: str, vocab_size: Optional[int] = None) -> ModelArgs:
+    """`ModelArgs` of a published size; `vocab_size` overrides the vocabulary (CoreNet checkpoints: 32128)."""
     config = preset_config(name)
     if vocab_size is not None:
         config["vocab_size"] = vocab_size
@@ -324,5 +364,5 @@ def preset_args(name: str, vocab_size: Optional[int] = None) -> ModelArgs:
 
 
 def preset_parameters(name: str) -> int:
-    preset_config(name)  # validates the name
-    return int(_preset_table()[_PRESET_ALIASES.get(name, name).removeprefix("OpenELM-")]["parameters"])
+    """Parameter count of a published size (tied embedding counted once)."""
+    return int(_preset(name)["parameters"])
