@@ -23,3 +23,7 @@ class ContextLengthError(OpenELMError, ValueError):
 
 class OpenELMWarning(UserWarning):
     """Something the user should know that does not stop the work (the CLI shows it once, on stderr)."""
+
+
+class PromptError(OpenELMError, ValueError):
+    """Prompt text that cannot be tokenized (it holds bytes that are not valid UTF-8)."""

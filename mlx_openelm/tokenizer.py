@@ -3,14 +3,43 @@
 from __future__ import annotations
 
 import codecs
+import re
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
-from .errors import TokenizerError
+from .errors import PromptError, TokenizerError
 
 _SPACE = "\u2581"  # SentencePiece's word-boundary marker
 
 CHAT_ROLES = ("system", "user", "assistant")
+
+# Lone surrogates: how Python carries bytes that are not valid UTF-8 in a str (argv and
+# stdin decode with errors="surrogateescape"); SentencePiece cannot take them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> tuple[str, bool]:
+    """`text` with each byte that is not valid UTF-8 (a lone surrogate) replaced by U+FFFD,
+    and whether any was. Front ends call this on what a user typed or piped in; the
+    tokenizer itself refuses such text (`PromptError`) rather than guess."""
+    cleaned, count = _SURROGATE.subn("\ufffd", text)
+    return cleaned, count > 0
+
+
+def check_text(text: str, what: str = "prompt") -> str:
+    """`text` itself, if it is a str that holds only valid Unicode; else a clear error naming `what`."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    bad = _SURROGATE.search(text)
+    if bad:
+        code = ord(bad.group())
+        # surrogateescape maps an undecodable byte b to U+DC00 + b (b >= 0x80)
+        found = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise PromptError(
+            f"{what} contains bytes that are not valid UTF-8 ({found} at character {bad.start()}); "
+            "decode it with errors='replace' or clean it with mlx_openelm.tokenizer.clean_text"
+        )
+    return text
 
 
 class Tokenizer:
@@ -45,7 +74,12 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        ids = self.sp.encode(text)
+        """Token ids of `text`, BOS first unless `add_bos` is False.
+
+        Raises `PromptError` (a ValueError) when `text` holds bytes that are not valid
+        UTF-8 (see `clean_text`).
+        """
+        ids = self.sp.encode(check_text(text))
         return [self.bos_id] + ids if add_bos else ids
 
     def chat_segments(
@@ -71,6 +105,7 @@ class Tokenizer:
                 raise ValueError(f"message {i}: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
             if not isinstance(content, str):
                 raise ValueError(f"message {i}: content must be a string, got {type(content).__name__}")
+            check_text(content, f"message {i} ({role})")
             segments += [text + f"<|{role}|>\n{content}", None]
             text = "\n"
         if add_generation_prompt:
@@ -120,18 +155,15 @@ class StreamingDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.text = ""
         self._pending = b""  # bytes of an unfinished UTF-8 character
         self._at_start = True
 
     def add_token(self, token: int) -> str:
         """Feed one token id; return the text it completes (maybe empty)."""
         token = int(token)
-        self.tokens.append(token)
         chunk = self.tokenizer.piece_bytes(token)
         if not chunk:  # control tokens (BOS/EOS) print nothing but end a byte run
-            return self._emit(self._decode_pending(final=True))
+            return self._decode_pending(final=True)
         is_byte = self.tokenizer.sp.is_byte(token)
         if self._at_start:
             self._at_start = False
@@ -139,12 +171,12 @@ class StreamingDetokenizer:
                 chunk = chunk[1:]
         if is_byte:
             self._pending += chunk
-            return self._emit(self._decode_pending(final=False))
-        return self._emit(self._decode_pending(final=True) + chunk.decode())
+            return self._decode_pending(final=False)
+        return self._decode_pending(final=True) + chunk.decode()
 
     def finalize(self) -> str:
         """Flush an unfinished byte sequence (as U+FFFD per byte, like SentencePiece)."""
-        return self._emit(self._decode_pending(final=True))
+        return self._decode_pending(final=True)
 
     def _decode_pending(self, final: bool) -> str:
         out, buf = [], self._pending
@@ -167,10 +199,6 @@ class StreamingDetokenizer:
             buf = buf[length:]
         self._pending = buf
         return "".join(out)
-
-    def _emit(self, text: str) -> str:
-        self.text += text
-        return text
 
 
 def _utf8_length(lead: int) -> int:

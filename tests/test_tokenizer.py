@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from mlx_openelm.tokenizer import Tokenizer
+from mlx_openelm.errors import PromptError
+from mlx_openelm.tokenizer import Tokenizer, clean_text
 
 SAMPLES = [
     "Once upon a time there was a little robot who loved apples.",
@@ -79,3 +80,32 @@ def test_ids_past_the_tokenizer_decode_to_nothing(tokenizer):
 def test_decode_skips_ids_past_the_tokenizer(tokenizer):
     ids = tokenizer.encode("Once upon", add_bos=False)
     assert tokenizer.decode(ids + [tokenizer.vocab_size + 3]) == "Once upon"
+
+
+def _from_raw(raw: bytes) -> str:
+    """What Python makes of bytes from argv or a piped stdin: invalid bytes become lone surrogates."""
+    return raw.decode("utf-8", errors="surrogateescape")
+
+
+def test_text_with_invalid_utf8_is_refused_with_a_clear_error(tokenizer):
+    text = _from_raw(b"caf\xe9 au lait")
+    message = r"^prompt contains bytes that are not valid UTF-8 \(byte 0xe9 at character 3\)"
+    with pytest.raises(PromptError, match=message):
+        tokenizer.encode(text)
+    with pytest.raises(ValueError, match=r"message 1 \(user\) contains bytes that are not valid UTF-8"):
+        tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": text}])
+    with pytest.raises(ValueError, match=r"lone surrogate U\+D83D at character 2"):
+        tokenizer.encode("hi\ud83d")  # half of a surrogate pair, as from a JSON "\ud83d" escape
+
+
+def test_clean_text_replaces_each_invalid_byte_and_says_so(tokenizer):
+    cleaned, replaced = clean_text(_from_raw(b"caf\xe9 \xff\xfe ok \xe2\x82\xac"))
+    assert (cleaned, replaced) == ("caf\ufffd \ufffd\ufffd ok \u20ac", True)
+    assert cleaned == b"caf\xe9 \xff\xfe ok \xe2\x82\xac".decode("utf-8", errors="replace")
+    assert tokenizer.decode(tokenizer.encode(cleaned)) == cleaned
+    assert clean_text("Héllo 🎉") == ("Héllo 🎉", False)
+
+
+def test_encode_wants_a_string(tokenizer):
+    with pytest.raises(TypeError, match="prompt must be a str, got bytes"):
+        tokenizer.encode(b"hi")
