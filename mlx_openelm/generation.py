@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -244,7 +245,7 @@ def stream_generate(
     draft_model, prompt_lookup, ...). EOS ends generation with finish reason "stop";
     running out of `max_tokens` or of the model's context ends it with "length".
     """
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    prompt_ids = encode_prompt(tokenizer, prompt)
     prompt_size = len(prompt_ids)
     detokenizer = tokenizer.detokenizer()
     mx.reset_peak_memory()
@@ -294,3 +295,26 @@ def generate(
 ) -> str:
     """The completion of `prompt` as one string (see `stream_generate`)."""
     return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> Union[list[int], mx.array]:
+    """The token ids of a prompt: text (encoded, BOS first) or token ids as given.
+
+    Anything else (bytes, None, a 2-D array, a list holding non-integers) is refused with
+    a ValueError saying what a prompt may be, rather than misread (bytes are a sequence of
+    ints) or failing deep inside MLX.
+    """
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, mx.array):
+        if prompt.ndim == 1 and mx.issubdtype(prompt.dtype, mx.integer):
+            return prompt
+        got = f"an mx.array of shape {tuple(prompt.shape)} and dtype {prompt.dtype}"
+    elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        odd = [t for t in prompt if not isinstance(t, numbers.Integral) or isinstance(t, bool)]
+        if not odd:
+            return [int(t) for t in prompt]
+        got = f"a {type(prompt).__name__} holding a {type(odd[0]).__name__}"
+    else:
+        got = type(prompt).__name__
+    raise ValueError(f"prompt must be a str, or a sequence or 1-D mx.array of int token ids; got {got}")
