@@ -7,12 +7,17 @@ maps (token history (n,), logits (B, vocab)) to adjusted logits.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def greedy(logprobs: mx.array) -> mx.array:
@@ -50,6 +55,11 @@ def apply_min_p(logits: mx.array, min_p: float) -> mx.array:
 
 
 def validate_sampling(temp: float, top_k: int, top_p: float, min_p: float) -> None:
+    """Refuse values no sampler can use, with a ValueError naming the option."""
+    for name, value in [("temp", temp), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)]:
+        if not _is_number(value) or (name == "top_k" and not isinstance(value, numbers.Integral)):
+            kind = "an integer" if name == "top_k" else "a number"
+            raise ValueError(f"{name} must be {kind}, got {value!r}")
     if not (temp >= 0 and math.isfinite(temp)):
         raise ValueError(f"temp must be a finite number >= 0, got {temp}")
     if top_k < 0:
@@ -120,7 +130,7 @@ def to_logprobs(logits: mx.array, history: mx.array, processors: Sequence[Logits
 def make_repetition_penalty(penalty: float) -> LogitsProcessor:
     """Hugging Face's repetition penalty over every token seen (prompt included):
     positive logits of seen tokens are divided by `penalty`, negative ones multiplied."""
-    if not (penalty > 0 and math.isfinite(penalty)):
+    if not (_is_number(penalty) and penalty > 0 and math.isfinite(penalty)):
         raise ValueError(f"repetition_penalty must be a positive number, got {penalty}")
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
@@ -134,8 +144,7 @@ def make_repetition_penalty(penalty: float) -> LogitsProcessor:
 
 
 def make_logits_processors(repetition_penalty: Optional[float] = None) -> list[LogitsProcessor]:
+    """The processors for these options: none when the penalty is None or 1 (off)."""
     if repetition_penalty is None or repetition_penalty == 1.0:
-        if repetition_penalty is not None and not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be positive, got {repetition_penalty}")
         return []
     return [make_repetition_penalty(repetition_penalty)]

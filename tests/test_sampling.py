@@ -49,7 +49,8 @@ def test_temperature_zero_is_greedy():
 
 def test_sampling_respects_masks_and_frequencies():
     sampler = make_sampler(temp=1.0, top_k=3, seed=0)
-    draws = np.array([sampler(LOGITS).item() for _ in range(10000)])
+    draws = np.array(sampler(mx.repeat(LOGITS, 10000, axis=0)))  # one batched call: 10000 rows, one draw each
+    assert draws.shape == (10000,)
     assert set(draws) <= {1, 3, 4}
     # renormalised over the top 3: 0.4/0.85, 0.3/0.85, 0.15/0.85
     freq = np.bincount(draws, minlength=5)[[1, 3, 4]] / len(draws)
@@ -88,6 +89,10 @@ def test_repetition_penalty_one_is_off():
         ({"top_k": -2}, "top_k must be >= 0"),
         ({"top_p": 0.0}, "top_p must be in \\(0, 1\\]"),
         ({"min_p": 1.0}, "min_p must be in \\[0, 1\\)"),
+        ({"temp": None}, "temp must be a number, got None"),
+        ({"top_k": 2.5}, "top_k must be an integer, got 2.5"),
+        ({"top_p": "0.9"}, "top_p must be a number, got '0.9'"),
+        ({"min_p": True}, "min_p must be a number, got True"),
     ],
 )
 def test_bad_sampling_values(kwargs, message):
@@ -95,6 +100,9 @@ def test_bad_sampling_values(kwargs, message):
         make_sampler(**kwargs)
 
 
-def test_bad_repetition_penalty():
+@pytest.mark.parametrize("penalty", [0, -1.2, math.nan, math.inf, "1.2"])
+def test_bad_repetition_penalty(penalty):
     with pytest.raises(ValueError, match="repetition_penalty must be a positive number"):
-        make_repetition_penalty(0)
+        make_repetition_penalty(penalty)
+    with pytest.raises(ValueError, match="repetition_penalty must be a positive number"):
+        make_logits_processors(penalty)
