@@ -298,7 +298,8 @@ def test_context_overflow_drops_oldest_turns_keeps_system_and_stays_exact(small_
         # the reply reserve fits after the conversation, or nothing older is left to drop
         assert len(seen) + 24 <= 96 or len(session.messages) == 3
         assert reply == fresh_reply(model, seen, 24)
-    notice = r"\[context nearly full: dropped the (oldest turn|\d+ oldest turns), kept the system prompt and rebuilt the cache\]"
+    notice = (r"\[context nearly full: dropped the (oldest turn|\d+ oldest turns), kept the system prompt "
+              r"and rebuilt the cache\]")
     assert notices and all(re.fullmatch(notice, n) for n in notices)
     assert len(session.messages) < 1 + 2 * len(texts)
 

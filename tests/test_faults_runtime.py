@@ -1,0 +1,148 @@
+"""Fault injection for the runtime core: absurd configs, bad prompts, bytes that are not UTF-8.
+
+Each bad input must give a clear error of a documented type that names the key, file or
+value at fault, never an error from deep inside MLX or SentencePiece (RuntimeError,
+OverflowError, a raw TypeError), and must leave a chat session usable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import mlx.core as mx
+import pytest
+
+from mlx_openelm import generate, load, stream_generate
+from mlx_openelm.chat import ChatSession
+from mlx_openelm.config import KEYS, ModelArgs
+from mlx_openelm.errors import ConfigError, OpenELMError, PromptError
+from mlx_openelm.tokenizer import clean_text
+
+from synthetic import TINY_CONFIG, write_hf_checkpoint
+
+NOT_UTF8 = b"caf\xe9 \xff ok".decode("utf-8", errors="surrogateescape")  # as argv/stdin carry such bytes
+PROMPT_KINDS = "prompt must be a str, or a sequence or 1-D mx.array of int token ids"
+
+
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    return load(hf_checkpoint)
+
+
+# ---- absurd configs, through the loader and the command line ------------------------------
+
+ABSURD = [
+    ({"num_transformer_layers": 100000}, "'num_transformer_layers' is 100000, over the limit of 1024"),
+    ({"vocab_size": 10**12}, "'vocab_size' is 1000000000000, over the limit of 2097152"),
+    ({"rope_freq_constant": 0}, "'rope_freq_constant' must be positive, got 0.0"),
+    ({"rope_freq_constant": math.nan}, "'rope_freq_constant' must be a finite number, got nan"),
+    ({"model_dim": 2**40}, "'model_dim' is 1099511627776, over the limit of 65536"),
+    ({"max_context_length": -5}, "'max_context_length' must be positive, got -5"),
+]
+
+
+def _folder_with_config(tmp_path, tiny_weights, tokenizer_path, changes):
+    folder = write_hf_checkpoint(tmp_path / "model", TINY_CONFIG, tiny_weights, tokenizer=tokenizer_path)
+    config = {**TINY_CONFIG, **changes}
+    (folder / "config.json").write_text(json.dumps(config))  # json writes NaN as the NaN literal
+    return folder
+
+
+@pytest.mark.parametrize("changes, message", ABSURD)
+def test_absurd_config_values_fail_fast_when_loading(tmp_path, tiny_weights, tokenizer_path, changes, message):
+    folder = _folder_with_config(tmp_path, tiny_weights, tokenizer_path, changes)
+    with pytest.raises(ConfigError) as info:
+        load(folder)
+    assert str(info.value) == f"{folder / 'config.json'}: {message}" or str(info.value).startswith(
+        f"{folder / 'config.json'}: {message} ("
+    )
+
+
+def test_absurd_config_gives_a_one_line_error_from_the_command_line(tmp_path, tiny_weights, tokenizer_path):
+    folder = _folder_with_config(tmp_path, tiny_weights, tokenizer_path, {"num_transformer_layers": 100000})
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_openelm.cli", "generate", "--model", str(folder), "-p", "hi", "-m", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert errors == [f"Error: {folder / 'config.json'}: {ABSURD[0][1]} (see mlx_openelm.config.KEYS)"]
+
+
+def test_any_non_finite_number_in_a_config_is_refused():
+    for key, spec in KEYS.items():
+        for bad in (math.nan, math.inf, -math.inf):
+            if spec.kind is float:
+                value, message = ([0.5, bad, 1.5], f"'{key}'[1]") if spec.is_list else (bad, f"'{key}'")
+                message += f" must be a finite number, got {bad}"
+            elif spec.kind is int and not spec.is_list:
+                value, message = bad, f"'{key}' must be int, got {bad}"
+            else:
+                continue
+            with pytest.raises(ConfigError) as info:
+                ModelArgs.from_dict({**TINY_CONFIG, key: value})
+            assert str(info.value) == f"config.json: {message}"
+
+
+# ---- prompts that are not prompts ------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "prompt, got",
+    [
+        (b"hi", "got bytes"),
+        (bytearray(b"hi"), "got bytearray"),
+        (None, "got NoneType"),
+        (42, "got int"),
+        ([1, "a"], "got a list holding a str"),
+        ([1, 2.0], "got a list holding a float"),
+        ((1, True), "got a tuple holding a bool"),
+        (mx.array([[1, 2]]), "got an mx.array of shape (1, 2) and dtype mlx.core.int32"),
+        (mx.array([1.0, 2.0]), "got an mx.array of shape (2,) and dtype mlx.core.float32"),
+    ],
+)
+def test_a_prompt_of_the_wrong_kind_is_refused_saying_what_a_prompt_may_be(loaded, prompt, got):
+    model, tokenizer = loaded
+    with pytest.raises(ValueError) as info:
+        generate(model, tokenizer, prompt, max_tokens=2)
+    assert str(info.value) == f"{PROMPT_KINDS}; {got}"
+
+
+def test_token_id_prompts_of_every_accepted_kind_give_the_same_text(loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode("Once upon a time")
+    expected = generate(model, tokenizer, "Once upon a time", max_tokens=4)
+    for prompt in (ids, tuple(ids), mx.array(ids), mx.array(ids, dtype=mx.uint32)):
+        assert generate(model, tokenizer, prompt, max_tokens=4) == expected
+
+
+# ---- bytes that are not UTF-8 ----------------------------------------------------------------
+
+def test_a_prompt_with_invalid_utf8_is_refused_not_a_sentencepiece_crash(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(PromptError) as info:
+        list(stream_generate(model, tokenizer, NOT_UTF8, max_tokens=2))
+    assert isinstance(info.value, ValueError) and isinstance(info.value, OpenELMError)
+    assert str(info.value).startswith("prompt contains bytes that are not valid UTF-8 (byte 0xe9 at character 3)")
+    cleaned, replaced = clean_text(NOT_UTF8)
+    assert replaced and cleaned == "caf\ufffd \ufffd ok"
+    assert generate(model, tokenizer, cleaned, max_tokens=3) == generate(
+        model, tokenizer, b"caf\xe9 \xff ok".decode("utf-8", errors="replace"), max_tokens=3
+    )
+
+
+def test_a_chat_line_with_invalid_utf8_is_refused_and_the_session_goes_on(loaded):
+    model, tokenizer = loaded
+    session = ChatSession(model, tokenizer, system="Be brief.")
+    first = [r.token for r in session.send("Hello there", max_tokens=4)]
+    before = ([dict(m) for m in session.messages], list(session.cached_ids))
+    with pytest.raises(PromptError, match=r"message 3 \(user\) contains bytes that are not valid UTF-8"):
+        list(session.send(NOT_UTF8, max_tokens=4))
+    assert (session.messages, session.cached_ids) == before
+    reply = [r.token for r in session.send(clean_text(NOT_UTF8)[0], max_tokens=4)]
+    assert len(first) == len(reply) == 4 and session.messages[-2]["content"] == "caf\ufffd \ufffd ok"
+    with pytest.raises(PromptError, match=r"message 0 \(system\) contains bytes"):
+        list(ChatSession(model, tokenizer, system=NOT_UTF8).send("hi", max_tokens=2))
