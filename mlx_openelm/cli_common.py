@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import signal
 import sys
 import threading
@@ -138,23 +137,15 @@ def check_output_path(path: str | None, option: str) -> Path | None:
 def clean_prompt(text: str, where: str, warned: set | None = None) -> str:
     """`text` with undecodable bytes (surrogate escapes, lone surrogates) replaced by U+FFFD;
     says so once per `where` (on stderr) when anything was replaced."""
-    text, replaced = _replace_invalid(text)
+    from .tokenizer import clean_text  # no MLX import
+
+    text, replaced = clean_text(text)
     if replaced:
         seen = warned if warned is not None else set()
         if where not in seen:
             seen.add(where)
             click.echo(f"warning: {where} is not valid UTF-8; invalid bytes replaced with U+FFFD", err=True)
     return text
-
-
-def _replace_invalid(text: str) -> tuple[str, bool]:
-    # Python keeps undecodable bytes as lone surrogates (argv, surrogateescape streams);
-    # each becomes U+FFFD. TODO: tokenizer.clean_text once the core helper lands it.
-    cleaned = _SURROGATES.sub("\ufffd", text)
-    return cleaned, cleaned != text
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def read_stdin() -> str:
