@@ -82,6 +82,15 @@ def _preset(item: str) -> str:
     return item
 
 
+def _one_preset(value, param, ctx):
+    if value is None:
+        return None
+    try:
+        return _preset(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
 @click.command("bench")
 @click.option("--model", "models", multiple=True, metavar="PATH",
               help="Model folder the runtime loads (repeatable). Mutually exclusive with --preset.")
@@ -113,6 +122,19 @@ def _preset(item: str) -> str:
                    "mx.fast.rms_norm, interleaved, with their ratio (the paper's Table 8 on your machine).")
 @click.option("--compare", type=click.Choice(["mlx-lm"]), default=None,
               help="Also run mlx-lm's OpenELM on the same weights, dtype and bits, interleaved (A B A B).")
+@click.option("--draft-model", default=None, metavar="PATH_OR_REPO",
+              help="Speculative decoding with this draft model, against plain decoding, interleaved.")
+@click.option("--draft-preset", callback=lambda ctx, param, value: _one_preset(value, param, ctx), default=None,
+              help="Speculative decoding with a random-weights draft of this size (the source's own preset "
+                   "with the same --seed is a self-draft: an upper bound on acceptance).")
+@click.option("--draft-bits", type=click.Choice([str(b) for b in BITS_CHOICES]), default=None,
+              help="Quantize the draft model (16: keep it float); --draft-preset SAME --draft-bits 4 is a 4-bit "
+                   "copy drafting for its float self.")
+@click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Tokens the draft model proposes per verification pass.")
+@click.option("--prompt-lookup", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+              help="Speculative decoding with prompt lookup (up to N tokens copied after an n-gram match), "
+                   "against plain decoding, interleaved.")
 @click.option("--bandwidth", type=click.FloatRange(min=0, min_open=True), default=None, metavar="GB/s",
               help="Peak memory bandwidth of this machine (default: known Apple M-series chips only).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and prompt.")
@@ -124,7 +146,8 @@ def _preset(item: str) -> str:
               help="Draw generation tok/s per configuration to a PNG (needs matplotlib).")
 @user_errors
 def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generation_tokens, trials, warmup,
-          protocol, ablation, compare, bandwidth, seed, json_path, csv_path, plot_path):
+          protocol, ablation, compare, draft_model, draft_preset, draft_bits, num_draft_tokens, prompt_lookup,
+          bandwidth, seed, json_path, csv_path, plot_path):
     """Measure prompt and generation throughput, peak memory and memory bandwidth.
 
     \b
@@ -132,6 +155,7 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
     mlx-openelm bench --preset 270M,450M --protocol paper --json out.json
     mlx-openelm bench --preset 270M --ablation rmsnorm
     mlx-openelm bench --model ./OpenELM-270M-Instruct --trials 5
+    mlx-openelm bench --preset 270M --draft-preset 270M --draft-bits 4
     """
     if bool(models) == bool(presets):
         raise click.UsageError("give either --model PATH or --preset NAME (one of the two)")
@@ -147,6 +171,9 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
         warmup=warmup, protocol=protocol, ablation=ablation, compare=compare, bandwidth_gbs=bandwidth, seed=seed,
         command=_command_line(),
         **{**_protocol_defaults(protocol), **{key: value for key, value in chosen.items() if value}},
+        draft_model=draft_model, draft_preset=draft_preset,
+        draft_bits=None if draft_bits in (None, "16") else int(draft_bits),
+        num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup,
     )
     from .runner import run_benchmark
 
@@ -206,6 +233,7 @@ class ClickProgress(Progress):
 RATIO_TITLES = {
     "ablation": "RMSNorm ablation: fused mx.fast.rms_norm / naive RMSNorm (x>1: fused is faster)",
     "compare": "mlx-openelm / mlx-lm (x>1: ours is faster, or for peak GB uses more memory)",
+    "speculative": "speculative / plain decoding (x>1: speculative is faster)",
 }
 
 
@@ -216,7 +244,8 @@ def _print_report(document: dict, settings) -> None:
     click.echo(report.results_table(document["rows"]))
     if document["ratios"]:
         click.echo()
-        click.echo(report.ratio_table(document["ratios"], RATIO_TITLES["ablation" if settings.ablation else "compare"]))
+        kind = "ablation" if settings.ablation else "speculative" if settings.speculative else "compare"
+        click.echo(report.ratio_table(document["ratios"], RATIO_TITLES[kind]))
     if settings.protocol == "paper":
         click.echo()
         click.echo(f"Beside {PAPER_SOURCE}: the paper's figures: not found "

@@ -155,6 +155,10 @@ class Engine:
     def tokens(self, prompt: mx.array, n: int) -> Iterator[int]:
         raise NotImplementedError
 
+    def trial_stats(self) -> dict:
+        """Engine-specific figures of the last generation (speculative decoding: acceptance)."""
+        return {}
+
     @contextmanager
     def active(self):
         yield
@@ -180,6 +184,34 @@ class OursEngine(Engine):
         # generate_step never stops on EOS: it yields exactly n tokens (context permitting).
         for step in generate_step(prompt, self.model, max_tokens=n, sampler=greedy, cache=make_cache(self.model)):
             yield step.token
+
+
+class SpeculativeEngine(OursEngine):
+    """Our `generate_step` with a draft model or prompt lookup; records the acceptance of each trial."""
+
+    def __init__(self, model: Model, draft: Optional[Model] = None, draft_label: str = "",
+                 num_draft_tokens: int = 3, prompt_lookup: int = 0):
+        super().__init__(model)
+        self.draft, self.num_draft_tokens, self.prompt_lookup = draft, num_draft_tokens, prompt_lookup
+        self.variant = f"draft {draft_label} k={num_draft_tokens}" if draft is not None else f"lookup {prompt_lookup}"
+        self.last: Optional[tuple] = None
+
+    def tokens(self, prompt: mx.array, n: int) -> Iterator[int]:
+        kwargs = ({"draft_model": self.draft, "num_draft_tokens": self.num_draft_tokens} if self.draft is not None
+                  else {"prompt_lookup": self.prompt_lookup})
+        for count, step in enumerate(generate_step(prompt, self.model, max_tokens=n, sampler=greedy,
+                                                   cache=make_cache(self.model), **kwargs), start=1):
+            self.last = (count, step)
+            yield step.token
+
+    def trial_stats(self) -> dict:
+        count, last = self.last
+        return {
+            "drafted_tokens": last.drafted_tokens,
+            "accepted_tokens": last.accepted_tokens,
+            "acceptance_rate": last.accepted_tokens / last.drafted_tokens if last.drafted_tokens else None,
+            "target_passes_per_token": last.target_forward_passes / count,
+        }
 
 
 def import_mlx_lm():
@@ -241,6 +273,7 @@ class Trial:
     ttft_s: float  # prompt through the first generated token
     generation_s: float  # after the first token, through the last
     peak_memory_gb: float
+    extra: Optional[dict] = None  # the engine's own figures (speculative decoding: acceptance)
 
     @property
     def prompt_tps(self) -> float:
@@ -264,6 +297,7 @@ class Trial:
             "generation_tps": self.generation_tps,
             "total_tps": self.total_tps,
             "peak_memory_gb": self.peak_memory_gb,
+            **(self.extra or {}),
         }
 
 
@@ -290,6 +324,7 @@ def run_trial(engine: Engine, prompt: mx.array, generation_tokens: int,
         ttft_s=first - tic,
         generation_s=end - first,
         peak_memory_gb=mx.get_peak_memory() / 1e9,
+        extra=engine.trial_stats(),
     )
 
 

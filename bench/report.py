@@ -65,7 +65,19 @@ def results_table(rows: Sequence[dict]) -> str:
             _range(row, "total_tps"), _fmt(row.get("peak_memory_gb"), 3), _fmt(row.get("bandwidth_gbs"), 1),
             "" if share is None else f"{100 * share:.0f}%",
         ])
+    if any("acceptance_rate" in row for row in rows):
+        headers += ["accepted", "passes/tok"]
+        for line, row in zip(lines, rows):
+            line += _speculative_cells(row)
     return render_table(headers, lines)
+
+
+def _speculative_cells(row: dict) -> list[str]:
+    """Acceptance rate and target passes per generated token (blank for plain decoding)."""
+    if "acceptance_rate" not in row:
+        return ["", ""]
+    rate = row["acceptance_rate"]
+    return ["-" if rate is None else f"{100 * rate:.0f}%", _fmt(row.get("target_passes_per_token"), 2)]
 
 
 def ratio_table(ratios: Sequence[dict], title: str) -> str:
@@ -75,6 +87,10 @@ def ratio_table(ratios: Sequence[dict], title: str) -> str:
     for r in ratios:
         cells = ["-" if r.get(key) is None else f"x{r[key]:.2f}" for key in (*RATE_KEYS, "peak_memory_gb")]
         lines.append([r["model"], weights_label(r), f"{r['numerator']} / {r['denominator']}", *cells])
+    if any("acceptance_rate" in r for r in ratios):
+        headers += ["accepted", "passes/tok"]
+        for line, r in zip(lines, ratios):
+            line += _speculative_cells(r)
     return title + "\n" + render_table(headers, lines)
 
 

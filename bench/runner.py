@@ -19,12 +19,14 @@ from mlx_openelm.errors import ConfigError
 from mlx_openelm.loading import DTYPE_NAMES, default_dtype, load_model, model_dtype, parse_dtype
 from mlx_openelm.model import Model
 from mlx_openelm.quantization import BITS, plan_quantization
+from mlx_openelm.speculative import check_draft
 
 from . import core
 from .hardware import machine_info
 from .settings import BenchSettings, Progress
 
 METRICS = ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb", "ttft_s", "generation_s")
+SPECULATIVE_METRICS = ("acceptance_rate", "target_passes_per_token")
 
 
 def check_group_size(args: ModelArgs, group_size: int, label: str) -> None:
@@ -93,7 +95,14 @@ def _dtype_notes(source: Source, bits: Optional[int], notes: list) -> None:
         notes.append(note)
 
 
-def _engines(model: Model, ablation: Optional[str], compare: Optional[str]) -> list:
+def _engines(model: Model, settings: BenchSettings, draft: Optional[tuple]) -> list:
+    ablation, compare = settings.ablation, settings.compare
+    if settings.speculative:
+        draft_model, label = draft or (None, "")
+        if draft_model is not None:
+            check_draft(model, draft_model)
+        spec = core.SpeculativeEngine(model, draft_model, label, settings.num_draft_tokens, settings.prompt_lookup)
+        return [spec, core.OursEngine(model)]
     if ablation == "rmsnorm":
         return [core.OursEngine(model, "fused"), core.OursEngine(model, "naive")]
     engines = [core.OursEngine(model)]
@@ -117,6 +126,8 @@ def _row(engine, source: Source, bits: Optional[int], group_size: int, model: Mo
         "generation_tokens": trials[0].generation_tokens,
         "num_trials": len(trials),
     }
+    for key in SPECULATIVE_METRICS if trials[0].extra else ():
+        row[key] = core.summarize([t.extra[key] for t in trials if t.extra[key] is not None])["median"]
     for key in METRICS:
         stats = core.summarize([getattr(t, key) for t in trials])
         row[key] = stats["median"]
@@ -190,7 +201,22 @@ def _ratio(a: dict, b: dict) -> dict:
     entry["numerator"], entry["denominator"] = core_label(a), core_label(b)
     for key in ("prompt_tps", "generation_tps", "total_tps", "peak_memory_gb"):
         entry[key] = a[key] / b[key] if a.get(key) and b.get(key) else None
+    entry.update({key: a[key] for key in SPECULATIVE_METRICS if key in a})
     return entry
+
+
+def _draft(settings: BenchSettings, progress: Progress) -> Optional[tuple[Model, str]]:
+    """The draft model (built once, for every source) and its label, or None."""
+    ref, kind = (settings.draft_model, "model") if settings.draft_model else (settings.draft_preset, "preset")
+    if not ref:
+        return None
+    progress.message(f"building draft {ref} ...")
+    source = Source(ref, kind, settings.dtype, settings.seed)
+    bits = settings.draft_bits
+    if bits is not None and not source.stored_quantization:
+        check_group_size(source.args, settings.group_size, f"draft {source.label}")
+    model = source.model(bits, settings.group_size)
+    return model, source.label + (f" q{bits}" if bits is not None and not source.stored_quantization else "")
 
 
 def _sources(settings: BenchSettings) -> list[tuple[str, str]]:
@@ -210,6 +236,7 @@ def run_benchmark(settings: BenchSettings, progress: Optional[Progress] = None) 
     notes: list[str] = []
     rows: list[dict] = []
     ratios: list[dict] = []
+    draft = _draft(settings, progress)
     for ref, kind in _sources(settings):
         progress.message(f"building {ref} ...")
         source = Source(ref, kind, settings.dtype, settings.seed)
@@ -218,7 +245,7 @@ def run_benchmark(settings: BenchSettings, progress: Optional[Progress] = None) 
         for bits in bits_list:
             model = source.model(bits, group)
             _dtype_notes(source, bits, notes)
-            engines = _engines(model, settings.ablation, settings.compare)
+            engines = _engines(model, settings, draft)
             weights = DTYPE_NAMES[source.dtype] if bits is None else f"q{bits}/g{group}"
             for prompt_len, gen_len in lengths:
                 prompt = core.make_prompt(source.args.vocab_size, prompt_len, settings.seed)

@@ -32,12 +32,30 @@ class BenchSettings:
     bandwidth_gbs: Optional[float] = None  # peak memory bandwidth (default: known Apple chips)
     seed: int = 0
     command: Optional[str] = None  # recorded in the document only
+    # speculative decoding, measured against plain decoding of the same model, interleaved
+    draft_model: Optional[str] = None  # a model folder or repo id that drafts for every source
+    draft_preset: Optional[str] = None  # a preset with random weights (seeded as the sources: same preset = self)
+    draft_bits: Optional[int] = None  # quantize the draft (a 4-bit copy of the source: --draft-preset SAME, 4)
+    num_draft_tokens: int = 3
+    prompt_lookup: int = 0  # > 0: prompt lookup proposing up to this many tokens instead of a draft model
 
     def __post_init__(self):
         if bool(self.models) == bool(self.presets):
             raise ConfigError("give either model folders (--model) or presets (--preset), one of the two")
         if self.ablation and self.compare:
             raise ConfigError("--ablation and --compare run separately; pick one")
+        proposers = [name for name, on in (("--draft-model", self.draft_model), ("--draft-preset", self.draft_preset),
+                                           ("--prompt-lookup", self.prompt_lookup)) if on]
+        if len(proposers) > 1:
+            raise ConfigError(f"{' and '.join(proposers)} are alternatives; pick one")
+        if proposers and (self.ablation or self.compare):
+            raise ConfigError(f"{proposers[0]} runs against plain decoding, not with --ablation or --compare")
+        if self.draft_bits is not None and not (self.draft_model or self.draft_preset):
+            raise ConfigError("--draft-bits needs --draft-model or --draft-preset")
+
+    @property
+    def speculative(self) -> bool:
+        return bool(self.draft_model or self.draft_preset or self.prompt_lookup)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sources": self.models or self.presets, "batch_size": 1,

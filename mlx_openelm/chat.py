@@ -31,6 +31,7 @@ import mlx.core as mx
 from .errors import ContextLengthError
 from .generation import GenerationResponse, stream_generate
 from .model import make_cache
+from .speculative import check_draft
 from .tokenizer import Tokenizer
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -74,6 +75,8 @@ class ChatSession:
         self.max_reserve_fraction = max_reserve_fraction
         self.refit_fraction = refit_fraction
         self.cache = make_cache(model)
+        if draft_model is not None:
+            check_draft(model, draft_model)
         self.draft_model = draft_model
         self.draft_cache = make_cache(draft_model) if draft_model is not None else None
         self.cached_ids: list[int] = []  # the tokens whose keys/values are in `cache`, in order

@@ -10,11 +10,14 @@ import click
 from .cli_common import (
     clean_prompt,
     echo_stream,
+    format_speculative,
     load_model_and_tokenizer,
+    load_speculative,
     make_generation_kwargs,
     model_options,
     note,
     sampling_options,
+    speculative_options,
     user_errors,
 )
 
@@ -67,10 +70,12 @@ def _reply(session, text: str, max_tokens: int, quiet: bool, gen_kwargs: dict) -
         click.echo(click.style(f"Error: {e}", fg="red"), err=True)
         return
     click.echo("")
+    speculative = session.draft_model is not None or gen_kwargs.get("prompt_lookup")
     if last is not None and not quiet:
         note(
             f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
             f"prompt: {session.last_prefill_tokens} new tokens, {last.prompt_tps:.1f} tok/s"
+            f"{' | ' + format_speculative(last) if speculative else ''}"
             f"{' | cut at the token limit' if session.finish_reason == 'length' else ''}]"
         )
 
@@ -136,10 +141,11 @@ def _tolerant_stdin() -> None:
 @model_options
 @click.option("--system", "-s", default=None, help="System prompt (kept when old turns are dropped).")
 @sampling_options
+@speculative_options
 @click.option("--quiet", "-q", is_flag=True, help="No loading message or statistics lines.")
 @user_errors
 def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, top_k, top_p, min_p,
-                 repetition_penalty, seed, quiet):
+                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, quiet):
     """Chat with an OpenELM-Instruct model in the terminal (or through a pipe, one message a line).
 
     Replies stream to stdout; statistics and notices go to stderr. Commands: /reset,
@@ -151,6 +157,9 @@ def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, to
         system = clean_prompt(system, "--system")
     kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
-    session = ChatSession(model, tokenizer, system=system, notify=note)
+    speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
+    draft = speculative.pop("draft_model", None)
+    session = ChatSession(model, tokenizer, system=system, notify=note, draft_model=draft)
+    kwargs.update(speculative)
     _tolerant_stdin()
     run_repl(session, max_tokens=max_tokens, quiet=quiet, **kwargs)

@@ -195,6 +195,40 @@ def model_options(fn):
     ], fn)
 
 
+def speculative_options(fn):
+    """`--draft-model`, `--num-draft-tokens` and `--prompt-lookup` (speculative decoding)."""
+    return _apply([
+        click.option("--draft-model", "draft_path", default=None, metavar="PATH_OR_REPO",
+                     help="A smaller OpenELM, or a quantized copy of --model, drafting tokens that the model "
+                          "verifies in one pass (speculative decoding: the same output, faster when drafts "
+                          "are accepted)."),
+        click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="Tokens the draft model proposes per verification pass."),
+        click.option("--prompt-lookup", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
+                     help="Propose up to N tokens copied from the context after a matching 2-gram (prompt "
+                          "lookup decoding; Apple's model cards use 10). 0: off."),
+    ], fn)
+
+
+def load_speculative(model, draft_path, num_draft_tokens: int, prompt_lookup: int, dtype, quiet: bool = False) -> dict:
+    """`generate_step` keyword arguments for the speculative options, loading and checking the draft model."""
+    if draft_path and prompt_lookup:
+        raise click.UsageError("--draft-model and --prompt-lookup are two ways to propose tokens; pick one")
+    if prompt_lookup:
+        return {"prompt_lookup": prompt_lookup}
+    if not draft_path:
+        return {}
+    from .hub import resolve_model_path
+    from .loading import load_model
+    from .speculative import check_draft
+
+    if not quiet:
+        click.echo(f"Loading draft model {draft_path} ...", err=True)
+    draft = load_model(resolve_model_path(draft_path), dtype=dtype)
+    check_draft(model, draft)
+    return {"draft_model": draft, "num_draft_tokens": num_draft_tokens}
+
+
 def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed) -> dict:
     """`sampler` and `logits_processors` for `stream_generate` from the sampling options."""
     from .sampling import make_logits_processors, make_sampler
@@ -228,13 +262,36 @@ def format_memory(gigabytes: float) -> str:
     return f"{gigabytes:.2f} GB" if gigabytes >= 1 else f"{gigabytes * 1000:.1f} MB"
 
 
-def format_stats(response) -> str:
-    """The statistics line of a finished generation."""
+def format_stats(response, speculative: bool = False) -> str:
+    """The statistics line of a finished generation (with `speculative`, the drafts accepted)."""
     return (
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s | "
         f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s | "
         f"peak memory: {format_memory(response.peak_memory_gb)}"
+        + (f" | {format_speculative(response)}" if speculative else "")
     )
+
+
+def format_speculative(response) -> str:
+    """'drafts: 45/60 accepted (75%), 0.41 target passes/token' for a finished generation."""
+    rate = f" ({response.acceptance_rate:.0%})" if response.acceptance_rate is not None else ""
+    return (f"drafts: {response.accepted_tokens}/{response.drafted_tokens} accepted{rate}, "
+            f"{passes_per_token(response):.2f} target passes/token")
+
+
+def passes_per_token(response) -> float:
+    return response.target_forward_passes / response.generation_tokens
+
+
+def speculative_fields(response) -> dict:
+    """The speculative-decoding statistics for `--json` (plain decoding: nothing drafted, 1 pass a token)."""
+    return {
+        "drafted_tokens": response.drafted_tokens,
+        "accepted_tokens": response.accepted_tokens,
+        "acceptance_rate": response.acceptance_rate,
+        "target_forward_passes": response.target_forward_passes,
+        "target_passes_per_token": passes_per_token(response),
+    }
 
 
 def echo_stream(responses: Iterable, echo: bool = True, pieces: list | None = None):

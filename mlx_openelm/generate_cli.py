@@ -11,10 +11,13 @@ from .cli_common import (
     echo_stream,
     format_stats,
     load_model_and_tokenizer,
+    load_speculative,
     make_generation_kwargs,
     model_options,
     read_stdin,
     sampling_options,
+    speculative_fields,
+    speculative_options,
     user_errors,
 )
 
@@ -29,6 +32,7 @@ def _json_fields(last) -> dict:
         "generation_tps": last.generation_tps,
         "peak_memory_gb": last.peak_memory_gb,
         "finish_reason": last.finish_reason,
+        **speculative_fields(last),
     }
 
 
@@ -39,11 +43,12 @@ def _json_fields(last) -> dict:
               help="Wrap the prompt in OpenELM-Instruct's chat format (a user turn, then the assistant's).")
 @click.option("--system", "-s", default=None, help="System prompt for --chat (implies --chat).")
 @sampling_options
+@speculative_options
 @click.option("--quiet", "-q", is_flag=True, help="Print only the generated text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and statistics) at the end.")
 @user_errors
 def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, max_tokens, temp, top_k, top_p,
-                     min_p, repetition_penalty, seed, quiet, as_json):
+                     min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, quiet, as_json):
     """Generate text from a prompt, streaming it to stdout (statistics go to stderr)."""
     from .generation import stream_generate
 
@@ -55,6 +60,8 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, ma
         system = clean_prompt(system, "--system")
     kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json)
+    speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet or as_json)
+    kwargs.update(speculative)
     if chat or system is not None:
         messages = [{"role": "system", "content": system}] if system else []
         prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
@@ -67,4 +74,4 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, ma
         return
     click.echo()
     if not quiet and last is not None:
-        click.echo(format_stats(last) + f" | finish: {last.finish_reason}", err=True)
+        click.echo(format_stats(last, bool(speculative)) + f" | finish: {last.finish_reason}", err=True)
