@@ -99,6 +99,7 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits
     if average and not checkpoints:
         raise click.UsageError("--average needs the checkpoints to average as arguments")
 
+    from .install import Interrupted, handle_signals
     from .pipeline import convert as run_convert
 
     bar = {"bar": None}
@@ -113,12 +114,14 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits
             bar["bar"].__exit__(None, None, None)
 
     try:
-        report = run_convert(
-            hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits,
-            group_size=group_size,
-            recipe=recipe, tokenizer=tokenizer, force=force, max_shard_size=max_shard_size, evaluate=not no_eval,
-            dequantize=dequantize, progress=progress,
-        )
+        with handle_signals():  # SIGTERM/SIGHUP stop it like Ctrl-C: the temp folder is removed
+            report = run_convert(
+                hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits,
+                group_size=group_size, recipe=recipe, tokenizer=tokenizer, force=force,
+                max_shard_size=max_shard_size, evaluate=not no_eval, dequantize=dequantize, progress=progress,
+            )
+    except Interrupted as e:
+        raise click.ClickException(f"interrupted ({e}); no temporary folder was left behind") from None
     finally:
         if bar["bar"] is not None and bar["bar"].pos < bar["bar"].length:
             bar["bar"].__exit__(None, None, None)

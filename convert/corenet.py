@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,19 +77,12 @@ class LazyTensor:
     def load(self) -> np.ndarray:
         """The tensor as a contiguous numpy array (bfloat16 widened to float32)."""
         np_dtype, name = STORAGE_DTYPES[self.storage.storage_type.name]
-        raw = self._archive.read_storage(self.storage.key)
-        flat = np.frombuffer(raw, dtype=np_dtype)
-        if flat.size < self.storage.numel:
-            raise CheckpointError(
-                f"{self._archive.path}: storage '{self.storage.key}' holds {flat.size} elements, "
-                f"the pickle says {self.storage.numel}"
-            )
-        # Highest element index the view touches must lie inside the storage.
-        last = self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if all(self.shape) else -1
-        if self.offset < 0 or last >= flat.size or any(s < 0 for s in self.stride):
+        if self.offset < 0 or any(s < 0 for s in self.stride) or self.elements_needed() > self.storage.numel:
             raise CheckpointError(
                 f"{self._archive.path}: a tensor of shape {self.shape} does not fit its storage '{self.storage.key}'"
             )
+        raw = self._archive.read_storage(self.storage, np_dtype.itemsize)
+        flat = np.frombuffer(raw, dtype=np_dtype)
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset:],
             shape=self.shape,
@@ -99,6 +93,12 @@ class LazyTensor:
         if name == "bfloat16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
         return array
+
+    def elements_needed(self) -> int:
+        """How many storage elements the tensor's view reaches (offset + highest index + 1)."""
+        if not all(self.shape):
+            return 0
+        return self.offset + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) + 1
 
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
@@ -174,15 +174,34 @@ class CoreNetArchive:
         if len(pickles) != 1:
             raise CheckpointError(f"{self.path}: expected one '<name>/data.pkl' in the archive, found {len(pickles)}")
         self._prefix = pickles[0][: -len("data.pkl")]
+        self._needed: dict[str, int] = {}  # storage key -> elements its tensors reach
         byteorder = self._prefix + "byteorder"
         if byteorder in self._zip.namelist() and self._zip.read(byteorder).strip() != b"little":
             raise CheckpointError(f"{self.path}: big-endian checkpoints are not supported")
 
-    def read_storage(self, key: str) -> bytes:
+    def read_storage(self, storage: "_Storage", itemsize: int) -> bytes:
+        """A storage's bytes, read no further than its size in the pickle, which must be what
+        its tensors need: a larger, mis-sized or corrupt entry (a zip bomb, a bad CRC) is refused."""
+        size = storage.numel * itemsize
+        needed = self._needed.get(storage.key, storage.numel) * itemsize
+        where = f"{self.path}: storage '{storage.key}'"
         try:
-            return self._zip.read(f"{self._prefix}data/{key}")
+            info = self._zip.getinfo(f"{self._prefix}data/{storage.key}")
         except KeyError:
-            raise CheckpointError(f"{self.path}: storage '{key}' is missing from the archive") from None
+            raise CheckpointError(f"{where} is missing from the archive") from None
+        if size > needed:
+            raise CheckpointError(f"{where} holds {storage.numel} elements, its tensors need {needed // itemsize}")
+        if info.file_size != size:
+            raise CheckpointError(f"{where} is {info.file_size} bytes, the pickle says {size}")
+        try:
+            with self._zip.open(info) as f:
+                data = f.read(size)
+                f.read(1)  # reaching the end checks the CRC
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+            raise CheckpointError(f"{where} is corrupt ({e})") from None
+        if len(data) != size:
+            raise CheckpointError(f"{where} is truncated ({len(data)} of {size} bytes)")
+        return data
 
     def load_pickle(self) -> Any:
         with self._zip.open(self._prefix + "data.pkl") as f:
@@ -207,6 +226,8 @@ class CoreNetArchive:
             if not isinstance(value, LazyTensor):
                 raise CheckpointError(f"{self.path}: entry '{name}' is not a tensor")
             out[str(name)] = value
+            key = value.storage.key
+            self._needed[key] = max(self._needed.get(key, 0), value.elements_needed())
         return out
 
 

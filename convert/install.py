@@ -62,7 +62,13 @@ def handle_signals() -> Iterator[None]:
         yield
         return
 
+    interrupted = []
+
     def interrupt(signum, _frame):
+        # Signals that reached Python before the block still call this: only the first counts.
+        if interrupted:
+            return
+        interrupted.append(signum)
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         raise Interrupted(signum)
 

@@ -57,7 +57,7 @@ def convert(
     average: several such checkpoints of one model, averaged in float64 (instead of hf_path).
     dtype: float dtype of the output (default float16; bfloat16 for 3B-class models).
     bits / group_size / recipe: affine quantization of every Linear layer and the embedding
-        (see `mlx_openelm.quantization` for the allowed bits and group sizes); recipe 'mixed-4-8' keeps the head at 8 bits.
+        (allowed values: `mlx_openelm.quantization`); recipe 'mixed-4-8' keeps the head at 8 bits.
     evaluate: compare the output with the float input on a fixed token sequence (KL divergence).
     dequantize: the input is a quantized MLX folder; write its weights back in float.
 

@@ -90,6 +90,18 @@ def _load_safetensors(path: Path) -> dict[str, mx.array]:
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
 
 
+def _check_shard_name(index: Path, tensor: str, name: object) -> None:
+    """A shard must be a plain file name in the model folder: nothing outside it is ever read."""
+    plain = isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\x00")
+    if plain:
+        folder = index.parent.resolve()
+        plain = (folder / name).parent == folder and Path(name).name == name and ":" not in name
+    if not plain:
+        raise CheckpointError(
+            f"{index}: weight_map['{tensor}'] names {name!r}, which is not a plain file name in the model folder"
+        )
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder, from the index when sharded."""
     index = folder / SAFETENSORS_INDEX
@@ -98,7 +110,11 @@ def weight_files(folder: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object (tensor name -> shard file)")
         files = []
+        for tensor, name in weight_map.items():
+            _check_shard_name(index, tensor, name)
         for name in dict.fromkeys(weight_map.values()):
             shard = folder / name
             if not shard.is_file():
