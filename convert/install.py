@@ -5,9 +5,9 @@ file with the writer's pid until the moment it is renamed into place. The rename
 claims the target atomically (`renameat2(RENAME_NOREPLACE)` on Linux, `renamex_np(RENAME_EXCL)`
 on macOS, else an exclusive `mkdir` of the target and a rename onto that empty folder),
 so a folder that appears at the target while converting is never replaced without
---force, and of two runs racing for one target exactly one wins. Signals are blocked
-while the temp folder is created and removed, so an interrupt cannot leave it behind;
-`handle_signals` makes SIGTERM and SIGHUP interrupt a conversion like Ctrl-C does.
+--force, and of two runs racing for one target exactly one wins. Signals are deferred
+while the temp folder is created, installed and removed, so an interrupt cannot leave it
+behind; `handle_signals` makes SIGTERM and SIGHUP interrupt a conversion like Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -40,50 +40,68 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-@contextmanager
-def signals_blocked() -> Iterator[None]:
-    """Defer SIGINT/SIGTERM/SIGHUP (on POSIX) for the duration: the block cannot be interrupted."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
+class _SignalState:
+    """What `handle_signals`' handler and `signals_deferred` share. Signal handlers are
+    process-wide, so this is too: one instance, used only from the main thread."""
+
+    def __init__(self):
+        self.active = False  # handle_signals is installed
+        self.fired = False  # an Interrupted was raised: later signals are ignored
+        self.depth = 0  # inside signals_deferred
+        self.pending: Optional[int] = None  # a signal that arrived while deferred
+
+    def interrupt(self, signum: int) -> None:
+        self.fired, self.pending = True, None
+        raise Interrupted(signum)
+
+
+_STATE = _SignalState()
+
+
+def _handler(signum, _frame):
+    # A signal may reach Python while another thread holds it at the C level, so deferral is
+    # decided here, not by a signal mask (which is per thread and MLX runs its own threads).
+    if _STATE.fired:
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    if _STATE.depth:
+        _STATE.pending = _STATE.pending or signum
+        return
+    _STATE.interrupt(signum)
+
+
+@contextmanager
+def signals_deferred(finishing: bool = False) -> Iterator[None]:
+    """Within, SIGINT/SIGTERM/SIGHUP wait (when `handle_signals` is active); a signal that
+    arrived meanwhile raises `Interrupted` once the block completed, unless the block was
+    the `finishing` one (the install: the work is done, and is reported as done)."""
+    _STATE.depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _STATE.depth -= 1
+    if finishing:
+        _STATE.fired = True
+    elif _STATE.depth == 0 and _STATE.pending is not None and not _STATE.fired:
+        _STATE.interrupt(_STATE.pending)
 
 
 @contextmanager
 def handle_signals() -> Iterator[None]:
-    """Within: SIGINT, SIGTERM and SIGHUP raise `Interrupted`, and block further signals so
-    that the cleanup the first one starts cannot itself be interrupted. Only in the main
-    thread (elsewhere Python cannot install handlers) and on POSIX; a no-op otherwise."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """Within: SIGINT, SIGTERM and SIGHUP raise `Interrupted` (once: the cleanup that starts
+    cannot itself be interrupted). Only in the main thread, where Python can install handlers;
+    a no-op elsewhere."""
+    if threading.current_thread() is not threading.main_thread() or _STATE.active:
         yield
         return
-
-    interrupted = []
-
-    def interrupt(signum, _frame):
-        # Signals that reached Python before the block still call this: only the first counts.
-        if interrupted:
-            return
-        interrupted.append(signum)
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-        raise Interrupted(signum)
-
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    previous = {s: signal.signal(s, interrupt) for s in SIGNALS}
+    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
+    _STATE.__init__()
+    _STATE.active = True
     try:
         yield
     finally:
-        # Signals that arrived during the cleanup are dropped (ignored while unblocking):
-        # the conversion is over either way.
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _STATE.__init__()
 
 
 # ---- the temporary folder -------------------------------------------------------------------
@@ -93,7 +111,7 @@ def temp_prefix(target: Path) -> str:
 
 
 def make_temp_folder(target: Path) -> Path:
-    """A new empty folder beside `target` marked with our pid; call with signals blocked.
+    """A new empty folder beside `target` marked with our pid; call with signals deferred.
     Raises a ConfigError naming the folder when it is not writable."""
     try:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target)))
@@ -134,14 +152,22 @@ def remove_stale_temp_folders(target: Path) -> list[Path]:
 
 def discard(tmp: Optional[Path], created_parents: list[Path]) -> None:
     """Remove the temp folder and the parents this run created; signals wait meanwhile."""
-    with signals_blocked():
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for folder in reversed(created_parents):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+    try:
+        with signals_deferred():
+            _remove(tmp, created_parents)
+    except Interrupted:
+        _remove(tmp, created_parents)  # it came just before the deferral; now all are ignored
+        raise
+
+
+def _remove(tmp: Optional[Path], created_parents: list[Path]) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for folder in reversed(created_parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def make_parents(folder: Path) -> list[Path]:

@@ -22,7 +22,7 @@ from mlx_openelm.hub import resolve_tokenizer
 from mlx_openelm.loading import DTYPE_NAMES, fp16_is_safe, parse_dtype
 from mlx_openelm.quantization import QuantizationPlan, check_options, plan_quantization
 
-from .install import discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_blocked
+from .install import discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_deferred
 from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
 from .quantize import convert_tensor
 from .report import ConvertReport, layer_bits, peak_memory_mb
@@ -83,7 +83,7 @@ def convert(
 
     created_parents, tmp = make_parents(target.parent), None
     try:
-        with signals_blocked():
+        with signals_deferred():
             remove_stale_temp_folders(target)
             tmp = make_temp_folder(target)
         report = _write_model(source, tmp, out_dtype, plan, max_bytes, progress)
@@ -96,7 +96,7 @@ def convert(
         if evaluate:
             _evaluate(report, open_sources(references, preset, config), tmp, out_config)
         write_config(tmp, out_config)
-        with signals_blocked():
+        with signals_deferred(finishing=True):
             install(tmp, target, force)
             tmp, created_parents = None, []
     except BaseException:

@@ -170,7 +170,8 @@ def _quantized_copy(hf_checkpoint, folder, entry):
     ({"bits": 4, "group_size": 32, "layers": [1, 2]}, r"config.json: quantization.layers must be an object"),
     ({"bits": 4, "group_size": 32, "layers": {"lm_head": 3}},
      r"quantization.layers\['lm_head'\] must be an object or false"),
-    ({"bits": 4, "group_size": 32, "layers": {"x": {"bits": 7}}}, r"quantization.layers\['x'\].bits: 7 is not supported"),
+    ({"bits": 4, "group_size": 32, "layers": {"x": {"bits": 7}}},
+     r"quantization.layers\['x'\].bits: 7 is not supported"),
     ({"group_size": 32}, r"config.json: quantization.bits is missing"),
     ([4, 32], r"config.json: quantization must be an object, got list"),
 ])
