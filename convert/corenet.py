@@ -176,7 +176,11 @@ class CoreNetArchive:
         self._prefix = pickles[0][: -len("data.pkl")]
         self._needed: dict[str, int] = {}  # storage key -> elements its tensors reach
         byteorder = self._prefix + "byteorder"
-        if byteorder in self._zip.namelist() and self._zip.read(byteorder).strip() != b"little":
+        try:
+            order = self._zip.read(byteorder).strip() if byteorder in self._zip.namelist() else b"little"
+        except (zipfile.BadZipFile, zlib.error, OSError) as e:
+            raise CheckpointError(f"{self.path}: '{byteorder}' is corrupt ({e})") from None
+        if order != b"little":
             raise CheckpointError(f"{self.path}: big-endian checkpoints are not supported")
 
     def read_storage(self, storage: "_Storage", itemsize: int) -> bytes:
