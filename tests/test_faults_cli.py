@@ -66,6 +66,15 @@ def test_bench_output_paths_fail_before_the_benchmark(bench_config, tmp_path, op
     assert last.startswith(f"Error: Invalid value for '{option}': cannot write {path}")
 
 
+def test_a_failed_bench_leaves_existing_outputs_and_no_scratch_files(bench_config, tmp_path):
+    out = tmp_path / "out.json"
+    out.write_bytes(b"the user's old results")
+    proc = cli("bench", "--preset", bench_config, "--prompt-tokens", 4000, "--json", out)
+    assert_clean(proc, 1, "context")
+    assert out.read_bytes() == b"the user's old results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
 def test_bench_writes_to_a_device(bench_config):
     proc = cli("bench", "--preset", bench_config, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
                "--generation-tokens", 2, "--json", "/dev/null")
