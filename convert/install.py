@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from mlx_openelm.errors import ConfigError
+from mlx_openelm.errors import CheckpointError, ConfigError
 from mlx_openelm.loading import IN_PROGRESS_FILE, TEMPORARY_INFIX
 
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -117,10 +117,14 @@ def make_temp_folder(target: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target)))
     except OSError as e:
         raise ConfigError(f"--mlx-path: cannot write into {target.parent} ({e.strerror})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
-    (tmp / IN_PROGRESS_FILE).write_text(f"{os.getpid()}\n")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+        (tmp / IN_PROGRESS_FILE).write_text(f"{os.getpid()}\n")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"--mlx-path: cannot write into {target.parent} ({e.strerror})") from None
     return tmp
 
 
@@ -230,6 +234,13 @@ def rename_noreplace(src: Path, dst: Path) -> None:
 def install(tmp: Path, target: Path, force: bool) -> None:
     """Rename the finished `tmp` to `target`. Without `force` an existing target is never
     touched; with it the old one is moved aside and deleted only once the new one is in place."""
+    try:
+        _install(tmp, target, force)
+    except OSError as e:
+        raise CheckpointError(f"{e.filename or target}: cannot install the output ({e.strerror or e})") from None
+
+
+def _install(tmp: Path, target: Path, force: bool) -> None:
     os.unlink(tmp / IN_PROGRESS_FILE)
     exists = target.exists() or target.is_symlink()
     if not exists or not force:

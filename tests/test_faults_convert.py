@@ -95,8 +95,14 @@ def test_folder_appearing_while_converting_is_never_replaced(user_files, monkeyp
     assert temp_folders(root) == []
 
 
-def test_an_empty_folder_appearing_is_not_replaced_either(user_files, monkeypatch):
-    # os.rename would silently replace an empty folder; the claim must not
+@pytest.mark.parametrize("claim", ["renameat2", "mkdir"])
+def test_an_empty_folder_appearing_is_not_replaced_either(user_files, monkeypatch, claim):
+    # os.rename would silently replace an empty folder; the claim must not (with the system
+    # call, or with the portable fallback: an exclusive mkdir, then a rename onto our own folder)
+    from mlx_openelm.convert import install
+
+    if claim == "mkdir":
+        monkeypatch.setattr(install, "_libc_rename_noreplace", lambda: None)
     root, src = user_files
     target = root / "out"
     real = pipeline.write_config
@@ -104,12 +110,16 @@ def test_an_empty_folder_appearing_is_not_replaced_either(user_files, monkeypatc
     with pytest.raises(ConfigError, match="appeared while converting"):
         convert(src, target, evaluate=False)
     assert list(target.iterdir()) == [] and temp_folders(root) == []
+    monkeypatch.setattr(pipeline, "write_config", real)
+    convert(src, root / "free", evaluate=False)  # the same claim installs when the path is free
+    assert load_model(root / "free").args.model_dim == TINY_CONFIG["model_dim"] and temp_folders(root) == []
 
 
-def test_two_concurrent_converts_into_one_path_exactly_one_wins(user_files):
-    root, src = user_files
+def test_two_concurrent_converts_into_one_path_exactly_one_wins(user_files, slow_source):
+    # the slow source makes the runs overlap, so usually all pass the early check and race to install
+    root, _ = user_files
     before = snapshot(root)
-    runs = [subprocess.Popen([*CLI, "--hf-path", str(src), "--mlx-path", str(root / "out"), "--no-eval"],
+    runs = [subprocess.Popen([*CLI, "--hf-path", str(slow_source), "--mlx-path", str(root / "out"), "--no-eval"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
     results = [(run.wait(timeout=120), run.stdout.read(), run.stderr.read()) for run in runs]
     codes = sorted(code for code, _, _ in results)
@@ -119,7 +129,7 @@ def test_two_concurrent_converts_into_one_path_exactly_one_wins(user_files):
             lines = [line for line in err.splitlines() if line.startswith("Error:")]
             assert len(lines) == 1 and ("already exists" in lines[0] or "appeared while converting" in lines[0])
             assert "Traceback" not in err
-    assert load_model(root / "out").args.model_dim == TINY_CONFIG["model_dim"]
+    assert load_model(root / "out").args.model_dim == SLOW_CONFIG["model_dim"]
     after = snapshot(root)
     assert {k: v for k, v in after.items() if not k.startswith("out")} == before
     assert temp_folders(root) == []
