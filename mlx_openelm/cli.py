@@ -16,6 +16,7 @@ COMMANDS = {
     "chat": "mlx_openelm.chat_cli:chat_command",
     "convert": "mlx_openelm.convert.cli:convert",
     "bench": "mlx_openelm.bench.cli:bench",
+    "eval": "mlx_openelm.evaluate_cli:eval_command",
 }
 
 
