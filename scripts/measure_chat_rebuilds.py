@@ -1,0 +1,44 @@
+"""How many prompt tokens a long chat re-reads once its context is full.
+
+Runs N short turns (greedy, 32-token replies) through `ChatSession` on the tiny synthetic
+model with a 2048-token context, once dropping only what is needed (`refit_fraction=1.0`,
+the old policy) and once cutting to half the context (the default), and prints the
+prompt tokens fed and the wall time of each:
+
+    python scripts/measure_chat_rebuilds.py 300
+
+Not part of the test suite (several minutes on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from synthetic import TINY_CONFIG, random_weights, train_tokenizer, write_hf_checkpoint  # noqa: E402
+
+from mlx_openelm import load  # noqa: E402
+from mlx_openelm.chat import ChatSession  # noqa: E402
+
+
+def main(turns: int) -> None:
+    folder = Path(tempfile.mkdtemp())
+    tokenizer_path = train_tokenizer(folder / "tokenizer.model")
+    write_hf_checkpoint(folder / "model", TINY_CONFIG, random_weights(TINY_CONFIG, seed=0), tokenizer=tokenizer_path)
+    model, tokenizer = load(folder / "model")
+    for refit in (1.0, 0.5):
+        session = ChatSession(model, tokenizer, system="Be brief.", refit_fraction=refit)
+        fed, tic = 0, time.perf_counter()
+        for n in range(turns):
+            for _ in session.send(f"Tell me more {n}", max_tokens=32):
+                pass
+            fed += session.last_prefill_tokens
+        print(f"refit_fraction={refit}: {turns} turns, {fed} prompt tokens fed, {time.perf_counter() - tic:.1f} s")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 300)
