@@ -8,7 +8,7 @@ import sys
 import click
 
 from mlx_openelm.cli_common import user_errors
-from mlx_openelm.quantization import BITS, GROUP_SIZES
+from mlx_openelm.quantization import BITS, DEFAULT_BITS, GROUP_SIZES
 
 
 def format_report(report: dict) -> str:
@@ -60,10 +60,38 @@ def format_report(report: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+class ProgressBar:
+    """The conversion's progress on stderr: a bar over the weights, with tensors done and an ETA.
+
+    `then` is a line shown once the bar is full (what the conversion does next)."""
+
+    def __init__(self, then: str | None = None):
+        self.bar = None
+        self.then = then
+
+    def __call__(self, step) -> None:
+        if self.bar is None:
+            label = f"converting {step.weights_total / 1e6:,.1f}M weights"
+            self.bar = click.progressbar(length=max(step.weights_total, 1), label=label, file=sys.stderr,
+                                         show_eta=True, show_percent=True, item_show_func=lambda item: item)
+            self.bar.__enter__()
+        self.bar.update(step.weights_done - self.bar.pos, f"{step.tensors_done}/{step.tensors_total} tensors")
+        if step.tensors_done == step.tensors_total:
+            self.close()
+            if self.then:
+                click.echo(self.then, err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+            self.bar = None
+
+
 @click.command("convert")
 @click.option("--hf-path", "--torch-path", "hf_path", default=None,
               help="Input: a Hugging Face OpenELM folder, or a CoreNet .pt checkpoint (with --preset).")
-@click.option("--mlx-path", required=True, help="Output folder (refused if it exists, unless --force).")
+@click.option("--mlx-path", default="mlx_model", show_default=True,
+              help="Output folder (refused if it exists, unless --force).")
 @click.option("--average", "average", is_flag=True,
               help="Average the checkpoints given as arguments (float64) and convert the mean.")
 @click.argument("checkpoints", nargs=-1)
@@ -71,9 +99,11 @@ def format_report(report: dict) -> str:
 @click.option("--config", "config", default=None,
               help="Architecture of a CoreNet .pt as a config.json (instead of --preset).")
 @click.option("--dtype", default=None, help="float16, bfloat16 or float32 (default: float16; bfloat16 for 3B).")
-@click.option("--bits", "-q", type=int, default=None, 
-              help=f"Quantize linear layers and the embedding to {', '.join(map(str, BITS))} bits.")
-@click.option("--group-size", type=int, default=64, show_default=True, 
+@click.option("-q", "--quantize", is_flag=True,
+              help=f"Quantize linear layers and the embedding ({DEFAULT_BITS} bits unless --bits says otherwise).")
+@click.option("--bits", "--q-bits", "bits", type=int, default=None,
+              help=f"Quantize to {', '.join(map(str, BITS))} bits (implies --quantize).")
+@click.option("--group-size", "--q-group-size", "group_size", type=int, default=64, show_default=True,
               help=f"Quantization group size: {', '.join(map(str, GROUP_SIZES))}.")
 @click.option("--recipe", default=None,
               help="Per-layer bits: 'mixed-4-8' = 4 bits, but the (tied) embedding/output head at 8 bits.")
@@ -85,13 +115,13 @@ def format_report(report: dict) -> str:
 @click.option("--dequantize", is_flag=True, help="The input is a quantized MLX folder: write it back in float.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits, group_size, recipe, tokenizer,
-            max_shard_size, force, no_eval, dequantize, as_json):
+def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, quantize, bits, group_size, recipe,
+            tokenizer, max_shard_size, force, no_eval, dequantize, as_json):
     """Convert an OpenELM checkpoint to an MLX model folder, optionally quantized.
 
     \b
     mlx-openelm convert --hf-path ./OpenELM-1_1B-Instruct --mlx-path ./openelm-1b-4bit \\
-        --bits 4 --tokenizer ./tokenizer.model
+        -q --tokenizer ./tokenizer.model
     mlx-openelm convert --preset 270M --average ckpt1.pt ckpt2.pt ckpt3.pt --mlx-path ./openelm-270m
     """
     if checkpoints and not average:
@@ -102,29 +132,21 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, bits
     from .install import Interrupted, handle_signals
     from .pipeline import convert as run_convert
 
-    bar = {"bar": None}
-
-    def progress(done: int, total: int, name: str) -> None:
-        if bar["bar"] is None:
-            bar["bar"] = click.progressbar(length=total, label="converting", file=sys.stderr,
-                                           item_show_func=lambda n: n, show_pos=True)
-            bar["bar"].__enter__()
-        bar["bar"].update(done - bar["bar"].pos, name)
-        if done == total:
-            bar["bar"].__exit__(None, None, None)
-
+    if quantize and bits is None and recipe is None:
+        bits = DEFAULT_BITS
+    bar = ProgressBar(then=None if no_eval else "checking the output against the input (KL divergence; "
+                                                "--no-eval skips this) ...")
     try:
         with handle_signals():  # SIGTERM/SIGHUP stop it like Ctrl-C: the temp folder is removed
             report = run_convert(
                 hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits,
                 group_size=group_size, recipe=recipe, tokenizer=tokenizer, force=force,
-                max_shard_size=max_shard_size, evaluate=not no_eval, dequantize=dequantize, progress=progress,
+                max_shard_size=max_shard_size, evaluate=not no_eval, dequantize=dequantize, progress=bar,
             )
     except Interrupted as e:
         raise click.ClickException(f"interrupted ({e}); no temporary folder was left behind") from None
     finally:
-        if bar["bar"] is not None and bar["bar"].pos < bar["bar"].length:
-            bar["bar"].__exit__(None, None, None)
+        bar.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -9,7 +9,9 @@ It holds about one output shard and one input tensor at a time.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -29,7 +31,20 @@ from .report import ConvertReport, layer_bits, peak_memory_mb
 from .sources import AveragedSource, Source, leaves, open_source
 from .writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_tokenizer, model_config, parse_size, write_config
 
-Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ConvertProgress:
+    """How far the conversion is: tensors and weights (elements) converted so far, of the totals."""
+
+    tensors_done: int
+    tensors_total: int
+    weights_done: int
+    weights_total: int
+    name: str  # the tensor about to be converted ("" once all are)
+
+
+Progress = Callable[[ConvertProgress], None]
 
 
 def convert(
@@ -161,18 +176,22 @@ def _write_model(source: Source, folder: Path, dtype: mx.Dtype, plan: Optional[Q
     """Convert every tensor into shards in `folder`; the report of what was written."""
     writer = ShardWriter(folder, max_bytes, metadata={"format": "mlx"})
     names = source.names()
+    shapes = source.shapes()
+    sizes = [math.prod(shapes[name]) for name in names]
+    total, done = sum(sizes), 0
     worst, worst_name, stored_bits = 0.0, "", 0
     for i, name in enumerate(names):
         if progress is not None:
-            progress(i, len(names), name)
+            progress(ConvertProgress(i, len(names), done, total, name))
         tensors, rel = convert_tensor(name, source.get(name), dtype, plan, source=str(source.path))
         if rel >= worst:
             worst, worst_name = rel, name
         stored_bits += sum(a.nbytes for a in tensors.values()) * 8
         writer.add(tensors)
         del tensors
+        done += sizes[i]
     if progress is not None:
-        progress(len(names), len(names), "")
+        progress(ConvertProgress(len(names), len(names), total, total, ""))
     files = writer.finish()
     parameters = source.args.num_parameters()
     return ConvertReport(

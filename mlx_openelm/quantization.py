@@ -26,6 +26,7 @@ from .errors import ConfigError
 # The one place to allow more bit widths or group sizes.
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
+DEFAULT_BITS = 4  # what `convert -q/--quantize` means without --bits (as mlx-lm's convert)
 MODE = "affine"
 
 # The output head: the tied token embedding (OpenELM's default) or an untied lm_head.
