@@ -34,6 +34,7 @@ from .model import make_cache
 from .speculative import check_draft
 from .tokenizer import Tokenizer
 
+
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
