@@ -76,8 +76,14 @@ def _reply(session, text: str, max_tokens: int, quiet: bool, gen_kwargs: dict) -
             f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
             f"prompt: {session.last_prefill_tokens} new tokens, {last.prompt_tps:.1f} tok/s"
             f"{' | ' + format_speculative(last) if speculative else ''}"
-            f"{' | cut at the token limit' if session.finish_reason == 'length' else ''}]"
+            f"{_cut_note(session, last)}]"
         )
+
+
+def _cut_note(session, last) -> str:
+    if session.finish_reason != "length":
+        return ""
+    return " | cut: the model's context is full" if last.context_full else " | cut at the token limit"
 
 
 def run_repl(

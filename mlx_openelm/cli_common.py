@@ -272,6 +272,13 @@ def format_stats(response, speculative: bool = False) -> str:
     )
 
 
+def format_finish(response) -> str:
+    """Why generation ended: 'finish: stop', 'finish: length', or the full context said plainly."""
+    if getattr(response, "context_full", False):
+        return "finish: length (the model's context is full)"
+    return f"finish: {response.finish_reason}"
+
+
 def format_speculative(response) -> str:
     """'drafts: 45/60 accepted (75%), 0.41 target passes/token' for a finished generation."""
     rate = f" ({response.acceptance_rate:.0%})" if response.acceptance_rate is not None else ""

@@ -9,6 +9,7 @@ import click
 from .cli_common import (
     clean_prompt,
     echo_stream,
+    format_finish,
     format_stats,
     load_model_and_tokenizer,
     load_speculative,
@@ -32,6 +33,7 @@ def _json_fields(last) -> dict:
         "generation_tps": last.generation_tps,
         "peak_memory_gb": last.peak_memory_gb,
         "finish_reason": last.finish_reason,
+        "context_full": last.context_full,
         **speculative_fields(last),
     }
 
@@ -74,4 +76,4 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, ma
         return
     click.echo()
     if not quiet and last is not None:
-        click.echo(format_stats(last, bool(speculative)) + f" | finish: {last.finish_reason}", err=True)
+        click.echo(format_stats(last, bool(speculative)) + f" | {format_finish(last)}", err=True)

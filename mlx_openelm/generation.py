@@ -11,6 +11,7 @@ from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 import mlx.core as mx
 
 from .cache import KVCache
+from .compat import keyword_names, print_generation, translate_kwargs
 from .errors import ContextLengthError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
@@ -230,6 +231,12 @@ class GenerationResponse:
     accepted_tokens: int = 0
     acceptance_rate: Optional[float] = None
     target_forward_passes: int = 0
+    context_full: bool = False  # finish "length" because the model's context is full, before max_tokens
+
+    @property
+    def peak_memory(self) -> float:
+        """`peak_memory_gb` under mlx-lm's name."""
+        return self.peak_memory_gb
 
 
 def stream_generate(
@@ -242,9 +249,15 @@ def stream_generate(
     """Stream a completion of `prompt` (text, which gets BOS, or token ids).
 
     Keyword arguments go to `generate_step` (sampler, logits_processors, cache,
-    draft_model, prompt_lookup, ...). EOS ends generation with finish reason "stop";
-    running out of `max_tokens` or of the model's context ends it with "length".
+    draft_model, prompt_lookup, ...); mlx-lm's names for them work too (prompt_cache,
+    prompt_progress_callback), and unknown ones raise a TypeError listing the accepted.
+    EOS ends generation with finish reason "stop"; running out of `max_tokens` or of the
+    model's context ends it with "length" (with `context_full` set for the context).
+    `max_tokens=-1` (mlx-lm's "no limit") generates until EOS or a full context.
     """
+    kwargs = translate_kwargs(kwargs, keyword_names(stream_generate, generate_step))
+    if max_tokens == -1:
+        max_tokens = model.args.max_context_length
     prompt_ids = encode_prompt(tokenizer, prompt)
     prompt_size = len(prompt_ids)
     detokenizer = tokenizer.detokenizer()
@@ -281,6 +294,7 @@ def stream_generate(
             accepted_tokens=step.accepted_tokens,
             acceptance_rate=step.accepted_tokens / step.drafted_tokens if step.drafted_tokens else None,
             target_forward_passes=step.target_forward_passes,
+            context_full=finish == "length" and n < max_tokens,
         )
         if finish:
             return
@@ -291,10 +305,18 @@ def generate(
     tokenizer: Tokenizer,
     prompt: Union[str, Sequence[int], mx.array],
     max_tokens: int = 256,
+    verbose: bool = False,
     **kwargs,
 ) -> str:
-    """The completion of `prompt` as one string (see `stream_generate`)."""
-    return "".join(r.text for r in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
+    """The completion of `prompt` as one string (see `stream_generate`).
+
+    `verbose=True` prints the text as it comes and then the statistics to stdout, as
+    mlx-lm's `generate` does.
+    """
+    responses = stream_generate(model, tokenizer, prompt, max_tokens, **kwargs)
+    if verbose:
+        return print_generation(responses)
+    return "".join(r.text for r in responses)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Union[str, Sequence[int], mx.array]) -> Union[list[int], mx.array]:
