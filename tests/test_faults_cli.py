@@ -184,6 +184,19 @@ def test_bad_flags_and_paths(hf_checkpoint, tmp_path, args, code, words):
 
 # ---- signals ----------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory, tokenizer_path):
+    """Many layers of tiny width: cheap to build, but each token costs dozens of MLX ops, so a
+    long generation cannot finish before the signal arrives, even on a loaded machine."""
+    from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
+
+    n = 24
+    config = {**TINY_CONFIG, "num_transformer_layers": n, "num_query_heads": [4] * n, "num_kv_heads": [1] * n,
+              "ffn_multipliers": [0.5] * n}
+    folder = tmp_path_factory.mktemp("slow") / "OpenELM-slow"
+    return write_hf_checkpoint(folder, config, random_weights(config, seed=7), tokenizer=tokenizer_path)
+
+
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mlx_openelm.cli", *map(str, args)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -211,8 +224,8 @@ def finish(proc: subprocess.Popen, input: bytes = b"") -> tuple[int, str]:
     (signal.SIGINT, 1, "Aborted!"),
     (signal.SIGTERM, 128 + signal.SIGTERM, ""),
 ])
-def test_a_signal_during_generate_stops_it_cleanly(hf_checkpoint, signum, code, words):
-    proc = start("generate", "--model", hf_checkpoint, "-p", "Once upon a time", "-m", 2000, "--repetition-penalty", 1)
+def test_a_signal_during_generate_stops_it_cleanly(slow_checkpoint, signum, code, words):
+    proc = start("generate", "--model", slow_checkpoint, "-p", "Once upon a time", "-m", 2000, "--repetition-penalty", 1)
     wait_for_output(proc)
     proc.send_signal(signum)
     returncode, err = finish(proc)
@@ -232,8 +245,8 @@ def test_sigterm_ends_a_waiting_chat_cleanly(hf_checkpoint):
     assert returncode == 128 + signal.SIGTERM and "Traceback" not in err
 
 
-def test_sigint_during_a_chat_reply_keeps_the_chat(hf_checkpoint):
-    proc = start("chat", "--model", hf_checkpoint, "-m", 600, "--repetition-penalty", 1)
+def test_sigint_during_a_chat_reply_keeps_the_chat(slow_checkpoint):
+    proc = start("chat", "--model", slow_checkpoint, "-m", 600, "--repetition-penalty", 1)
     proc.stdin.write(b"tell me everything\n")
     proc.stdin.flush()
     wait_for_output(proc)
