@@ -117,6 +117,10 @@ def _one_preset(value, param, ctx):
 @click.option("--protocol", type=click.Choice(["default", "paper"]), default="default", show_default=True,
               help="default: 512-token random prompt, 128 tokens. paper: Table 7b's settings "
                    "(35-token fixed prompt, 1024 tokens, 16- and 4-bit) beside the paper's M2 Max figures.")
+@click.option("--reference-json", "reference_path", default=None, metavar="PATH",
+              help="Figures to print beside ours, e.g. the paper's Table 7b: a JSON file "
+                   '{"source": ..., "rows": [{"model": "270M", "bits": 16, "generation_tps": ...}, ...]} '
+                   "(any of prompt_tps, generation_tps, total_tps per row).")
 @click.option("--ablation", type=click.Choice(["rmsnorm"]), default=None,
               help="rmsnorm: the same configuration with a naive RMSNorm (separate ops) and with the fused "
                    "mx.fast.rms_norm, interleaved, with their ratio (the paper's Table 8 on your machine).")
@@ -146,7 +150,7 @@ def _one_preset(value, param, ctx):
               help="Draw generation tok/s per configuration to a PNG (needs matplotlib).")
 @user_errors
 def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generation_tokens, trials, warmup,
-          protocol, ablation, compare, draft_model, draft_preset, draft_bits, num_draft_tokens, prompt_lookup,
+          protocol, reference_path, ablation, compare, draft_model, draft_preset, draft_bits, num_draft_tokens, prompt_lookup,
           bandwidth, seed, json_path, csv_path, plot_path):
     """Measure prompt and generation throughput, peak memory and memory bandwidth.
 
@@ -164,6 +168,7 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
     outputs = {option: check_output_path(path, option)
                for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path))}
     _check_extras(plot_path, compare)
+    reference = _load_reference(reference_path)
     chosen = {"bits": [None if b == 16 else b for b in bits_list] if bits_list else None,
               "prompt_tokens": prompt_tokens, "generation_tokens": generation_tokens}
     settings = BenchSettings(
@@ -179,6 +184,8 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
 
     document = run_benchmark(settings, progress=ClickProgress())
     document["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    if reference is not None:
+        document["reference"] = reference
     _print_report(document, settings)
     _write_outputs(document, outputs)
 
@@ -191,6 +198,14 @@ def _protocol_defaults(protocol: str) -> dict:
 
     return {"prompt": "fixed", "prompt_tokens": [PAPER_PROMPT_TOKENS],
             "generation_tokens": [PAPER_GENERATION_TOKENS], "bits": list(PAPER_BITS)}
+
+
+def _load_reference(path):
+    if path is None:
+        return None
+    from .paper import load_reference
+
+    return load_reference(path)
 
 
 def _check_extras(plot_path, compare) -> None:
@@ -239,7 +254,7 @@ RATIO_TITLES = {
 
 def _print_report(document: dict, settings) -> None:
     from . import report
-    from .paper import PAPER_SOURCE
+    from . import paper
 
     click.echo(report.results_table(document["rows"]))
     if document["ratios"]:
@@ -248,10 +263,28 @@ def _print_report(document: dict, settings) -> None:
         click.echo(report.ratio_table(document["ratios"], RATIO_TITLES[kind]))
     if settings.protocol == "paper":
         click.echo()
-        click.echo(f"Beside {PAPER_SOURCE}: the paper's figures: not found "
-                   "(no sourced copy of Table 7b was available offline)")
+        lines = paper.protocol_rows(document["rows"], settings.to_dict(), document.get("machine", {}))
+        click.echo(report.protocol_table(lines, f"Protocol of the {paper.PAPER_SOURCE}"))
+    if "reference" in document:
+        click.echo()
+        pairs = paper.compare_rows(document["rows"], document["reference"])
+        if pairs:
+            click.echo(report.reference_table(pairs, document["reference"]["source"]))
+        else:
+            click.echo(f"{document['reference']['source']}: no row for the sizes and bits measured here")
+    elif settings.protocol == "paper":
+        click.echo()
+        click.echo("The paper's own figures are not bundled: pass them with --reference-json FILE "
+                   "to print them beside ours (see --help for the file's shape).")
     for line in document["notes"]:
         click.echo(f"note: {line}", err=True)
+
+
+def _plot_title(document: dict) -> str:
+    from .paper import machine_title
+
+    protocol = document["settings"].get("protocol")
+    return machine_title(document["machine"]) + (" (OpenELM paper protocol)" if protocol == "paper" else "")
 
 
 def _write_outputs(document: dict, outputs: dict) -> None:
@@ -261,7 +294,7 @@ def _write_outputs(document: dict, outputs: dict) -> None:
         "--json": lambda path: report.write_json(path, document),
         "--csv": lambda path: report.write_csv(path, document["rows"]),
         "--plot": lambda path: report.write_plot(
-            path, document["rows"], title=f"{document['machine']['cpu']} ({document['machine']['mlx_device']})"),
+            path, document["rows"], title=_plot_title(document)),
     }
     for option, path in outputs.items():
         if path is not None:

@@ -72,6 +72,26 @@ def results_table(rows: Sequence[dict]) -> str:
     return render_table(headers, lines)
 
 
+def protocol_table(settings: Sequence[tuple[str, str, str]], title: str) -> str:
+    """`title` over (setting, the protocol's value, this run's value) lines."""
+    return title + "\n" + render_table(["setting", "protocol", "this run"], [list(line) for line in settings])
+
+
+def reference_table(pairs: Sequence[dict], source: str) -> str:
+    """Our medians beside a reference's figures (from `paper.compare_rows`), with ours/reference."""
+    names = {"prompt_tps": "prompt tok/s", "generation_tps": "generation tok/s", "total_tps": "total tok/s"}
+    lines = []
+    for pair in pairs:
+        row, ref = pair["row"], pair["reference"]
+        for key, name in names.items():
+            if key in ref:
+                ours = row.get(key)
+                ratio = f"x{ours / ref[key]:.2f}" if ours else "-"
+                lines.append([row["model"], weights_label(row), name, _fmt(ours), _fmt(ref[key]), ratio])
+    headers = ["model", "weights", "metric", "this run", "reference", "this run / reference"]
+    return f"Beside {source}:\n" + render_table(headers, lines)
+
+
 def _speculative_cells(row: dict) -> list[str]:
     """Acceptance rate and target passes per generated token (blank for plain decoding)."""
     if "acceptance_rate" not in row:
