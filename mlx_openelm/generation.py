@@ -16,6 +16,7 @@ from .errors import ContextLengthError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
 from .speculative import DraftProposer, SpeculativeDecoder, check_draft
+from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
 
@@ -225,7 +226,7 @@ class GenerationResponse:
     generation_tokens: int
     generation_tps: float
     peak_memory_gb: float
-    finish_reason: Optional[str] = None  # "stop" (EOS) or "length", on the last response
+    finish_reason: Optional[str] = None  # "stop" (EOS or a stop string) or "length", on the last response
     from_draft: bool = False
     drafted_tokens: int = 0
     accepted_tokens: int = 0
@@ -244,6 +245,7 @@ def stream_generate(
     tokenizer: Tokenizer,
     prompt: Union[str, Sequence[int], mx.array],
     max_tokens: int = 256,
+    stop: Union[str, Sequence[str], None] = None,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Stream a completion of `prompt` (text, which gets BOS, or token ids).
@@ -251,8 +253,10 @@ def stream_generate(
     Keyword arguments go to `generate_step` (sampler, logits_processors, cache,
     draft_model, prompt_lookup, ...); mlx-lm's names for them work too (prompt_cache,
     prompt_progress_callback), and unknown ones raise a TypeError listing the accepted.
-    EOS ends generation with finish reason "stop"; running out of `max_tokens` or of the
-    model's context ends it with "length" (with `context_full` set for the context).
+    EOS, or the first of the `stop` strings in the text, ends generation with finish
+    reason "stop" (the stop string itself is never returned: text that could be its
+    start is held back until decided); running out of `max_tokens` or of the model's
+    context ends it with "length" (with `context_full` set for the context).
     `max_tokens=-1` (mlx-lm's "no limit") generates until EOS or a full context.
     """
     kwargs = translate_kwargs(kwargs, keyword_names(stream_generate, generate_step))
@@ -261,6 +265,7 @@ def stream_generate(
     prompt_ids = encode_prompt(tokenizer, prompt)
     prompt_size = len(prompt_ids)
     detokenizer = tokenizer.detokenizer()
+    stops = StopMatcher(stop) if stop else None
     mx.reset_peak_memory()
     tic = time.perf_counter()
     first_token_time = prompt_tps = 0.0
@@ -279,6 +284,10 @@ def stream_generate(
             finish = "length" if step.last else None
             if finish:
                 text += detokenizer.finalize()
+        if stops:
+            text = stops.feed(text)
+            finish = "stop" if stops.stopped else finish
+            text += stops.flush() if finish else ""
         yield GenerationResponse(
             text=text,
             token=step.token,
