@@ -1,0 +1,261 @@
+"""The server's generation worker: one thread owns MLX and serves every request in turn.
+
+MLX arrays and streams are not meant to be used from many threads at once, so HTTP
+threads never touch the model: they `submit` a `GenerationSpec` and read `Step`s
+from the job's queue. The worker interleaves decode steps round-robin over the
+active jobs (each with its own KV cache), so requests that arrive together are
+served together and fairly; a long prompt's prefill runs in one turn. Finished
+jobs leave their KV cache in a small `PromptCache`, from which a later prompt that
+shares a prefix (the next turn of a chat) starts instead of re-reading it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .chat import _with_history_prefix, common_prefix_length  # the same prefix policy as ChatSession
+from .generation import GenerationResponse, stream_generate, wired_limit
+from .model import make_cache
+from .sampling import make_logits_processors, make_sampler
+from .server_api import GenerationSpec
+
+log = logging.getLogger("mlx_openelm.server")
+
+
+@dataclass
+class Step:
+    """One generated token as the HTTP side sees it (plain Python values only)."""
+
+    text: str
+    token: int
+    logprob: Optional[float]
+    top_logprobs: list[tuple[int, float]]
+    finish_reason: Optional[str]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failure:
+    """A job that ended without finishing: `status` and `message` for the client."""
+
+    status: int
+    message: str
+
+
+@dataclass
+class Job:
+    spec: GenerationSpec
+    events: "queue.Queue[Step | Failure]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # worker-side state
+    steps: Optional[Iterator[GenerationResponse]] = None
+    cache: Optional[list[KVCache]] = None
+    cached_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the worker notices before its next step."""
+        self.cancelled.set()
+
+
+def copy_prefix(cache: list[KVCache], length: int) -> list[KVCache]:
+    """New layer caches holding the first `length` positions of `cache` (which stays as it was)."""
+    copies = []
+    for c in cache:
+        new = KVCache(c.num_kv_heads, c.head_dim, c.max_length, c.step)
+        if length and c.keys is not None:
+            new.keys, new.values = c.keys[..., :length, :], c.values[..., :length, :]
+            new.offset = length
+        copies.append(new)
+    return copies
+
+
+class PromptCache:
+    """The KV caches of the last few finished requests, keyed by the token ids they hold."""
+
+    def __init__(self, model, capacity: int = 4):
+        self.model = model
+        self.capacity = capacity
+        self.entries: list[tuple[list[int], list[KVCache]]] = []  # least recently used first
+
+    def fetch(self, prompt: list[int]) -> tuple[list[KVCache], int]:
+        """A cache for `prompt` and how many of its first tokens it already holds (never all of them:
+        the last prompt token must go through the model to give the first new token's logits)."""
+        best, length = None, 0
+        for i, (ids, _) in enumerate(self.entries):
+            n = min(common_prefix_length(ids, prompt), len(prompt) - 1)
+            if n > length:
+                best, length = i, n
+        if best is None:
+            return make_cache(self.model), 0
+        entry = self.entries.pop(best)
+        self.entries.append(entry)  # most recently used
+        return copy_prefix(entry[1], length), length
+
+    def store(self, ids: list[int], cache: list[KVCache]) -> None:
+        if self.capacity <= 0 or not ids:
+            return
+        # An entry whose ids are a prefix of `ids` is superseded (the previous turn of this chat).
+        self.entries = [(e, c) for e, c in self.entries if common_prefix_length(e, ids) < len(e)]
+        self.entries.append((ids, cache))
+        del self.entries[: max(0, len(self.entries) - self.capacity)]
+
+
+class Scheduler:
+    """Runs `GenerationSpec`s on one model; see the module docstring.
+
+    `run` is the worker loop and must be called from the thread that owns MLX: the
+    main thread (MLX 0.32 aborts at exit after model work on another thread,
+    ml-explore/mlx#3126). `submit` and `stop` may be called from any thread; `stop`
+    only sets a flag, so it is safe in a signal handler.
+    """
+
+    def __init__(self, model, tokenizer, prompt_cache_size: int = 4, generation_kwargs: Optional[dict] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_cache = PromptCache(model, prompt_cache_size)
+        self.generation_kwargs = dict(generation_kwargs or {})  # e.g. a draft model
+        self.inbox: "queue.Queue[Job]" = queue.Queue()
+        self.active: list[Job] = []
+        self.stats = {"requests": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
+                      "generated_tokens": 0}
+        self._stopping = False  # a plain flag: set from signal handlers, where taking a lock could deadlock
+
+    def submit(self, spec: GenerationSpec) -> Job:
+        job = Job(spec)
+        if self._stopping:
+            job.events.put(Failure(503, "the server is shutting down"))
+        else:
+            self.inbox.put(job)
+        return job
+
+    def stop(self) -> None:
+        """Make `run` return soon; running and queued jobs get a 503 failure."""
+        self._stopping = True
+
+    def snapshot(self) -> dict:
+        return {**self.stats, "active": len(self.active), "queued": self.inbox.qsize(),
+                "prompt_cache_entries": len(self.prompt_cache.entries)}
+
+    # ---- worker ---------------------------------------------------------------------------
+
+    def run(self, poll: float = 0.2) -> None:
+        """Serve jobs until `stop`; `poll` is how often an idle worker looks at the stop flag."""
+        # Held for the worker's life: the jobs' own (nested, interleaved) wired_limit
+        # blocks then restore the same value, whatever order they close in.
+        with wired_limit():
+            while not self._stopping:
+                self._admit(timeout=None if self.active else poll)
+                for job in list(self.active):
+                    if self._stopping:
+                        break
+                    self._step(job)
+            for job in self.active + self._drain():
+                self._end(job, Failure(503, "the server is shutting down"))
+            mx.synchronize()
+
+    def _drain(self) -> list[Job]:
+        jobs = []
+        while True:
+            try:
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return jobs
+            jobs.append(job)
+
+    def _admit(self, timeout: Optional[float]) -> None:
+        """Start the queued jobs; with none active, first wait up to `timeout` for one (None: no wait)."""
+        try:
+            first = self.inbox.get(timeout=timeout) if timeout else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        for job in [first] + self._drain():
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        spec = job.spec
+        try:
+            job.cache, job.cached_tokens = self.prompt_cache.fetch(spec.prompt)
+            processors = make_logits_processors(spec.repetition_penalty)
+            if job.cached_tokens and processors:  # the penalty must see the cached prefix too
+                prefix = mx.array(spec.prompt[: job.cached_tokens], dtype=mx.uint32)
+                processors = [_with_history_prefix(p, prefix) for p in processors]
+            sampler = make_sampler(temp=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, min_p=spec.min_p,
+                                   seed=spec.seed)
+            job.steps = stream_generate(self.model, self.tokenizer, spec.prompt[job.cached_tokens:],
+                                        max_tokens=spec.max_tokens, stop=spec.stop, cache=job.cache,
+                                        sampler=sampler, logits_processors=processors, **self.generation_kwargs)
+        except ValueError as e:  # bad sampling values that parsing let through
+            job.events.put(Failure(400, str(e)))
+            return
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(spec.prompt)
+        self.stats["cached_prompt_tokens"] += job.cached_tokens
+        self.active.append(job)
+
+    def _step(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.stats["cancelled"] += 1
+            self._end(job, None)
+            return
+        try:
+            response = next(job.steps, None)
+            step = self._to_step(job, response)
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
+            log.exception("generation failed")
+            self.stats["failed"] += 1
+            self._end(job, Failure(500, f"generation failed: {type(e).__name__}"))
+            return
+        job.events.put(step)
+        if step.finish_reason:
+            self._end(job, None)
+
+    def _to_step(self, job: Job, response: Optional[GenerationResponse]) -> Step:
+        spec = job.spec
+        if response is None:  # no token fits (cannot happen for a prompt that passed validation)
+            return Step("", -1, None, [], "length", len(spec.prompt), job.cached_tokens, len(job.generated))
+        job.generated.append(response.token)
+        self.stats["generated_tokens"] += 1
+        logprob, top = None, []
+        if spec.top_logprobs is not None:
+            logprob = response.logprobs[response.token].item()
+            top = top_logprobs(response.logprobs, spec.top_logprobs)
+        return Step(response.text, response.token, logprob, top, response.finish_reason, len(spec.prompt),
+                    job.cached_tokens, len(job.generated))
+
+    def _end(self, job: Job, failure: Optional[Failure]) -> None:
+        if job in self.active:
+            self.active.remove(job)
+        if job.steps is not None:
+            job.steps.close()
+        if failure is not None:
+            job.events.put(failure)
+        if job.cache is not None and failure is None:
+            # The cache holds the prompt and the generated tokens fed so far (generate_step
+            # runs one token ahead, and never feeds a budget-ending token): key it by those.
+            held = min(c.offset for c in job.cache)
+            ids = (job.spec.prompt + job.generated)[:held]
+            for c in job.cache:
+                c.trim(c.offset - len(ids))
+            self.prompt_cache.store(ids, job.cache)
+        job.cache = job.steps = None
+
+
+def top_logprobs(logprobs: mx.array, k: int) -> list[tuple[int, float]]:
+    """The `k` most likely tokens of a (vocab,) log-probability row, most likely first."""
+    if k <= 0:
+        return []
+    ids = mx.argpartition(-logprobs, kth=k - 1)[:k]
+    values = logprobs[ids]
+    order = mx.argsort(-values)
+    return list(zip(ids[order].tolist(), values[order].tolist()))
+

@@ -1,0 +1,324 @@
+"""An OpenAI-compatible HTTP server for one OpenELM model, on the standard library's `http.server`.
+
+`ServerApp` holds the model's `Scheduler` (the one thread that runs MLX) and the
+server's settings; `make_server` binds a `ThreadingHTTPServer` whose handler threads
+parse requests (`server_api`), hand them to the scheduler and write its tokens back,
+as one JSON body or as server-sent events. Endpoints: `GET /v1/models`, `GET /health`,
+`POST /v1/chat/completions`, `POST /v1/completions`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Iterator, Optional
+from urllib.parse import urlsplit
+
+from . import server_api as api
+from .scheduler import Failure, Job, Scheduler, Step
+
+log = logging.getLogger("mlx_openelm.server")
+
+POLL_SECONDS = 0.1  # how often a waiting handler checks that its client is still there
+DRAIN_LIMIT = 64 << 20  # an oversized body up to this size is read and dropped, so the client sees the 413
+
+
+class ServerApp:
+    """One model behind the OpenAI API: settings, the scheduler, and the request handlers' logic."""
+
+    def __init__(self, model, tokenizer, model_id: str, defaults: api.SamplingDefaults = api.SamplingDefaults(),
+                 api_key: Optional[str] = None, max_request_bytes: int = 1 << 20, prompt_cache_size: int = 4,
+                 generation_kwargs: Optional[dict] = None):
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.defaults = defaults
+        self.api_key = api_key
+        self.max_request_bytes = max_request_bytes
+        self.context = model.args.max_context_length
+        self.vocab_size = model.args.vocab_size
+        self.created = int(time.time())
+        self.scheduler = Scheduler(model, tokenizer, prompt_cache_size, generation_kwargs)
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def stop(self) -> None:
+        """Make `serve` return (safe in a signal handler): running requests are cancelled."""
+        self.scheduler.stop()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no handler is answering a generation request (False on timeout)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    @contextmanager
+    def in_flight(self):
+        with self._idle:
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def parse(self, route: str, body) -> api.ParsedRequest:
+        if route == "chat":
+            return api.parse_chat(body, self.tokenizer, self.context, self.defaults)
+        return api.parse_completion(body, self.tokenizer, self.context, self.vocab_size, self.defaults)
+
+    def logprobs(self, request: api.ParsedRequest, steps: list[Step], offsets: list[int]) -> Optional[dict]:
+        if request.spec.top_logprobs is None:
+            return None
+        if request.kind == "chat":
+            return api.chat_logprobs(self.tokenizer, steps)
+        return api.completion_logprobs(self.tokenizer, steps, offsets)
+
+
+class OpenAIServer(ThreadingHTTPServer):
+    daemon_threads = True  # a stuck client never blocks shutdown
+
+    def __init__(self, address, app: ServerApp):
+        super().__init__(address, Handler)
+        self.app = app
+
+
+def make_server(app: ServerApp, host: str = "127.0.0.1", port: int = 8080) -> OpenAIServer:
+    """Bind (port 0: any free port, see `server.server_address`); then `serve` it."""
+    return OpenAIServer((host, port), app)
+
+
+def serve(httpd: OpenAIServer, drain_seconds: float = 5.0) -> None:
+    """Serve until `httpd.app.stop()`; must be called from the main thread.
+
+    HTTP runs in a background thread and generation on this one (see `Scheduler`). On
+    stop, running requests get an error, their handlers get up to `drain_seconds` to
+    send it, and the socket is closed.
+    """
+    http = threading.Thread(target=httpd.serve_forever, name="mlx-openelm-http", daemon=True)
+    http.start()
+    try:
+        httpd.app.scheduler.run()
+    finally:
+        httpd.app.scheduler.stop()
+        httpd.app.wait_idle(drain_seconds)
+        httpd.shutdown()
+        httpd.server_close()
+
+
+class ClientGone(Exception):
+    """The client closed the connection; its generation is cancelled."""
+
+
+ROUTES = {
+    ("GET", "/v1/models"): "models",
+    ("GET", "/health"): "health",
+    ("POST", "/v1/chat/completions"): "chat",
+    ("POST", "/v1/completions"): "completion",
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "mlx-openelm"
+    server: OpenAIServer
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+    def _dispatch(self, method: str) -> None:
+        self._body_read = self._headers_sent = False
+        app = self.server.app
+        try:
+            path = urlsplit(self.path).path.rstrip("/")
+            route = ROUTES.get((method, path))
+            if route is None:
+                raise api.APIError(404, f"Invalid URL ({method} {self.path})", code="unknown_url")
+            if route == "health":
+                return self._send_json(200, {"status": "ok", "model": app.model_id, **app.scheduler.snapshot()})
+            self._authorize(app.api_key)
+            if route == "models":
+                return self._send_json(200, api.models_body(app.model_id, app.created))
+            request = app.parse(route, self._read_json(app.max_request_bytes))
+            self._generate(app, request)
+        except api.APIError as e:
+            self._send_error(e)
+        except ClientGone:
+            self.close_connection = True
+        except Exception:  # noqa: BLE001 - log it here; the client gets no stack trace
+            log.exception("request failed: %s %s", method, self.path)
+            self._send_error(api.APIError(500, "internal server error", kind="server_error"))
+
+    def _authorize(self, key: Optional[str]) -> None:
+        if key is None:
+            return
+        scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise api.APIError(401, "Incorrect API key provided (send it as 'Authorization: Bearer KEY').",
+                               code="invalid_api_key")
+
+    def _read_json(self, limit: int):
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise api.APIError(411, "chunked request bodies are not supported: send a Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise api.APIError(411, "a Content-Length header is required") from None
+        if length > limit:
+            if length <= DRAIN_LIMIT:
+                self._drain(length)
+            raise api.APIError(413, f"the request body has {length} bytes, over this server's limit of {limit} "
+                                    "(--max-request-bytes)", code="request_too_large")
+        raw = self.rfile.read(length)
+        self._body_read = True
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise api.APIError(400, f"the request body is not valid JSON: {e}") from None
+
+    def _drain(self, length: int) -> None:
+        while length > 0:
+            chunk = self.rfile.read(min(length, 1 << 16))
+            if not chunk:
+                return
+            length -= len(chunk)
+        self._body_read = True
+
+    # ---- generation ---------------------------------------------------------------------
+
+    def _generate(self, app: ServerApp, request: api.ParsedRequest) -> None:
+        with app.in_flight():
+            self._run_job(app, request)
+
+    def _run_job(self, app: ServerApp, request: api.ParsedRequest) -> None:
+        job = app.scheduler.submit(request.spec)
+        try:
+            events = self._events(job)
+            first = next(events)  # errors before the first token get a plain JSON error response
+            if isinstance(first, Failure):
+                raise api.APIError(first.status, first.message, kind=_error_kind(first.status))
+            if request.stream:
+                self._stream(app, request, itertools.chain([first], events))
+            else:
+                self._respond(app, request, itertools.chain([first], events))
+        finally:
+            job.cancel()  # a no-op for a finished job; otherwise the worker stops it
+
+    def _events(self, job: Job) -> Iterator[Step | Failure]:
+        check_at = time.monotonic() + POLL_SECONDS
+        while True:
+            try:
+                event = job.events.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                event = None
+            if time.monotonic() >= check_at:  # also while tokens flow: a non-streamed reply writes nothing
+                if self._client_gone():
+                    raise ClientGone()
+                check_at = time.monotonic() + POLL_SECONDS
+            if event is None:
+                continue
+            yield event
+            if isinstance(event, Failure) or event.finish_reason:
+                return
+
+    def _respond(self, app: ServerApp, request: api.ParsedRequest, events) -> None:
+        steps, texts, offsets, length = [], [], [], 0
+        for event in events:
+            if isinstance(event, Failure):
+                raise api.APIError(event.status, event.message, kind=_error_kind(event.status))
+            steps.append(event)
+            offsets.append(length)
+            texts.append(event.text)
+            length += len(event.text)
+        last = steps[-1]
+        usage = api.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+        body = api.response_body(request, app.model_id, "".join(texts), last.finish_reason,
+                                 app.logprobs(request, steps, offsets), usage)
+        self._send_json(200, body)
+
+    def _stream(self, app: ServerApp, request: api.ParsedRequest, events) -> None:
+        self._start_events()
+        if request.kind == "chat":
+            self._send_event(api.chunk_body(request, app.model_id, None, None, None, role=True))
+        length, last = 0, None
+        for event in events:
+            if isinstance(event, Failure):
+                self._send_event(api.APIError(event.status, event.message, kind=_error_kind(event.status)).body())
+                return
+            logprobs = app.logprobs(request, [event], [length])
+            if event.text or logprobs or event.finish_reason:
+                self._send_event(api.chunk_body(request, app.model_id, event.text, event.finish_reason, logprobs))
+            length += len(event.text)
+            last = event
+        if request.include_usage:
+            usage = api.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
+            self._send_event(api.usage_chunk(request, app.model_id, usage))
+        self._write(b"data: [DONE]\n\n")
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def _client_gone(self) -> bool:
+        """True when the peer has closed its end (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.wfile.write(data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout):
+            raise ClientGone() from None
+
+    def _start_events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream's end is the connection's end
+        self.end_headers()
+        self._headers_sent = True
+        self.close_connection = True
+
+    def _send_event(self, body: dict) -> None:
+        self._write(b"data: " + json.dumps(body).encode() + b"\n\n")
+
+    def _send_json(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if not self._body_read and self.command == "POST":
+            self.send_header("Connection", "close")  # an unread body would be taken for the next request
+            self.close_connection = True
+        self.end_headers()
+        self._headers_sent = True
+        self._write(data)
+
+    def _send_error(self, error: api.APIError) -> None:
+        if self._headers_sent:  # mid-stream: nothing sensible can follow
+            self.close_connection = True
+            return
+        try:
+            self._send_json(error.status, error.body())
+        except ClientGone:
+            self.close_connection = True
+
+
+def _error_kind(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"

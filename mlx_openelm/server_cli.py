@@ -1,0 +1,70 @@
+"""`mlx-openelm serve`: the OpenAI-compatible server on the command line."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from .cli_common import load_model_and_tokenizer, model_options, sampling_options, user_errors
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _model_id(model_path: str) -> str:
+    path = Path(model_path)
+    return path.resolve().name if path.exists() else model_path
+
+
+@click.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (anything but localhost is reachable from your network).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: any free port, printed at start).")
+@click.option("--api-key", envvar="MLX_OPENELM_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on /v1 requests (also $MLX_OPENELM_API_KEY).")
+@click.option("--model-id", default=None, help="Model name in responses and /v1/models (default: the folder name).")
+@click.option("--max-request-bytes", type=click.IntRange(min=1), default=1 << 20, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--prompt-cache-size", type=click.IntRange(min=0), default=4, show_default=True,
+              help="KV caches of recent requests kept for prompts that extend them (0: off).")
+@sampling_options
+@click.option("--quiet", "-q", is_flag=True, help="No loading message and no per-request log lines.")
+@user_errors
+def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_id, max_request_bytes,
+                  prompt_cache_size, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed, quiet):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
+
+    The sampling options are the defaults for requests that leave those fields out.
+    Ctrl-C or SIGTERM stops the server: running requests are cancelled, exit status 0.
+    """
+    import logging
+
+    from .server import ServerApp, make_server, serve
+    from .server_api import SamplingDefaults
+
+    if max_tokens < 1:
+        raise click.BadParameter("must be at least 1 for a server", param_hint="--max-tokens")
+    defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                                repetition_penalty=repetition_penalty, seed=seed)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
+    app = ServerApp(model, tokenizer, model_id or _model_id(model_path), defaults=defaults, api_key=api_key,
+                    max_request_bytes=max_request_bytes, prompt_cache_size=prompt_cache_size)
+    try:
+        httpd = make_server(app, host, port)
+    except OSError as e:
+        raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if host not in LOOPBACK:
+        click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the model"
+                   f"{'' if api_key else ' (set --api-key to require a key)'}", err=True)
+    bound_host, bound_port = httpd.server_address[:2]
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: app.stop())
+    click.echo(f"Serving {app.model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
+    serve(httpd)
+    click.echo("mlx-openelm serve: stopped", err=True)

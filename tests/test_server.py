@@ -1,0 +1,293 @@
+"""`mlx-openelm serve` end to end: a real server process on 127.0.0.1, driven by the official `openai` client.
+
+One server (tiny synthetic model, fp32) serves the whole module; it runs as a
+subprocess because MLX must run on a process's main thread (see scheduler.py).
+Expected texts come from `generate` in this process with the same settings.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+from mlx_openelm import generate, load, make_logits_processors, make_sampler, stream_generate  # noqa: E402
+
+KEY = "test-key"
+MAX_TOKENS = 24  # the server's default --max-tokens in these tests
+LIMIT = 64 * 1024  # --max-request-bytes
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log: list
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def start_server(checkpoint, *extra) -> Server:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_openelm.cli", "serve", "--model", str(checkpoint), "--port", "0", *extra],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    log = []
+    deadline = time.monotonic() + 60
+    for line in proc.stderr:
+        log.append(line)
+        match = re.search(r"Serving .* on http://127\.0\.0\.1:(\d+)/v1", line)
+        if match:
+            break
+        assert time.monotonic() < deadline, "".join(log)
+    else:
+        raise AssertionError("server did not start:\n" + "".join(log))
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()  # keep the pipe drained
+    return Server(proc, int(match.group(1)), log)
+
+
+@pytest.fixture(scope="module")
+def server(hf_checkpoint):
+    s = start_server(hf_checkpoint, "--api-key", KEY, "--max-request-bytes", str(LIMIT),
+                     "--max-tokens", str(MAX_TOKENS), "--model-id", "tiny")
+    yield s
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=20) == 0, "".join(s.log)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(hf_checkpoint):
+    return load(hf_checkpoint, dtype="float32")
+
+
+def expected(local, prompt_ids, max_tokens=MAX_TOKENS, **kwargs) -> str:
+    model, tokenizer = local
+    return generate(model, tokenizer, prompt_ids, max_tokens=max_tokens,
+                    logits_processors=make_logits_processors(1.2), **kwargs)
+
+
+def raw(server, method, path, body=None, headers=None):
+    """(status, decoded JSON) of one plain HTTP request."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    connection.request(method, path, body=data,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
+                                **(headers or {})})
+    response = connection.getresponse()
+    result = response.status, json.loads(response.read())
+    connection.close()
+    return result
+
+
+def health(server) -> dict:
+    return raw(server, "GET", "/health")[1]
+
+
+CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Once upon a time"}]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    status = health(server)
+    assert status["status"] == "ok" and status["model"] == "tiny"
+
+
+def test_chat_streamed_equals_non_streamed_equals_generate(client, local):
+    ids = local[1].apply_chat_template(CHAT)
+    want = expected(local, ids)
+    whole = client.chat.completions.create(model="tiny", messages=CHAT)
+    assert whole.choices[0].message.content == want
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    generated = list(stream_generate(*local, ids, max_tokens=MAX_TOKENS,
+                                     logits_processors=make_logits_processors(1.2)))
+    assert whole.choices[0].finish_reason == generated[-1].finish_reason
+    assert whole.usage.prompt_tokens == len(ids)
+    assert whole.usage.completion_tokens == len(generated)
+    assert whole.usage.total_tokens == len(ids) + len(generated)
+
+
+def test_completion_text_and_token_ids(client, local):
+    tokenizer = local[1]
+    want = expected(local, tokenizer.encode("The quick brown fox"), max_tokens=10)
+    text = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=10)
+    assert text.choices[0].text == want and text.usage.completion_tokens <= 10
+    assert text.usage.prompt_tokens == len(tokenizer.encode("The quick brown fox"))
+    streamed = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=10, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+    ids = [1, 40, 7, 250, 33]  # token ids are taken as they are (no BOS added)
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=8)
+    assert by_ids.choices[0].text == expected(local, ids, max_tokens=8)
+    assert by_ids.usage.prompt_tokens == len(ids)
+
+
+def test_stop_strings_end_the_text_before_them(client, local):
+    prompt = "Apple silicon runs"
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=30).choices[0].text
+    assert len(full) > 8, f"the tiny model should say something: {full!r}"
+    stop = full[5:8]
+    cut = full[: full.find(stop)]
+    for stream in (False, True):
+        response = client.completions.create(model="tiny", prompt=prompt, max_tokens=30, stop=[stop, "zzz"],
+                                             stream=stream)
+        choices = [c.choices[0] for c in response] if stream else response.choices
+        assert "".join(c.text for c in choices) == cut
+        assert choices[-1].finish_reason == "stop"
+
+
+def test_seed_reproduces_a_sampled_reply(client):
+    def sample(seed):
+        return client.chat.completions.create(model="tiny", messages=CHAT, temperature=1.0, seed=seed,
+                                              max_tokens=16).choices[0].message.content
+
+    first = sample(7)
+    assert sample(7) == first
+    assert any(sample(seed) != first for seed in (8, 9))
+
+
+def test_logprobs_match_the_model(client, local):
+    ids = local[1].apply_chat_template(CHAT)
+    model, tokenizer = local
+    steps = list(stream_generate(model, tokenizer, ids, max_tokens=6, logits_processors=make_logits_processors(1.2),
+                                 sampler=make_sampler()))
+    response = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, logprobs=True,
+                                              top_logprobs=3)
+    content = response.choices[0].logprobs.content
+    assert len(content) == len(steps)
+    for entry, step in zip(content, steps):
+        assert entry.logprob == pytest.approx(step.logprobs[step.token].item(), abs=1e-4)
+        top = [t.logprob for t in entry.top_logprobs]
+        assert top == sorted(top, reverse=True) and len(top) == 3
+        assert top[0] == pytest.approx(entry.logprob, abs=1e-6)  # greedy picks the most likely token
+    legacy = client.completions.create(model="tiny", prompt=ids, max_tokens=6, logprobs=2).choices[0].logprobs
+    assert legacy.token_logprobs == pytest.approx([e.logprob for e in content], abs=1e-4)
+    assert all(len(t) <= 2 for t in legacy.top_logprobs) and len(legacy.tokens) == len(steps)
+
+
+def test_stream_usage_comes_last_when_asked(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_next_chat_turn_reuses_the_cached_prefix(server, client, local):
+    first = CHAT[:1] + [{"role": "user", "content": "The dog sleeps."}]
+    reply = client.chat.completions.create(model="tiny", messages=first, max_tokens=8)
+    first_ids = local[1].apply_chat_template(first)
+    second = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                      {"role": "user", "content": "And the fox?"}]
+    before = health(server)["cached_prompt_tokens"]
+    response = client.chat.completions.create(model="tiny", messages=second, max_tokens=8)
+    cached = response.usage.prompt_tokens_details.cached_tokens
+    assert cached >= len(first_ids)
+    assert health(server)["cached_prompt_tokens"] - before == cached
+    assert response.choices[0].message.content == expected(local, local[1].apply_chat_template(second), 8)
+
+
+def test_concurrent_clients_get_their_own_answers(client, local):
+    prompts = ["Once upon a time", "The quick brown fox", "Emoji are fun", "Apple silicon"]
+    want = [expected(local, local[1].encode(p), max_tokens=16) for p in prompts]
+
+    def ask(i):
+        if i % 2:
+            stream = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=16, stream=True)
+            return "".join(c.choices[0].text for c in stream)
+        return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=16).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, range(4))) == want
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_cancels_the_generation(server, client, stream):
+    before = health(server)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       body=json.dumps({"prompt": "Once", "max_tokens": 2000, "stream": stream}))
+    if stream:
+        response = connection.getresponse()
+        assert response.status == 200 and response.readline().startswith(b"data: ")
+        response.close()
+    else:
+        while health(server)["active"] == 0:
+            time.sleep(0.01)
+    connection.close()
+    deadline = time.monotonic() + 20
+    while (now := health(server))["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, now
+        time.sleep(0.05)
+    assert now["active"] == 0
+    assert now["generated_tokens"] - before["generated_tokens"] < 2000
+    assert client.completions.create(model="tiny", prompt="Once", max_tokens=3).usage.completion_tokens == 3
+
+
+ERRORS = [
+    ("POST", "/v1/chat/completions", b"{not json", 400, None, None),
+    ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", None),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", None),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "temperature": "hot"}, 400, "temperature", None),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
+    ("POST", "/v1/completions", {"prompt": [5] * 2049}, 400, "prompt", "context_length_exceeded"),
+    ("POST", "/v1/completions", {"prompt": "x" * (LIMIT + 1)}, 413, None, "request_too_large"),
+    ("POST", "/v1/nowhere", {}, 404, None, "unknown_url"),
+    ("GET", "/v1/chat/completions", None, 404, None, "unknown_url"),
+]
+
+
+@pytest.mark.parametrize("method, path, body, status, param, code", ERRORS)
+def test_errors_are_openai_shaped(server, method, path, body, status, param, code):
+    got, reply = raw(server, method, path, body)
+    assert got == status
+    error = reply["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert "Traceback" not in error["message"]
+    assert (error["param"], error["code"]) == (param, code)
+    assert health(server)["status"] == "ok"
+
+
+def test_client_sees_typed_errors(server, client):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt=[5] * 2049)
+    assert info.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="n = 1"):
+        client.chat.completions.create(model="tiny", messages=CHAT, n=3)
+    assert client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_sigterm_mid_stream_exits_cleanly(hf_checkpoint):
+    s = start_server(hf_checkpoint, "--max-tokens", "2000")
+    connection = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+    connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "Once", "stream": True}))
+    response = connection.getresponse()
+    assert response.readline().startswith(b"data: ")
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(timeout=20) == 0
+    rest = response.read()
+    assert b"shutting down" in rest and b"[DONE]" not in rest
+    assert "stopped" in "".join(s.log)
