@@ -153,15 +153,18 @@ class Scheduler:
         # Held for the worker's life: the jobs' own (nested, interleaved) wired_limit
         # blocks then restore the same value, whatever order they close in.
         with wired_limit():
-            while not self._stopping:
-                self._admit(timeout=None if self.active else poll)
-                for job in list(self.active):
-                    if self._stopping:
-                        break
-                    self._step(job)
-            for job in self.active + self._drain():
-                self._end(job, Failure(503, "the server is shutting down"))
-            mx.synchronize()
+            try:
+                while not self._stopping:
+                    self._admit(timeout=None if self.active else poll)
+                    for job in list(self.active):
+                        if self._stopping:
+                            break
+                        self._step(job)
+            finally:  # also when a signal handler raised (SIGHUP in the CLI)
+                self._stopping = True
+                for job in self.active + self._drain():
+                    self._end(job, Failure(503, "the server is shutting down"))
+                mx.synchronize()
 
     def _drain(self) -> list[Job]:
         jobs = []
