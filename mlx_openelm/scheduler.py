@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
@@ -82,8 +82,8 @@ def copy_prefix(cache: list[KVCache], length: int) -> list[KVCache]:
 class PromptCache:
     """The KV caches of the last few finished requests, keyed by the token ids they hold."""
 
-    def __init__(self, model, capacity: int = 4):
-        self.model = model
+    def __init__(self, new_cache: Callable[[], list[KVCache]], capacity: int = 4):
+        self.new_cache = new_cache
         self.capacity = capacity
         self.entries: list[tuple[list[int], list[KVCache]]] = []  # least recently used first
 
@@ -96,7 +96,7 @@ class PromptCache:
             if n > length:
                 best, length = i, n
         if best is None:
-            return make_cache(self.model), 0
+            return self.new_cache(), 0
         entry = self.entries.pop(best)
         self.entries.append(entry)  # most recently used
         return copy_prefix(entry[1], length), length
@@ -122,13 +122,19 @@ class Scheduler:
     def __init__(self, model, tokenizer, prompt_cache_size: int = 4, generation_kwargs: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.prompt_cache = PromptCache(model, prompt_cache_size)
-        self.generation_kwargs = dict(generation_kwargs or {})  # e.g. a draft model
+        self.generation_kwargs = dict(generation_kwargs or {})  # speculative decoding options
+        self.draft_model = self.generation_kwargs.get("draft_model")
+        self.prompt_cache = PromptCache(self._new_cache, prompt_cache_size)
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.active: list[Job] = []
         self.stats = {"requests": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
                       "generated_tokens": 0}
         self._stopping = False  # a plain flag: set from signal handlers, where taking a lock could deadlock
+
+    def _new_cache(self) -> list[KVCache]:
+        """The target's layer caches, then the draft model's (they always hold the same tokens)."""
+        cache = make_cache(self.model)
+        return cache + make_cache(self.draft_model) if self.draft_model is not None else cache
 
     def submit(self, spec: GenerationSpec) -> Job:
         job = Job(spec)
@@ -194,9 +200,14 @@ class Scheduler:
                 processors = [_with_history_prefix(p, prefix) for p in processors]
             sampler = make_sampler(temp=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, min_p=spec.min_p,
                                    seed=spec.seed)
+            kwargs = dict(self.generation_kwargs)
+            target_layers = self.model.args.num_transformer_layers
+            if self.draft_model is not None:
+                kwargs["draft_cache"] = job.cache[target_layers:]
             job.steps = stream_generate(self.model, self.tokenizer, spec.prompt[job.cached_tokens:],
-                                        max_tokens=spec.max_tokens, stop=spec.stop, cache=job.cache,
-                                        sampler=sampler, logits_processors=processors, **self.generation_kwargs)
+                                        max_tokens=spec.max_tokens, stop=spec.stop,
+                                        cache=job.cache[:target_layers], sampler=sampler,
+                                        logits_processors=processors, **kwargs)
         except ValueError as e:  # bad sampling values that parsing let through
             job.events.put(Failure(400, str(e)))
             return

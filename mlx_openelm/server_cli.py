@@ -8,14 +8,26 @@ from pathlib import Path
 
 import click
 
-from .cli_common import load_model_and_tokenizer, model_options, sampling_options, user_errors
+from .cli_common import (
+    load_model_and_tokenizer,
+    load_speculative,
+    model_options,
+    sampling_options,
+    speculative_options,
+    user_errors,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _model_id(model_path: str) -> str:
-    path = Path(model_path)
-    return path.resolve().name if path.exists() else model_path
+def _model_id(model_ref) -> str:
+    """What /v1/models calls the model: a folder's name, or the repo id."""
+    if model_ref is None:
+        from .hub import DEFAULT_MODEL
+
+        return DEFAULT_MODEL.split("/")[-1]
+    path = Path(model_ref)
+    return path.resolve().name if path.exists() else model_ref.split("/")[-1]
 
 
 @click.command("serve")
@@ -32,10 +44,11 @@ def _model_id(model_path: str) -> str:
 @click.option("--prompt-cache-size", type=click.IntRange(min=0), default=4, show_default=True,
               help="KV caches of recent requests kept for prompts that extend them (0: off).")
 @sampling_options
+@speculative_options
 @click.option("--quiet", "-q", is_flag=True, help="No loading message and no per-request log lines.")
 @user_errors
 def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_id, max_request_bytes,
-                  prompt_cache_size, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed, quiet):
+                  prompt_cache_size, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, quiet):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     The sampling options are the defaults for requests that leave those fields out.
@@ -51,8 +64,10 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
+    speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     app = ServerApp(model, tokenizer, model_id or _model_id(model_path), defaults=defaults, api_key=api_key,
-                    max_request_bytes=max_request_bytes, prompt_cache_size=prompt_cache_size)
+                    max_request_bytes=max_request_bytes, prompt_cache_size=prompt_cache_size,
+                    generation_kwargs=speculative)
     try:
         httpd = make_server(app, host, port)
     except OSError as e:

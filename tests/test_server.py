@@ -291,3 +291,51 @@ def test_sigterm_mid_stream_exits_cleanly(hf_checkpoint):
     rest = response.read()
     assert b"shutting down" in rest and b"[DONE]" not in rest
     assert "stopped" in "".join(s.log)
+
+
+def test_speculative_server_gives_the_greedy_text_and_reuses_both_caches(hf_checkpoint, local):
+    s = start_server(hf_checkpoint, "--draft-model", str(hf_checkpoint), "--num-draft-tokens", "3")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        first = [{"role": "user", "content": "Once upon a time"}]
+        reply = client.chat.completions.create(model="x", messages=first, max_tokens=12)
+        ids = local[1].apply_chat_template(first)
+        assert reply.choices[0].message.content == expected(local, ids, 12)
+        second = first + [{"role": "assistant", "content": reply.choices[0].message.content},
+                          {"role": "user", "content": "The dog sleeps."}]
+        again = client.chat.completions.create(model="x", messages=second, max_tokens=12)
+        assert again.usage.prompt_tokens_details.cached_tokens >= len(ids)
+        assert again.choices[0].message.content == expected(local, local[1].apply_chat_template(second), 12)
+    finally:
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=20) == 0
+
+
+def test_prompt_cache_copies_the_longest_prefix_and_supersedes_older_turns(local):
+    import mlx.core as mx
+
+    from mlx_openelm.model import make_cache
+    from mlx_openelm.scheduler import PromptCache
+
+    model = local[0]
+
+    def filled(ids):
+        cache = make_cache(model)
+        model(mx.array(ids)[None], cache=cache)
+        return cache
+
+    store = PromptCache(lambda: make_cache(model), capacity=2)
+    assert store.fetch([1, 5, 6])[1] == 0  # empty: a fresh cache
+    turn1 = [1, 5, 6, 7]
+    store.store(turn1, filled(turn1))
+    cache, n = store.fetch(turn1 + [8, 9])
+    assert n == 4 and all(c.offset == 4 for c in cache)
+    # the copy is independent: growing it leaves the stored entry as it was
+    model(mx.array([[8, 9]]), cache=cache)
+    again, n = store.fetch(turn1)
+    assert n == 3 and mx.allclose(again[0].state[0], cache[0].state[0][..., :3, :]).item()
+    store.store(turn1 + [8, 9], cache)  # the next turn replaces the previous one
+    assert [ids for ids, _ in store.entries] == [turn1 + [8, 9]]
+    store.store([1, 20], filled([1, 20]))
+    store.store([1, 30], filled([1, 30]))  # capacity 2: the least recently used goes
+    assert [ids for ids, _ in store.entries] == [[1, 20], [1, 30]]
