@@ -11,7 +11,14 @@ from synthetic import TINY_CONFIG, UNTIED_CONFIG, random_weights, train_tokenize
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory):
+    """As many pieces as the tiny models' vocabulary (384), as with the real Llama-2 tokenizer."""
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def small_tokenizer_path(tmp_path_factory):
+    """Fewer pieces (320) than the tiny models' vocabulary: the wrong tokenizer for them."""
+    return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model", vocab_size=320)
 
 
 @pytest.fixture(scope="session")

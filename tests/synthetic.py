@@ -160,7 +160,7 @@ def cache_repo(cache: Path, repo_id: str, files: dict[str, Path],
     return snapshot
 
 
-def train_tokenizer(path: Path, vocab_size: int = 320) -> Path:
+def train_tokenizer(path: Path, vocab_size: int = 384) -> Path:
     """A small Llama-style SentencePiece BPE model (unk 0, BOS 1, EOS 2, byte fallback)."""
     import sentencepiece as spm
 

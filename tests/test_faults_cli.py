@@ -138,16 +138,17 @@ def test_chat_survives_invalid_bytes_and_says_so_once(hf_checkpoint):
 
 # ---- library warnings: one line each, once ---------------------------------------------------
 
-def test_library_warnings_are_one_line_notes_shown_once(hf_checkpoint, tmp_path):
+def test_library_warnings_are_one_line_notes_shown_once(hf_checkpoint, small_tokenizer_path, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(hf_checkpoint, folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "bogus_key": 1}))
-    proc = cli("chat", "--model", folder, "-m", "2", "-q", input=b"hi\nhi again\n")
+    proc = cli("chat", "--model", folder, "--tokenizer", small_tokenizer_path, "-m", "2", "-q",
+               input=b"hi\nhi again\n")
     err = assert_clean(proc, 0)
     lines = warning_lines(err)
     assert sum("unknown config keys ['bogus_key']" in line for line in lines) == 1
-    assert sum("fewer than the model's vocab_size" in line for line in lines) == 1  # the tiny test tokenizer
+    assert sum("fewer than the model's vocab_size" in line for line in lines) == 1  # the wrong tokenizer
     assert "OpenELMWarning" not in err and "warnings.warn" not in err and ".py:" not in err
 
 

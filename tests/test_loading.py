@@ -219,8 +219,17 @@ def test_half_dtype_with_a_quantized_model_on_cpu_warns_once(hf_checkpoint, tmp_
     assert len([w for w in record if issubclass(w.category, OpenELMWarning)]) == 1
 
 
-def test_smaller_tokenizer_warns_but_the_padded_corenet_vocabulary_does_not(hf_checkpoint, tmp_path):
+def test_smaller_tokenizer_warns_but_the_padded_corenet_vocabulary_does_not(
+    hf_checkpoint, small_tokenizer_path, monkeypatch
+):
+    import warnings
+
+    from mlx_openelm import loading
     from mlx_openelm.errors import OpenELMWarning
 
     with pytest.warns(OpenELMWarning, match="tokenizer has 320 pieces, fewer than the model's vocab_size 384"):
-        load(hf_checkpoint)
+        load(hf_checkpoint, tokenizer=small_tokenizer_path)
+    monkeypatch.setattr(loading, "PADDED_VOCAB", {320: 384})  # as CoreNet pads 32000 to 32128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OpenELMWarning)
+        load(hf_checkpoint, tokenizer=small_tokenizer_path)
