@@ -26,7 +26,7 @@ TOKENIZER_FILE = "tokenizer.model"  # Llama-2 SentencePiece model
 # tokenizer.model is ever fetched.
 DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"
 TOKENIZER_REPO_ENV = "MLX_OPENELM_TOKENIZER_REPO"
-# What `chat` and `generate` run when no model is given (about 1.1 GB, fetched once).
+# What `chat` and `generate` run when no model is given (about 1 GB, fetched once).
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
 MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", TOKENIZER_FILE)
 

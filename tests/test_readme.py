@@ -8,8 +8,8 @@ same checkpoint as the default model repo and the tokenizer as the default token
 
 - ``python`` blocks run with this interpreter.
 - ``bash`` blocks run with ``bash -e``; stdin carries two chat messages. ``pip install`` is not
-  run (its extras are checked against pyproject.toml instead), nor is ``python -m pytest``
-  (that is this run).
+  run (its extras are checked against pyproject.toml instead), nor ``hf download`` (the sandbox
+  already holds what it fetches), nor ``python -m pytest`` (that is this run).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ FENCE = re.compile(r"^```(\w+)\s*$")
 # Shell functions that stand in for the steps a test run must not repeat.
 BASH_PREAMBLE = """
 pip() { echo "[readme-test] not run: pip $*" >&2; }
+hf() { echo "[readme-test] not run: hf $*" >&2; }
 python() {
   if [ "${1:-}" = "-m" ] && [ "${2:-}" = "pytest" ]; then echo "[readme-test] not run: python $*" >&2; return 0; fi
   command python "$@"
@@ -72,6 +73,15 @@ def marked_blocks() -> list[tuple[int, str, str]]:
 def test_fence_parser_reads_markers_languages_and_bodies():
     text = f"intro\n{MARKER}\n```bash\necho a\necho b\n```\n\n```python\nx = 1\n```\n"
     assert fenced_blocks(text) == [(3, "bash", "echo a\necho b\n", True), (8, "python", "x = 1\n", False)]
+
+
+def test_the_quick_start_is_tested_and_has_the_two_commands():
+    blocks = fenced_blocks(README.read_text())
+    _line, lang, code, marked = blocks[0]
+    assert lang == "bash" and marked, "README's first block (the quick start) must be marked " + MARKER
+    commands = [c for c in code.splitlines() if c.strip() and not c.lstrip().startswith("#")]
+    assert len(commands) == 2, commands
+    assert "mlx-openelm chat" in commands[0] and "python -m pytest" in commands[1]
 
 
 def test_pip_install_lines_name_existing_extras():
@@ -129,3 +139,14 @@ def test_readme_block_runs(sandbox, line, lang, code):
     result = run_block(sandbox, lang, code)
     assert result.returncode == 0, f"README.md:{line} failed:\n{code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr and "Error:" not in result.stderr, result.stderr
+    if "mlx-openelm chat" in code:  # one reply (and its statistics note) per message on stdin
+        assert result.stderr.count(" tok/s | prompt: ") == len(STDIN.splitlines()), result.stderr
+
+
+def test_ci_installs_and_tests_as_the_readme_full_suite_line_says():
+    full = next(code for _line, lang, code, _marked in fenced_blocks(README.read_text())
+                if lang == "bash" and ".[test,compare]" in code)
+    install, test = (part.strip() for part in full.strip().split("&&"))
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'pip install -q {install.removeprefix("pip install ")}' in ci and f"\n{test}\n" in ci
+    assert '"$status" -eq 5' in ci  # pytest's "no tests collected" is not a failure
