@@ -287,6 +287,30 @@ def test_responses_carry_the_acceptance_statistics(loaded):
     assert (plain.drafted_tokens, plain.acceptance_rate, plain.target_forward_passes) == (0, None, 5)
 
 
+def test_eos_inside_an_accepted_draft_ends_the_stream_there(hf_checkpoint):
+    target, tokenizer = load(hf_checkpoint, dtype="float32")
+    expected = _plain(target, PROMPT, 12)
+    tokenizer.eos_id = expected[5]  # the 6th token: the 2nd draft of the second pass (k = 3)
+    responses = list(stream_generate(target, tokenizer, PROMPT, max_tokens=12, draft_model=target))
+    stop = expected.index(expected[5]) + 1
+    assert [r.token for r in responses] == expected[:stop] and responses[-1].finish_reason == "stop"
+    assert responses[-1].from_draft
+
+
+def test_chat_reply_closed_mid_pass_keeps_exactly_what_was_said(loaded, drafts):
+    """The caches run ahead of the tokens handed out while a pass's tokens stream; a reply cut there
+    keeps only what was said, and the next turn is what plain chat says after the same cut."""
+    target, tokenizer = loaded
+    sessions = [ChatSession(target, tokenizer), ChatSession(target, tokenizer, draft_model=drafts["self"])]
+    for session in sessions:
+        stream = session.send("Hello there", max_tokens=20)
+        [next(stream) for _ in range(2)]  # the 2nd token of a 4-token pass
+        stream.close()
+    plain, drafted = sessions
+    assert drafted.messages == plain.messages and drafted.finish_reason == "interrupted"
+    assert [r.token for r in drafted.send("Go on", max_tokens=8)] == [r.token for r in plain.send("Go on", max_tokens=8)]
+
+
 def test_chat_with_a_draft_reuses_both_caches_and_says_what_plain_chat_says(loaded, drafts):
     target, tokenizer = loaded
     processors = make_logits_processors(1.2)
