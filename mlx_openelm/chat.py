@@ -164,6 +164,7 @@ class ChatSession:
             prefix = mx.array(self.cached_ids, dtype=mx.uint32)
             processors = [_with_history_prefix(p, prefix) for p in processors]
         reply: list[int] = []
+        shown: list[str] = []
         finish = None
         try:
             for response in stream_generate(
@@ -171,21 +172,26 @@ class ChatSession:
                 logits_processors=processors, **kwargs,
             ):
                 reply.append(response.token)
+                shown.append(response.text)
                 finish = response.finish_reason
                 yield response
         finally:
-            self._end_turn(new, reply, finish)
+            # A stop string ends the reply before itself: the conversation keeps what was shown.
+            stopped_by_text = finish == "stop" and reply[-1:] != [self.tokenizer.eos_id]
+            self._end_turn(new, reply, finish, "".join(shown) if stopped_by_text else None)
 
-    def _end_turn(self, new: list[int], reply: list[int], finish: Optional[str]) -> None:
+    def _end_turn(self, new: list[int], reply: list[int], finish: Optional[str], text: Optional[str]) -> None:
+        """Record the turn; `text` (when not None) is the reply's content instead of its decoded tokens."""
         # generate_step may have run the model one token ahead, or been interrupted
         # between layers: keep exactly the positions that match known tokens.
         fed = self.cached_ids + new + reply
         self.cached_ids = fed
         self._trim_cache(min(c.offset for c in self.cache))
         self.finish_reason = finish or "interrupted"
-        content = [t for t in reply if t != self.tokenizer.eos_id]
+        if text is None:
+            text = self.tokenizer.decode([t for t in reply if t != self.tokenizer.eos_id])
         if reply:
-            self.messages.append({"role": "assistant", "content": self.tokenizer.decode(content)})
+            self.messages.append({"role": "assistant", "content": text})
         else:  # nothing was said: forget the question too
             self.messages.pop()
 

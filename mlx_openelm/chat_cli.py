@@ -17,6 +17,7 @@ from .cli_common import (
     model_options,
     note,
     sampling_options,
+    stop_option,
     speculative_options,
     user_errors,
 )
@@ -148,10 +149,11 @@ def _tolerant_stdin() -> None:
 @click.option("--system", "-s", default=None, help="System prompt (kept when old turns are dropped).")
 @sampling_options
 @speculative_options
+@stop_option
 @click.option("--quiet", "-q", is_flag=True, help="No loading message or statistics lines.")
 @user_errors
 def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, top_k, top_p, min_p,
-                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, quiet):
+                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet):
     """Chat with an OpenELM-Instruct model in the terminal (or through a pipe, one message a line).
 
     Replies stream to stdout; statistics and notices go to stderr. Commands: /reset,
@@ -161,7 +163,7 @@ def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, to
 
     if system is not None:
         system = clean_prompt(system, "--system")
-    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
+    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
     speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     draft = speculative.pop("draft_model", None)

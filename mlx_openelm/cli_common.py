@@ -229,14 +229,24 @@ def load_speculative(model, draft_path, num_draft_tokens: int, prompt_lookup: in
     return {"draft_model": draft, "num_draft_tokens": num_draft_tokens}
 
 
-def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed) -> dict:
-    """`sampler` and `logits_processors` for `stream_generate` from the sampling options."""
+def stop_option(fn):
+    """`--stop TEXT`, repeatable: generation ends before the first of these texts (not printed)."""
+    return click.option("--stop", "stop", multiple=True, metavar="TEXT",
+                        help="End the reply before this text, which is not printed (repeatable; "
+                             "a newline: --stop $'\\n').")(fn)
+
+
+def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop=()) -> dict:
+    """`sampler`, `logits_processors` (and `stop`, from --stop) for `stream_generate` from the options."""
     from .sampling import make_logits_processors, make_sampler
 
-    return {
+    kwargs = {
         "sampler": make_sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed),
         "logits_processors": make_logits_processors(repetition_penalty),
     }
+    if stop:
+        kwargs["stop"] = list(stop)
+    return kwargs
 
 
 def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False):

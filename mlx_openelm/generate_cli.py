@@ -17,6 +17,7 @@ from .cli_common import (
     model_options,
     read_stdin,
     sampling_options,
+    stop_option,
     speculative_fields,
     speculative_options,
     user_errors,
@@ -46,11 +47,12 @@ def _json_fields(last) -> dict:
 @click.option("--system", "-s", default=None, help="System prompt for --chat (implies --chat).")
 @sampling_options
 @speculative_options
+@stop_option
 @click.option("--quiet", "-q", is_flag=True, help="Print only the generated text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and statistics) at the end.")
 @user_errors
 def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, max_tokens, temp, top_k, top_p,
-                     min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, quiet, as_json):
+                     min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, as_json):
     """Generate text from a prompt, streaming it to stdout (statistics go to stderr)."""
     from .generation import stream_generate
 
@@ -60,7 +62,7 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, ma
         prompt = clean_prompt(prompt, "--prompt")
     if system is not None:
         system = clean_prompt(system, "--system")
-    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed)
+    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json)
     speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet or as_json)
     kwargs.update(speculative)

@@ -1,0 +1,57 @@
+"""--stop TEXT (repeatable) for generate and chat: the reply ends before the text, which is not printed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_openelm import ChatSession, load, make_logits_processors
+from mlx_openelm.cli import main
+
+PROMPT = "Once upon a time"
+
+
+def run(*args, input=None):
+    result = CliRunner().invoke(main, [*map(str, args)], input=input, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def stop_text_inside(text: str) -> tuple[str, int]:
+    """A stop string that first occurs in the middle of `text`, and where."""
+    for start in range(2, len(text) - 3):
+        candidate = text[start:start + 3]
+        if candidate.strip() and text.index(candidate) == start:
+            return candidate, start
+    pytest.fail(f"no usable stop string in {text!r}")
+
+
+def test_generate_stops_before_the_text(hf_checkpoint):
+    base = ["generate", "--model", hf_checkpoint, "-p", PROMPT, "-m", "24", "-q"]
+    full = run(*base).stdout[:-1]
+    stop, at = stop_text_inside(full)
+    assert run(*base, "--stop", stop).stdout == full[:at] + "\n"
+    # repeatable: the earliest of several ends it; a stop text that never comes changes nothing
+    later, _ = stop_text_inside(full[at + 3:])
+    assert run(*base, "--stop", later, "--stop", stop).stdout == full[:at] + "\n"
+    assert run(*base, "--stop", "never said \u2603").stdout == full + "\n"
+    fields = json.loads(run(*base[:-1], "--json", "--stop", stop).stdout)
+    assert fields["text"] == full[:at] and fields["finish_reason"] == "stop" and fields["context_full"] is False
+
+
+def test_chat_stops_before_the_text_and_remembers_what_was_shown(hf_checkpoint):
+    model, tokenizer = load(hf_checkpoint)
+    penalty = make_logits_processors(1.2)
+    full = "".join(r.text for r in ChatSession(model, tokenizer).send("hi", max_tokens=24, logits_processors=penalty))
+    stop, at = stop_text_inside(full)
+    session = ChatSession(model, tokenizer)
+    shown = "".join(r.text for r in session.send("hi", max_tokens=24, logits_processors=penalty, stop=stop))
+    assert shown == full[:at] and session.finish_reason == "stop"
+    assert session.messages[-1] == {"role": "assistant", "content": full[:at]}
+    second = list(session.send("more", max_tokens=4, logits_processors=penalty))
+    assert second and session.messages[-1]["role"] == "assistant"
+
+    result = run("chat", "--model", hf_checkpoint, "-m", "24", "--stop", stop, input="hi\n")
+    assert result.stdout == full[:at] + "\n"
