@@ -86,13 +86,17 @@ class ServerApp:
 class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client never blocks shutdown
 
-    def __init__(self, address, app: ServerApp):
+    def __init__(self, address, app: Optional[ServerApp]):
         super().__init__(address, Handler)
         self.app = app
 
 
-def make_server(app: ServerApp, host: str = "127.0.0.1", port: int = 8080) -> OpenAIServer:
-    """Bind (port 0: any free port, see `server.server_address`); then `serve` it."""
+def make_server(app: Optional[ServerApp], host: str = "127.0.0.1", port: int = 8080) -> OpenAIServer:
+    """Bind (port 0: any free port, see `server.server_address`); then `serve` it.
+
+    `app` may be set later (`server.app = ...`, before `serve`): binding first lets a
+    taken port fail before a model is loaded.
+    """
     return OpenAIServer((host, port), app)
 
 

@@ -48,7 +48,8 @@ def _model_id(model_ref) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No loading message and no per-request log lines.")
 @user_errors
 def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_id, max_request_bytes,
-                  prompt_cache_size, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, quiet):
+                  prompt_cache_size, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed, draft_path,
+                  num_draft_tokens, prompt_lookup, quiet):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     The sampling options are the defaults for requests that leave those fields out.
@@ -63,15 +64,19 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
         raise click.BadParameter("must be at least 1 for a server", param_hint="--max-tokens")
     defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
-    speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
-    app = ServerApp(model, tokenizer, model_id or _model_id(model_path), defaults=defaults, api_key=api_key,
-                    max_request_bytes=max_request_bytes, prompt_cache_size=prompt_cache_size,
-                    generation_kwargs=speculative)
-    try:
-        httpd = make_server(app, host, port)
+    try:  # bind before loading, so a taken port fails at once
+        httpd = make_server(None, host, port)
     except OSError as e:
         raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    try:
+        model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
+        speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
+    except BaseException:
+        httpd.server_close()
+        raise
+    httpd.app = app = ServerApp(model, tokenizer, model_id or _model_id(model_path), defaults=defaults,
+                                api_key=api_key, max_request_bytes=max_request_bytes,
+                                prompt_cache_size=prompt_cache_size, generation_kwargs=speculative)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if host not in LOOPBACK:

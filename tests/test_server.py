@@ -339,3 +339,32 @@ def test_prompt_cache_copies_the_longest_prefix_and_supersedes_older_turns(local
     store.store([1, 20], filled([1, 20]))
     store.store([1, 30], filled([1, 30]))  # capacity 2: the least recently used goes
     assert [ids for ids, _ in store.entries] == [[1, 20], [1, 30]]
+
+
+def test_a_taken_port_fails_before_loading(server, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mlx_openelm.cli", "serve", "--model", str(tmp_path / "absent"),
+                             "--port", str(server.port)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"--host/--port: cannot listen on 127.0.0.1:{server.port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_requests_are_interleaved_not_queued(server, client):
+    """A short request that arrives while a long one streams finishes first (round-robin decode steps)."""
+    finished = {}
+    long = client.completions.create(model="tiny", prompt="Once", max_tokens=600, stream=True,
+                                     stream_options={"include_usage": True})
+    chunks = iter(long)
+    next(chunks)
+
+    def drain():
+        finished["long_tokens"] = [c.usage for c in chunks][-1].completion_tokens
+        finished["long"] = time.monotonic()
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    short = client.completions.create(model="tiny", prompt="The dog", max_tokens=4)
+    finished["short"] = time.monotonic()
+    reader.join(60)
+    assert short.usage.completion_tokens == 4 and finished["long_tokens"] == 600  # (greedy: no early EOS)
+    assert finished["short"] < finished["long"]
