@@ -22,6 +22,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from mlx_openelm.errors import OptionError
+
 METHODS = ("minmax", "optimal")
 DEFAULT_METHOD = "optimal"
 
@@ -45,7 +47,7 @@ def quantize(
     minmax quantizes `weight.astype(dtype)` exactly as `mx.quantize` (and mlx-lm) do.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
+        raise OptionError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
     dtype = dtype or weight.dtype
     if method == "minmax":
         return mx.quantize(weight.astype(dtype), group_size=group_size, bits=bits, mode="affine")

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from .errors import ContextLengthError
+from .errors import ContextLengthError, OptionError
 from .generation import GenerationResponse, stream_generate
 from .model import make_cache
 from .speculative import check_draft
@@ -65,7 +65,7 @@ class ChatSession:
         draft_model=None,
     ):
         if not 0 < max_reserve_fraction < refit_fraction <= 1:
-            raise ValueError(
+            raise OptionError(
                 "need 0 < max_reserve_fraction < refit_fraction <= 1, got "
                 f"{max_reserve_fraction} and {refit_fraction}"
             )

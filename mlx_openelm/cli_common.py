@@ -37,8 +37,9 @@ def os_error_message(error: OSError) -> str:
 
 
 def user_errors(fn):
-    """Run a command the way every subcommand runs: mlx-openelm's own errors, bad values
-    and OS errors on a named file become a one-line `Error:` and exit 1; library warnings
+    """Run a command the way every subcommand runs: mlx-openelm's own errors (bad files,
+    keys, options, prompts) and OS errors on a named file become a one-line `Error:` and
+    exit 1 (any other exception is a bug and keeps its traceback); library warnings
     show as one-line `warning:` notes; SIGTERM/SIGHUP end the command like an exception
     (cleanup runs, exit status 128 + signal number, no traceback)."""
 
@@ -49,7 +50,7 @@ def user_errors(fn):
         with warnings_as_notes(), signals_as_exit():
             try:
                 return fn(*args, **kwargs)
-            except (OpenELMError, ValueError) as e:
+            except OpenELMError as e:
                 raise click.ClickException(str(e)) from None
             except OSError as e:
                 if e.filename is None:  # not about a file the user named: a real bug, keep the traceback

@@ -26,4 +26,9 @@ class OpenELMWarning(UserWarning):
 
 
 class PromptError(OpenELMError, ValueError):
-    """Prompt text that cannot be tokenized (it holds bytes that are not valid UTF-8)."""
+    """A prompt that cannot be used: text with bytes that are not valid UTF-8, a value of the
+    wrong kind, or token ids outside the vocabulary."""
+
+
+class OptionError(OpenELMError, ValueError):
+    """An option or argument out of its range: a command-line flag or an API keyword."""

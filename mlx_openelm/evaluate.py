@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 
 import mlx.core as mx
 
-from .errors import ContextLengthError
+from .errors import ContextLengthError, OptionError
 
 Progress = Callable[[int, int], None]  # (tokens scored so far, tokens to score)
 
@@ -35,10 +35,10 @@ class Window(NamedTuple):
 def sliding_windows(num_tokens: int, context: int, stride: int) -> list[Window]:
     """The windows that score tokens 1..num_tokens-1 once each (token 0 has no history)."""
     if context < 2:
-        raise ValueError(f"context must be at least 2 tokens, got {context}")
+        raise OptionError(f"context must be at least 2 tokens, got {context}")
     if not 1 <= stride < context:
         # stride == context would leave each window's first token without history: unscored
-        raise ValueError(f"stride must be at least 1 and less than the context ({context}), got {stride}")
+        raise OptionError(f"stride must be at least 1 and less than the context ({context}), got {stride}")
     windows, scored_until = [], 1  # tokens before `scored_until` are scored (or have no history)
     for begin in range(0, num_tokens, stride):
         end = min(begin + context, num_tokens)
@@ -107,7 +107,7 @@ def evaluate(
     `context` exceeds a model's context window, ValueError for fewer than two tokens.
     """
     if len(tokens) < 2:
-        raise ValueError(f"the text has {len(tokens)} token(s); at least two are needed to score one")
+        raise OptionError(f"the text has {len(tokens)} token(s); at least two are needed to score one")
     for m in (model, reference):
         if m is not None and context > m.args.max_context_length:
             raise ContextLengthError(f"--context {context} exceeds the model's context of "

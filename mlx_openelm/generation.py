@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .compat import keyword_names, print_generation, translate_kwargs
-from .errors import ContextLengthError
+from .errors import ContextLengthError, OptionError, PromptError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
 from .speculative import DraftProposer, SpeculativeDecoder, check_draft
@@ -91,28 +91,28 @@ class GenerationStep(NamedTuple):
 def _check_prompt(prompt: Union[mx.array, Sequence[int]], model: Model) -> mx.array:
     prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
     if prompt.ndim != 1 or prompt.size == 0:
-        raise ValueError(f"prompt must be a non-empty 1-D list of token ids, got shape {prompt.shape}")
+        raise PromptError(f"prompt must be a non-empty 1-D list of token ids, got shape {prompt.shape}")
     vocab_size = model.args.vocab_size
     if mx.issubdtype(prompt.dtype, mx.floating) or not (0 <= prompt.min().item() and prompt.max().item() < vocab_size):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}), the model's vocabulary")
+        raise PromptError(f"prompt token ids must be integers in [0, {vocab_size}), the model's vocabulary")
     return prompt.astype(mx.uint32)
 
 
 def _check_speculative(cache, draft_model, draft_cache, num_draft_tokens: int, prompt_lookup: int, ngram: int):
     if draft_model is not None and prompt_lookup:
-        raise ValueError("use either draft_model or prompt_lookup, not both")
+        raise OptionError("use either draft_model or prompt_lookup, not both")
     if draft_model is not None and num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+        raise OptionError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
     if prompt_lookup < 0 or ngram < 1:
-        raise ValueError(f"prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1, got {prompt_lookup}, {ngram}")
+        raise OptionError(f"prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1, got {prompt_lookup}, {ngram}")
     if draft_model is None:
         return None
     if draft_cache is None:
         if cache[0].offset:
-            raise ValueError("a cache that already holds tokens needs the draft_cache that holds the same tokens")
+            raise OptionError("a cache that already holds tokens needs the draft_cache that holds the same tokens")
         return make_cache(draft_model)
     if draft_cache[0].offset != cache[0].offset:
-        raise ValueError(f"draft_cache holds {draft_cache[0].offset} positions, cache {cache[0].offset}: "
+        raise OptionError(f"draft_cache holds {draft_cache[0].offset} positions, cache {cache[0].offset}: "
                          "they must hold the same tokens")
     return draft_cache
 
@@ -151,7 +151,7 @@ def generate_step(
     """
     prompt = _check_prompt(prompt, model)
     if max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        raise OptionError(f"max_tokens must be >= 0, got {max_tokens}")
     if draft_model is not None:
         check_draft(model, draft_model)
     cache = make_cache(model) if cache is None else cache
@@ -348,4 +348,4 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Union[str, Sequence[int], mx.arr
         got = f"a {type(prompt).__name__} holding a {type(odd[0]).__name__}"
     else:
         got = type(prompt).__name__
-    raise ValueError(f"prompt must be a str, or a sequence or 1-D mx.array of int token ids; got {got}")
+    raise PromptError(f"prompt must be a str, or a sequence or 1-D mx.array of int token ids; got {got}")

@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
+from .errors import OptionError
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -59,15 +61,15 @@ def validate_sampling(temp: float, top_k: int, top_p: float, min_p: float) -> No
     for name, value in [("temp", temp), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)]:
         if not _is_number(value) or (name == "top_k" and not isinstance(value, numbers.Integral)):
             kind = "an integer" if name == "top_k" else "a number"
-            raise ValueError(f"{name} must be {kind}, got {value!r}")
+            raise OptionError(f"{name} must be {kind}, got {value!r}")
     if not (temp >= 0 and math.isfinite(temp)):
-        raise ValueError(f"temp must be a finite number >= 0, got {temp}")
+        raise OptionError(f"temp must be a finite number >= 0, got {temp}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
+        raise OptionError(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
+        raise OptionError(f"top_p must be in (0, 1] (1 disables it), got {top_p}")
     if not 0.0 <= min_p < 1.0:
-        raise ValueError(f"min_p must be in [0, 1) (0 disables it), got {min_p}")
+        raise OptionError(f"min_p must be in [0, 1) (0 disables it), got {min_p}")
 
 
 def make_filter(temp: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
@@ -131,7 +133,7 @@ def make_repetition_penalty(penalty: float) -> LogitsProcessor:
     """Hugging Face's repetition penalty over every token seen (prompt included):
     positive logits of seen tokens are divided by `penalty`, negative ones multiplied."""
     if not (_is_number(penalty) and penalty > 0 and math.isfinite(penalty)):
-        raise ValueError(f"repetition_penalty must be a positive number, got {penalty}")
+        raise OptionError(f"repetition_penalty must be a positive number, got {penalty}")
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:

@@ -97,6 +97,23 @@ def test_an_os_error_on_a_named_file_is_one_line_and_other_os_errors_keep_their_
     assert isinstance(result.exception, OSError)  # not about a user's file: a bug, shown as one
 
 
+def test_only_the_projects_own_errors_become_one_line_messages():
+    from mlx_openelm.errors import OptionError
+
+    @click.command()
+    @click.argument("kind")
+    @user_errors
+    def command(kind):
+        if kind == "option":
+            raise OptionError("--num-draft-tokens must be >= 1, got 0")
+        raise ValueError("an internal mistake")
+
+    result = CliRunner().invoke(command, ["option"])
+    assert (result.exit_code, result.output.strip()) == (1, "Error: --num-draft-tokens must be >= 1, got 0")
+    result = CliRunner().invoke(command, ["bug"])
+    assert isinstance(result.exception, ValueError) and str(result.exception) == "an internal mistake"
+
+
 # ---- bytes that are not UTF-8 -------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
