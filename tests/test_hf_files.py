@@ -88,3 +88,19 @@ def test_mlx_lm_load_opens_a_converted_folder(hf_checkpoint, tmp_path):
     assert 2 in wrapper.eos_token_ids
     logits = model(mx.array([ours.encode("Once upon a time")]))
     assert logits.shape[-1] == 384
+
+
+def test_mlx_lm_chat_runs_on_a_converted_folder(hf_checkpoint, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("mlx_lm.chat")
+    import subprocess
+    import sys
+
+    from mlx_openelm.convert import convert
+
+    out = tmp_path / "converted"
+    convert(hf_checkpoint, out, dtype="float32", evaluate=False)
+    result = subprocess.run([sys.executable, "-m", "mlx_lm", "chat", "--model", str(out), "--max-tokens", "5"],
+                            input="hi\nq\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stdout and "bye" in result.stdout and "Traceback" not in result.stderr  # one reply
