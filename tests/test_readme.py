@@ -134,7 +134,8 @@ def test_the_sandbox_runs_commands_offline_and_reports_failures(sandbox):
     assert fetch.returncode != 0 and "HF_HUB_OFFLINE is set" in fetch.stderr
 
 
-@pytest.mark.parametrize("line, lang, code", marked_blocks(), ids=lambda v: str(v) if isinstance(v, int) else "")
+@pytest.mark.parametrize("line, lang, code", [pytest.param(*block, id=f"README.md:{block[0]}")
+                                              for block in marked_blocks()])
 def test_readme_block_runs(sandbox, line, lang, code):
     result = run_block(sandbox, lang, code)
     assert result.returncode == 0, f"README.md:{line} failed:\n{code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
