@@ -141,6 +141,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._dispatch("POST")
 
+    def do_other(self):  # any other method: OpenAI's JSON 404, not http.server's HTML 501
+        self._dispatch(self.command)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+
     def log_message(self, format, *args):
         log.info("%s %s", self.address_string(), format % args)
 

@@ -255,6 +255,7 @@ ERRORS = [
     ("POST", "/v1/completions", {"prompt": "x" * (LIMIT + 1)}, 413, None, "request_too_large"),
     ("POST", "/v1/nowhere", {}, 404, None, "unknown_url"),
     ("GET", "/v1/chat/completions", None, 404, None, "unknown_url"),
+    ("DELETE", "/v1/models", None, 404, None, "unknown_url"),
 ]
 
 
