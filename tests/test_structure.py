@@ -123,3 +123,93 @@ def test_no_import_cycle_among_project_modules():
 ])
 def test_find_cycle(edges, cycle):
     assert find_cycle(edges) == cycle
+
+
+# --- size limits (the founders' standard: no module over ~400 lines, no function over ~60) ---
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60  # code lines: the signature and body, not the docstring
+# A function may exceed the limit only if it is named here with the reason, and a comment in
+# the function says the same. Keep this empty unless splitting would make the code harder to read.
+LONG_FUNCTIONS_ALLOWED: dict[str, str] = {}
+
+
+def function_lengths(path: Path) -> dict[str, int]:
+    """`qualified name -> lines` for every function in a module, docstrings not counted."""
+    lengths = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}{child.name}"
+                lines = child.end_lineno - child.lineno + 1
+                body = child.body
+                if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                        and isinstance(body[0].value.value, str):
+                    lines -= body[0].end_lineno - body[0].lineno + 1
+                lengths[name] = lines
+                visit(child, f"{name}.")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{prefix}{child.name}.")
+
+    visit(ast.parse(path.read_text(), str(path)), "")
+    return lengths
+
+
+def test_function_lengths_count_code_not_docstrings(tmp_path):
+    source = 'def f():\n    """Doc\n    string."""\n    x = 1\n    return x\n\n' \
+             'class C:\n    def g(self):\n        def inner():\n            pass\n        return 1\n'
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    assert function_lengths(path) == {"f": 3, "C.g": 4, "C.g.inner": 2}
+
+
+def test_no_module_is_over_the_line_limit():
+    sizes = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    assert {name: n for name, n in sizes.items() if n > MAX_MODULE_LINES} == {}
+
+
+def test_no_function_is_over_the_line_limit_unless_allowed():
+    long = {f"{module}.{function}": n for module, path in MODULES.items()
+            for function, n in function_lengths(path).items() if n > MAX_FUNCTION_LINES}
+    assert set(long) <= set(LONG_FUNCTIONS_ALLOWED), long
+    # an allow-list entry for a function that is short again must go
+    assert set(LONG_FUNCTIONS_ALLOWED) <= set(long), set(LONG_FUNCTIONS_ALLOWED) - set(long)
+
+
+# --- the README's layout table names every module, and only modules that exist ---
+
+FOLDERS = {"mlx_openelm/": ROOT / "mlx_openelm", "convert/": ROOT / "convert", "bench/": ROOT / "bench"}
+
+
+def layout_table_modules(readme: str) -> set[str]:
+    """`folder/name.py` for every module the README's Layout table names: a row's first cell
+    says the folder (`mlx_openelm/model.py` or `convert/ → ...`); bare `name.py` in the row
+    belong to that folder."""
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        first = row.split("|")[1]
+        folder = next((f for f in FOLDERS if f"`{f}" in first), None)
+        if folder is None:
+            continue
+        for name in re.findall(r"`(?:[\w/]*/)?(\w+\.py)`", row):
+            named.add(folder + name)
+    return named
+
+
+def test_layout_parser_reads_folders_from_the_first_cell():
+    table = ("\n## Layout\n\n| path | what |\n|---|---|\n"
+             "| `mlx_openelm/a.py`, `b.py` | x `c.py` |\n| `convert/` → `mlx_openelm.convert` | `d.py` |\n"
+             "| `tests/` | `e.py` |\n\n## Next\n| `bench/x.py` | |\n")
+    assert layout_table_modules(table) == {"mlx_openelm/a.py", "mlx_openelm/b.py", "mlx_openelm/c.py",
+                                           "convert/d.py"}
+
+
+def test_readme_layout_table_names_exactly_the_modules_in_the_tree():
+    tree = {prefix + path.name for prefix, folder in FOLDERS.items() for path in folder.glob("*.py")}
+    listed = layout_table_modules((ROOT / "README.md").read_text())
+    assert sorted(tree - listed) == [], "modules missing from README.md's Layout table"
+    assert sorted(listed - tree) == [], "README.md's Layout table names modules that do not exist"
