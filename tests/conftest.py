@@ -38,6 +38,14 @@ def hf_checkpoint(tmp_path_factory, tiny_weights, tokenizer_path):
     return write_hf_checkpoint(folder, TINY_CONFIG, tiny_weights, tokenizer=tokenizer_path)
 
 
+@pytest.fixture(scope="module")
+def loaded(hf_checkpoint):
+    """(model, tokenizer) of `hf_checkpoint` in float32, one per test module (tests may wrap it)."""
+    from mlx_openelm import load
+
+    return load(hf_checkpoint, dtype="float32")
+
+
 @pytest.fixture(scope="session")
 def sharded_checkpoint(tmp_path_factory, tiny_weights):
     folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-sharded"

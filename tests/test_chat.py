@@ -108,11 +108,6 @@ class CountingModel:
         return self.model(tokens, cache=cache)
 
 
-@pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    return load(hf_checkpoint)
-
-
 def fresh_reply(model, ids, max_tokens, penalty=1.2):
     """What the model says after the whole conversation, with no cache reuse."""
     steps = generate_step(ids, model, max_tokens=max_tokens, logits_processors=make_logits_processors(penalty))

@@ -7,20 +7,14 @@ import json
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
 from test_chat import CountingModel
 
-from mlx_openelm import load, make_logits_processors
+from mlx_openelm import make_logits_processors
 from mlx_openelm.chat import ChatSession
 from mlx_openelm.chat_cli import run_repl
 from mlx_openelm.cli import main
 from mlx_openelm.generation import stream_generate
-
-
-@pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    return load(hf_checkpoint)
 
 
 # ---- the REPL and the command line -----------------------------------------------------

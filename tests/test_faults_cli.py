@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 from test_bench import BENCH_CONFIG
 
-from mlx_openelm import generate, load, make_logits_processors
+from mlx_openelm import generate, make_logits_processors
 from mlx_openelm.cli_common import user_errors
 
 
@@ -115,11 +115,6 @@ def test_only_the_projects_own_errors_become_one_line_messages():
 
 
 # ---- bytes that are not UTF-8 -------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    return load(hf_checkpoint)
-
 
 def expected_text(loaded, prompt: str, max_tokens: int) -> str:
     model, tokenizer = loaded

@@ -27,11 +27,6 @@ NOT_UTF8 = b"caf\xe9 \xff ok".decode("utf-8", errors="surrogateescape")  # as ar
 PROMPT_KINDS = "prompt must be a str, or a sequence or 1-D mx.array of int token ids"
 
 
-@pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    return load(hf_checkpoint)
-
-
 # ---- absurd configs, through the loader and the command line ------------------------------
 
 ABSURD = [

@@ -19,11 +19,6 @@ PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    return load(hf_checkpoint, dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def small_context(tmp_path_factory, tokenizer_path):
     config = {**TINY_CONFIG, "max_context_length": CONTEXT}
     folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-ctx24"

@@ -37,11 +37,6 @@ def _model(folder, config, weights):
 
 
 @pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    return load(hf_checkpoint, dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def drafts(loaded, hf_checkpoint, tiny_weights, tmp_path_factory):
     """Drafts for the tiny target: itself, a 4-bit copy, and a shallower model sharing its first layers."""
     target, _ = loaded
