@@ -230,9 +230,15 @@ def load_speculative(model, draft_path, num_draft_tokens: int, prompt_lookup: in
     return {"draft_model": draft, "num_draft_tokens": num_draft_tokens}
 
 
+def _nonempty_stops(ctx, param, value):
+    if any(text == "" for text in value):
+        raise click.BadParameter("an empty text would end every reply at once", ctx=ctx, param=param)
+    return value
+
+
 def stop_option(fn):
     """`--stop TEXT`, repeatable: generation ends before the first of these texts (not printed)."""
-    return click.option("--stop", "stop", multiple=True, metavar="TEXT",
+    return click.option("--stop", "stop", multiple=True, metavar="TEXT", callback=_nonempty_stops,
                         help="End the reply before this text, which is not printed (repeatable; "
                              "a newline: --stop $'\\n').")(fn)
 

@@ -16,7 +16,7 @@ from .errors import ContextLengthError, OptionError, PromptError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
 from .speculative import DraftProposer, SpeculativeDecoder, check_draft
-from .stopping import StopMatcher
+from .stopping import StopMatcher, normalize_stops
 from .tokenizer import Tokenizer
 
 
@@ -265,7 +265,8 @@ def stream_generate(
     prompt_ids = encode_prompt(tokenizer, prompt)
     prompt_size = len(prompt_ids)
     detokenizer = tokenizer.detokenizer()
-    stops = StopMatcher(stop) if stop else None
+    stop_texts = normalize_stops(stop)  # stop="" is refused, not read as "no stop strings"
+    stops = StopMatcher(stop_texts) if stop_texts else None
     mx.reset_peak_memory()
     tic = time.perf_counter()
     first_token_time = prompt_tps = 0.0

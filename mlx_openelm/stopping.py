@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, Union
 
+from .errors import OptionError
+
 
 def normalize_stops(stop: Union[str, Iterable[str], None]) -> tuple[str, ...]:
     """`stop` as a tuple of non-empty strings (a single string is one stop string)."""
@@ -17,7 +19,7 @@ def normalize_stops(stop: Union[str, Iterable[str], None]) -> tuple[str, ...]:
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     for s in stops:
         if not isinstance(s, str) or not s:
-            raise ValueError(f"stop strings must be non-empty strings, got {s!r}")
+            raise OptionError(f"stop strings must be non-empty strings, got {s!r}")
     return stops
 
 

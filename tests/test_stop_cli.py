@@ -55,3 +55,21 @@ def test_chat_stops_before_the_text_and_remembers_what_was_shown(hf_checkpoint):
 
     result = run("chat", "--model", hf_checkpoint, "-m", "24", "--stop", stop, input="hi\n")
     assert result.stdout == full[:at] + "\n"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_an_empty_stop_text_is_a_flag_error_naming_the_option(hf_checkpoint, command):
+    result = CliRunner().invoke(main, [command, "--model", str(hf_checkpoint), "-p", PROMPT, "--stop", ""]
+                                if command == "generate" else [command, "--model", str(hf_checkpoint), "--stop", ""],
+                                input="hi\n")
+    assert result.exit_code == 2 and result.exception is not None  # click's usage error, before loading
+    assert "Invalid value for '--stop': an empty text would end every reply at once" in result.output
+
+
+def test_stream_generate_refuses_an_empty_stop_string(loaded):
+    from mlx_openelm import stream_generate
+    from mlx_openelm.errors import OptionError
+
+    model, tokenizer = loaded
+    with pytest.raises(OptionError, match="stop strings must be non-empty strings, got ''"):
+        next(stream_generate(model, tokenizer, PROMPT, max_tokens=2, stop=""))

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from mlx_openelm import load, stream_generate
+from mlx_openelm.errors import OptionError
 from mlx_openelm.stopping import StopMatcher, normalize_stops, partial_stop_length
 
 
@@ -65,9 +66,9 @@ def test_random_splits_match_a_plain_search():
         assert ("".join(out), stopped) == expected(text, stops), (text, stops, pieces)
 
 
-@pytest.mark.parametrize("bad", [[""], [3], ["ok", ""]])
+@pytest.mark.parametrize("bad", ["", [""], [3], ["ok", ""]])
 def test_bad_stop_strings_are_refused(bad):
-    with pytest.raises(ValueError, match="stop strings"):
+    with pytest.raises(OptionError, match="stop strings must be non-empty strings"):
         normalize_stops(bad)
 
 
