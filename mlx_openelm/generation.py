@@ -32,6 +32,8 @@ def prefill(
     Chunking bounds the attention scores' memory for long prompts.
     """
     done, total = 0, prompt.size
+    if progress:
+        progress(0, total)
     while total - done > 1:
         n = min(step_size, total - done - 1)
         model(prompt[None, done : done + n], cache=cache)  # only the cache is evaluated: no output head
@@ -165,15 +167,25 @@ def generate_step(
     with wired_limit():
         prompt_tail = prefill(model, prompt, cache, prefill_step_size, prompt_progress)
         if draft_model is None and not prompt_lookup:
-            yield from _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors)
-            return
-        draft = None
-        if draft_model is not None:
-            prefill(draft_model, prompt, draft_cache, prefill_step_size)
-            draft = DraftProposer(draft_model, draft_cache, model.args.vocab_size)
-        decoder = SpeculativeDecoder(model, cache, prompt.tolist(), sampler, processors, draft,
-                                     num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
-        yield from _speculative_steps(decoder, limit)
+            steps = _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors)
+        else:
+            draft = None
+            if draft_model is not None:
+                prefill(draft_model, prompt, draft_cache, prefill_step_size)
+                draft = DraftProposer(draft_model, draft_cache, model.args.vocab_size)
+            decoder = SpeculativeDecoder(model, cache, prompt.tolist(), sampler, processors, draft,
+                                         num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
+            steps = _speculative_steps(decoder, limit)
+        yield from _prompt_read_at_first_step(steps, prompt_progress, prompt.size)
+
+
+def _prompt_read_at_first_step(steps: Iterator[GenerationStep], progress, total: int) -> Iterator[GenerationStep]:
+    """The prompt's last token is read with the first step: report (total, total) then, as mlx-lm
+    does, so a progress bar driven by `prompt_progress` reaches its end."""
+    for n, step in enumerate(steps):
+        if n == 0 and progress:
+            progress(total, total)
+        yield step
 
 
 def _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors) -> Iterator[GenerationStep]:

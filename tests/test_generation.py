@@ -47,7 +47,7 @@ def test_chunked_prefill_gives_the_same_tokens(model_and_tokenizer):
     chunked = [s.token for s in generate_step(PROMPT, model, max_tokens=6, prefill_step_size=2,
                                            prompt_progress=lambda done, total: seen.append((done, total)))]
     assert chunked == whole
-    assert seen == [(2, 7), (4, 7), (6, 7)]
+    assert seen == [(0, 7), (2, 7), (4, 7), (6, 7), (7, 7)]  # from 0 to the whole prompt, as mlx-lm reports
 
 
 def test_repetition_penalty_matches_hugging_face_rollout(model_and_tokenizer):

@@ -57,6 +57,20 @@ def test_mlx_lm_keyword_names_mean_the_same_thing(loaded):
     assert ours_cache[0].offset == theirs_cache[0].offset > 0
 
 
+def test_prompt_progress_reports_what_mlx_lm_reports(loaded):
+    """A progress bar written for mlx-lm's callback starts at 0 and reaches the whole prompt."""
+    lm_generate = pytest.importorskip("mlx_lm.generate")
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPT)
+    ours, theirs = [], []
+    list(stream_generate(model, tokenizer, ids, max_tokens=2, prefill_step_size=2,
+                         prompt_progress_callback=lambda *a: ours.append(a)))
+    # mlx-lm's own generate_step runs our model (same call signature, our KV caches)
+    list(lm_generate.generate_step(mx.array(ids), model, max_tokens=2, prompt_cache=make_cache(model),
+                                   prefill_step_size=2, prompt_progress_callback=lambda *a: theirs.append(a)))
+    assert ours == theirs and ours[0] == (0, len(ids)) and ours[-1] == (len(ids), len(ids))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"bogus": 1}, "unexpected keyword argument 'bogus'; accepted: cache, "),
     ({"kv_bits": 4}, "'kv_bits' (KV-cache quantization in mlx-lm) is not supported"),
