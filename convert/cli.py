@@ -8,7 +8,7 @@ import sys
 import click
 
 from mlx_openelm.cli_common import user_errors
-from mlx_openelm.quantization import BITS, DEFAULT_BITS, GROUP_SIZES
+from mlx_openelm.quantization import BITS, DEFAULT_BITS, DEFAULT_METHOD, GROUP_SIZES, METHODS
 
 
 def format_report(report: dict) -> str:
@@ -24,7 +24,7 @@ def format_report(report: dict) -> str:
     if report["bits"] is None:
         precision = report["dtype"]
     else:
-        precision = f"{report['bits']}-bit affine, group {report['group_size']}"
+        precision = f"{report['bits']}-bit affine ({report['method']}), group {report['group_size']}"
         if report["recipe"]:
             precision += f" (recipe {report['recipe']})"
         precision += f"; float tensors {report['dtype']}"
@@ -106,7 +106,11 @@ class ProgressBar:
 @click.option("--group-size", "--q-group-size", "group_size", type=int, default=64, show_default=True,
               help=f"Quantization group size: {', '.join(map(str, GROUP_SIZES))}.")
 @click.option("--recipe", default=None,
-              help="Per-layer bits: 'mixed-4-8' = 4 bits, but the (tied) embedding/output head at 8 bits.")
+              help="Per-layer bits 'mixed-LOW-HIGH' (e.g. mixed-3-6, mixed-4-8): HIGH bits for the sensitive "
+                   "layers (the embedding/output head and the first eighth of the decoder layers), LOW for the rest.")
+@click.option("--quant-method", "method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
+              help="optimal: per group, the scale and bias that minimise the reconstruction error; minmax: "
+                   "the group's min/max (mlx-lm's output bit for bit). Same format and size either way.")
 @click.option("--tokenizer", default=None, help="tokenizer.model to copy into the output (default: the input's own).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Split model.safetensors above this size.")
 @click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
@@ -115,7 +119,7 @@ class ProgressBar:
 @click.option("--dequantize", is_flag=True, help="The input is a quantized MLX folder: write it back in float.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
-def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, quantize, bits, group_size, recipe,
+def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, quantize, bits, group_size, recipe, method,
             tokenizer, max_shard_size, force, no_eval, dequantize, as_json):
     """Convert an OpenELM checkpoint to an MLX model folder, optionally quantized.
 
@@ -140,7 +144,7 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, quan
         with handle_signals():  # SIGTERM/SIGHUP stop it like Ctrl-C: the temp folder is removed
             report = run_convert(
                 hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits,
-                group_size=group_size, recipe=recipe, tokenizer=tokenizer, force=force,
+                group_size=group_size, recipe=recipe, method=method, tokenizer=tokenizer, force=force,
                 max_shard_size=max_shard_size, evaluate=not no_eval, dequantize=dequantize, progress=bar,
             )
     except Interrupted as e:

@@ -22,7 +22,7 @@ from mlx_openelm.errors import ConfigError
 from mlx_openelm.hf_files import write_tokenizer_files
 from mlx_openelm.hub import resolve_tokenizer
 from mlx_openelm.loading import DTYPE_NAMES, fp16_is_safe, parse_dtype
-from mlx_openelm.quantization import QuantizationPlan, check_options, plan_quantization
+from mlx_openelm.quantization import DEFAULT_METHOD, QuantizationPlan, check_options, plan_quantization
 
 from .install import discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_deferred
 from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
@@ -58,6 +58,7 @@ def convert(
     bits: Optional[int] = None,
     group_size: int = 64,
     recipe: Optional[str] = None,
+    method: str = DEFAULT_METHOD,
     tokenizer: Union[str, Path, None] = None,
     force: bool = False,
     max_shard_size: Union[str, int] = DEFAULT_MAX_SHARD_BYTES,
@@ -72,7 +73,9 @@ def convert(
     average: several such checkpoints of one model, averaged in float64 (instead of hf_path).
     dtype: float dtype of the output (default float16; bfloat16 for 3B-class models).
     bits / group_size / recipe: affine quantization of every Linear layer and the embedding
-        (allowed values: `mlx_openelm.quantization`); recipe 'mixed-4-8' keeps the head at 8 bits.
+        (allowed values: `mlx_openelm.quantization`); recipe 'mixed-LOW-HIGH' gives the sensitive
+        layers (output head, first eighth of the decoder) HIGH bits and the rest LOW bits.
+    method: 'optimal' (error-minimising scales and biases) or 'minmax' (mx.quantize, as mlx-lm).
     evaluate: compare the output with the float input on a fixed token sequence (KL divergence).
     dequantize: the input is a quantized MLX folder; write its weights back in float.
 
@@ -82,7 +85,7 @@ def convert(
     """
     start = time.perf_counter()
     references = _references(hf_path, average)
-    default_bits = check_options(bits, group_size, recipe)
+    default_bits = check_options(bits, group_size, recipe, method)
     out_dtype = parse_dtype(dtype, option="--dtype") if dtype is not None else None
     max_bytes = parse_size(max_shard_size)
     if mlx_path is None or str(mlx_path) == "":
@@ -94,7 +97,7 @@ def convert(
     args = source.args
     out_dtype = out_dtype or default_convert_dtype(args)
     tokenizer_path = source.tokenizer if tokenizer is None else resolve_tokenizer(None, tokenizer)
-    plan = plan_quantization(source.shapes(), default_bits, group_size, recipe) if default_bits else None
+    plan = plan_quantization(source.shapes(), default_bits, group_size, recipe, method) if default_bits else None
 
     created_parents, tmp = make_parents(target.parent), None
     try:
@@ -103,6 +106,7 @@ def convert(
             tmp = make_temp_folder(target)
         report = _write_model(source, tmp, out_dtype, plan, max_bytes, progress)
         report.output, report.bits, report.recipe = str(target), default_bits, recipe
+        report.method = method if plan else None
         if tokenizer_path is not None:
             copy_tokenizer(tmp, tokenizer_path)
             write_tokenizer_files(tmp, args.max_context_length)  # so transformers and mlx-lm open it too

@@ -8,7 +8,9 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_openelm.errors import CheckpointError
-from mlx_openelm.quantization import MODE, QuantizationPlan
+from mlx_openelm.quantization import DEFAULT_METHOD, MODE, QuantizationPlan
+
+from .quantizers import quantize
 
 
 def convert_tensor(
@@ -33,7 +35,8 @@ def convert_tensor(
         tensors = {name: out}
     else:
         bits, group_size = spec
-        wq, scales, biases = mx.quantize(w32.astype(dtype), group_size=group_size, bits=bits, mode=MODE)
+        method = plan.quantization.method or DEFAULT_METHOD
+        wq, scales, biases = quantize(w32, bits, group_size, method, dtype)
         prefix = name[: -len("weight")]
         tensors = {name: wq, prefix + "scales": scales, prefix + "biases": biases}
         # in float32, as the runtime computes on CPU (load_model widens scales and biases)

@@ -34,6 +34,7 @@ class ConvertReport:
     tokenizer: Optional[str] = None
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
+    method: Optional[str] = None  # how quantized groups got their scales and biases
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,28 +18,38 @@ This module imports no MLX at import time, so the CLI can list the choices insta
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
 
-# The one place to allow more bit widths or group sizes.
-BITS = (4, 8)
+# The one place to allow more bit widths or group sizes: every width of MLX's affine mode.
+BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS = 4  # what `convert -q/--quantize` means without --bits (as mlx-lm's convert)
 MODE = "affine"
 
+# How the converter picks each group's scale and bias (mlx_openelm.convert.quantizers):
+# "optimal" minimises the reconstruction error, "minmax" is mx.quantize (mlx-lm bit for bit).
+# Both write the same format; the runtime never needs to know which was used.
+METHODS = ("minmax", "optimal")
+DEFAULT_METHOD = "optimal"
+
 # The output head: the tied token embedding (OpenELM's default) or an untied lm_head.
 HEAD_MODULES = ("transformer.token_embeddings", "lm_head")
 
-RECIPES = {
-    # name: (bits of the rest, bits of the head)
-    "mixed-4-8": (4, 8),
-}
+# Mixed recipes "mixed-LOW-HIGH": LOW bits for most layers, HIGH bits for the sensitive ones,
+# the output head and the first eighth of the decoder layers. Measured on OpenELM-270M shapes
+# (4-bit min/max, one part quantized at a time, KL against float): layer 0 alone gives half of
+# the whole model's KL, layers 0-3 give 90% and layers 12-15 3%; the tied head gives a quarter.
+RECIPES = {f"mixed-{low}-{high}": (low, high) for low in BITS for high in BITS if low < high}
+SENSITIVE_LAYER_FRACTION = 1 / 8
 
 Spec = tuple[int, int]  # (bits, group size)
 
-_ENTRY_KEYS = ("bits", "group_size", "mode", "layers", "recipe")
+_ENTRY_KEYS = ("bits", "group_size", "mode", "layers", "recipe", "method")
 
 
 def _choices(values) -> str:
@@ -50,6 +60,28 @@ def check_bits(bits: Any, where: str) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS:
         raise ConfigError(f"{where}: {bits!r} is not supported; choose one of {_choices(BITS)}")
     return bits
+
+
+def _recipe_choices() -> str:
+    return f"mixed-LOW-HIGH with LOW < HIGH from {_choices(BITS)} (e.g. mixed-3-6, mixed-4-8)"
+
+
+def check_method(method: Any, where: str) -> str:
+    if method not in METHODS:
+        raise ConfigError(f"{where}: {method!r} is not a quantization method; choose one of {_choices(METHODS)}")
+    return method
+
+
+def is_sensitive(path: str, num_layers: int) -> bool:
+    """Whether a mixed recipe gives the module at `path` its high bits: the output head
+    and every layer of the first eighth of the decoder (at least one)."""
+    if path in HEAD_MODULES:
+        return True
+    prefix = "transformer.layers."
+    if not path.startswith(prefix):
+        return False
+    index = int(path[len(prefix):].split(".", 1)[0])
+    return index < max(1, math.ceil(num_layers * SENSITIVE_LAYER_FRACTION))
 
 
 def check_group_size(group_size: Any, where: str) -> int:
@@ -74,19 +106,24 @@ class Quantization:
     layers: Mapping[str, Optional[Spec]] = field(default_factory=dict)
     recipe: Optional[str] = None
     mlx_lm_format: bool = False  # float layers are told by absent scales, not listed
+    method: Optional[str] = None  # how scales and biases were chosen (informative only)
 
     def spec(self, path: str) -> Optional[Spec]:
         """(bits, group size) of the quantizable module at `path`; None where it stays float."""
         return self.layers.get(path, (self.bits, self.group_size))
 
     def to_config(self) -> dict:
-        """The entry as this project writes it into config.json."""
+        """The entry as this project writes it into config.json (per-layer exceptions both under
+        "layers" and at the top level, so mlx-lm loads mixed-bit folders too)."""
         layers: dict[str, Any] = {}
         for path, spec in self.layers.items():
             layers[path] = False if spec is None else {"bits": spec[0], "group_size": spec[1]}
         entry: dict[str, Any] = {"bits": self.bits, "group_size": self.group_size, "mode": MODE, "layers": layers}
         if self.recipe:
             entry["recipe"] = self.recipe
+        if self.method:
+            entry["method"] = self.method
+        entry.update(layers)  # mlx-lm reads per-layer settings from the top level; "layers" wins for us
         return entry
 
     @classmethod
@@ -106,7 +143,10 @@ class Quantization:
             raise ConfigError(f"{where}.mode: {mode!r} is not supported (only '{MODE}')")
         recipe = entry.get("recipe")
         if recipe is not None and recipe not in RECIPES:
-            raise ConfigError(f"{where}.recipe: unknown recipe {recipe!r}; choose one of {_choices(RECIPES)}")
+            raise ConfigError(f"{where}.recipe: unknown recipe {recipe!r}; choose {_recipe_choices()}")
+        method = entry.get("method")
+        if method is not None and not isinstance(method, str):
+            raise ConfigError(f"{where}.method must be a string, got {method!r}")
         mlx_lm_format = "layers" not in entry
         if mlx_lm_format:
             # mlx-lm: per-layer entries are the top-level keys holding an object or a boolean
@@ -119,7 +159,7 @@ class Quantization:
                                   f"got {type(raw).__name__}")
             prefix = f"{where}.layers"
         layers = {str(path): _layer_spec(value, bits, group_size, f"{prefix}['{path}']") for path, value in raw.items()}
-        return cls(bits, group_size, layers, recipe, mlx_lm_format)
+        return cls(bits, group_size, layers, recipe, mlx_lm_format, method)
 
 
 def _layer_spec(value: Any, bits: int, group_size: int, where: str) -> Optional[Spec]:
@@ -140,12 +180,14 @@ def read_quantization(config: Mapping[str, Any], source: str = "config.json") ->
     return Quantization.from_config(config["quantization"], source)
 
 
-def check_options(bits: Optional[int], group_size: int, recipe: Optional[str]) -> Optional[int]:
-    """Validate --bits/--group-size/--recipe; returns the default bits (None: no quantization)."""
+def check_options(bits: Optional[int], group_size: int, recipe: Optional[str],
+                  method: str = DEFAULT_METHOD) -> Optional[int]:
+    """Validate --bits/--group-size/--recipe/--quant-method; returns the default bits (None: no quantization)."""
     check_group_size(group_size, "--group-size")
+    check_method(method, "--quant-method")
     if recipe is not None:
         if recipe not in RECIPES:
-            raise ConfigError(f"--recipe: unknown recipe {recipe!r}; choose one of {_choices(RECIPES)}")
+            raise ConfigError(f"--recipe: unknown recipe {recipe!r}; choose {_recipe_choices()}")
         rest, _head = RECIPES[recipe]
         if bits is not None and bits != rest:
             raise ConfigError(f"--recipe {recipe} quantizes to {rest} bits; it cannot be combined with --bits {bits}")
@@ -170,12 +212,16 @@ class QuantizationPlan:
 
 
 def plan_quantization(
-    shapes: Mapping[str, tuple[int, ...]], bits: int, group_size: int, recipe: Optional[str] = None
+    shapes: Mapping[str, tuple[int, ...]], bits: int, group_size: int, recipe: Optional[str] = None,
+    method: Optional[str] = None,
 ) -> QuantizationPlan:
     """Decide bits per layer for the tensors `shapes` (name -> shape of the float model):
-    matrices quantize (the head at the recipe's head bits), norms stay float, and a matrix
-    whose input width is not a multiple of the group size stays float."""
-    head_bits = RECIPES[recipe][1] if recipe else bits
+    matrices quantize (the sensitive ones at the recipe's high bits), norms stay float, and
+    a matrix whose input width is not a multiple of the group size stays float. `method`
+    is recorded in the entry (None: the entry says nothing about it)."""
+    high_bits = RECIPES[recipe][1] if recipe else bits
+    layer_ids = [int(m.group(1)) for m in map(re.compile(r"transformer\.layers\.(\d+)\.").match, shapes) if m]
+    num_layers = max(layer_ids) + 1 if layer_ids else 0
     specs, skipped, exceptions = {}, {}, {}
     for name, shape in shapes.items():
         if not is_quantizable(name, tuple(shape)):
@@ -185,10 +231,10 @@ def plan_quantization(
             skipped[path] = int(shape[-1])
             exceptions[path] = None
             continue
-        specs[path] = (head_bits if path in HEAD_MODULES else bits, group_size)
+        specs[path] = (high_bits if is_sensitive(path, num_layers) else bits, group_size)
         if specs[path] != (bits, group_size):
             exceptions[path] = specs[path]
-    return QuantizationPlan(Quantization(bits, group_size, exceptions, recipe), specs, skipped)
+    return QuantizationPlan(Quantization(bits, group_size, exceptions, recipe, method=method), specs, skipped)
 
 
 def apply_quantization(model, quantization: Any, source: str = "config.json",

@@ -7,6 +7,11 @@ Each step runs in its own process so peak memory (ru_maxrss) is per conversion:
     python scripts/measure_convert.py mlxlm   /tmp/m270/src /tmp/m270/mlxlm-q4 4 64
     python scripts/measure_convert.py compare /tmp/m270/src /tmp/m270/ours-q4 /tmp/m270/mlxlm-q4
     python scripts/measure_convert.py ours    /tmp/m270/src /tmp/m270/ours-mixed mixed-4-8 64
+    python scripts/measure_convert.py ours    /tmp/m270/src /tmp/m270/q3-minmax 3 64 minmax eval
+
+`ours` takes the quantization method (optimal, the default, or minmax) and, with `eval`,
+runs the converter's own KL check and prints its numbers plus the mean and worst
+per-tensor relative error.
 
 Both converters quantize from float16 (our default for 270M; mlx-lm given --dtype float16)
 with the same bits and group size. `compare` runs both outputs on the same fixed tokens
@@ -47,14 +52,41 @@ def make(folder: str) -> None:
     print(json.dumps({"made": folder, "tensors": len(weights)}))
 
 
-def ours(src: str, out: str, bits: str, group: str) -> None:
+def ours(src: str, out: str, bits: str, group: str, method: str = "optimal", evaluate: str = "") -> None:
     from mlx_openelm.convert import convert
 
     start = time.perf_counter()
-    quant = {"recipe": "mixed-4-8"} if bits == "mixed-4-8" else {"bits": int(bits)}
-    report = convert(src, out, group_size=int(group), dtype="float16", evaluate=False, force=True, **quant)
-    print(json.dumps({"converter": "ours", "seconds": time.perf_counter() - start, "peak_mb": peak_mb(),
-                      "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes}))
+    quant = {"recipe": bits} if bits.startswith("mixed-") else {"bits": int(bits)}
+    report = convert(src, out, group_size=int(group), dtype="float16", evaluate=evaluate == "eval", force=True,
+                     method=method, **quant)
+    result = {"converter": "ours", "method": method, "bits": bits, "seconds": time.perf_counter() - start,
+              "peak_mb": peak_mb(), "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes}
+    if evaluate == "eval":
+        mean_rel, worst, worst_name = tensor_errors(src, out)
+        result.update(kl_mean=report.kl_mean, top1_agreement=report.top1_agreement, mean_rel_error=mean_rel,
+                      max_rel_error=worst, max_rel_error_tensor=worst_name)
+    print(json.dumps(result))
+
+
+def tensor_errors(src: str, out: str) -> tuple[float, float, str]:
+    """Mean and worst ||w' - w|| / ||w|| over the quantized tensors of `out` (w from `src`)."""
+    import mlx.core as mx
+
+    from mlx_openelm.loading import read_weights
+
+    source, weights = read_weights(Path(src)), read_weights(Path(out))
+    errors = {}
+    for name, w in source.items():
+        prefix = name[: -len("weight")]
+        if prefix + "scales" not in weights:
+            continue
+        q, scales = weights[name], weights[prefix + "scales"]
+        bits, group = 32 * q.shape[-1] // w.shape[-1], w.shape[-1] // scales.shape[-1]
+        approx = mx.dequantize(q, scales.astype(mx.float32), weights[prefix + "biases"].astype(mx.float32),
+                               group_size=group, bits=bits)
+        errors[name] = (mx.linalg.norm((approx - w).flatten()) / mx.linalg.norm(w.flatten())).item()
+    worst = max(errors, key=errors.get)
+    return float(np.mean(list(errors.values()))), errors[worst], worst
 
 
 def mlxlm(src: str, out: str, bits: str, group: str) -> None:

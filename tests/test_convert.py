@@ -112,9 +112,10 @@ def in_memory_quantized(source: Path, quantization: dict, dtype) -> nn.Module:
 @pytest.mark.parametrize("bits, group_size, dtype", [(8, 64, "float32"), (4, 64, "float32"), (4, 32, "float16")])
 def test_quantized_output_matches_in_memory_quantization(hf_checkpoint, tmp_path, bits, group_size, dtype):
     out = tmp_path / f"q{bits}"
-    convert(hf_checkpoint, out, bits=bits, group_size=group_size, dtype=dtype, evaluate=False)
+    convert(hf_checkpoint, out, bits=bits, group_size=group_size, dtype=dtype, method="minmax", evaluate=False)
     quantization = json.loads((out / "config.json").read_text())["quantization"]
     assert quantization["bits"] == bits and quantization["group_size"] == group_size
+    assert quantization["method"] == "minmax"
     assert quantization["mode"] == "affine"
     loaded = load_model(out, dtype=mx.float32)
     np.testing.assert_array_equal(logits(loaded), logits(in_memory_quantized(hf_checkpoint, quantization, dtype)))
@@ -157,13 +158,17 @@ def test_kl_of_4_bits_exceeds_8_bits_and_both_stay_below_thresholds(hf_checkpoin
 @pytest.mark.parametrize("fixture, head", [("hf_checkpoint", "transformer.token_embeddings"),
                                            ("untied_checkpoint", "lm_head")])
 def test_mixed_recipe_records_and_applies_8_bit_head(request, tmp_path, fixture, head):
+    """mixed-4-8: the head(s) and the first eighth of the layers (here: layer 0 of 3) at 8 bits."""
     source = request.getfixturevalue(fixture)
     out = tmp_path / "mixed"
-    report = convert(source, out, recipe="mixed-4-8", group_size=32, dtype="float32", evaluate=False)
+    report = convert(source, out, recipe="mixed-4-8", group_size=32, dtype="float32", method="minmax",
+                     evaluate=False)
     quantization = json.loads((out / "config.json").read_text())["quantization"]
     assert quantization["bits"] == 4 and quantization["recipe"] == "mixed-4-8"
     heads = {p: s for p, s in quantization["layers"].items() if s}
-    expected = {"transformer.token_embeddings": {"bits": 8, "group_size": 32}}
+    high = ["transformer.token_embeddings"] + [f"transformer.layers.0.{m}" for m in
+                                              ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")]
+    expected = {path: {"bits": 8, "group_size": 32} for path in high}
     if head == "lm_head":
         expected["lm_head"] = {"bits": 8, "group_size": 32}
     assert heads == expected
@@ -171,7 +176,8 @@ def test_mixed_recipe_records_and_applies_8_bit_head(request, tmp_path, fixture,
     assert model.transformer.token_embeddings.bits == 8
     if head == "lm_head":
         assert model.lm_head.bits == 8
-    assert model.layers[0].attn.qkv_proj.bits == 4 and model.layers[2].ffn.proj_1.bits == 4
+    assert model.layers[0].attn.qkv_proj.bits == 8 and model.layers[0].ffn.proj_2.bits == 8
+    assert model.layers[1].attn.qkv_proj.bits == 4 and model.layers[2].ffn.proj_1.bits == 4
     assert report.layer_bits["8"] == len(expected)
     np.testing.assert_array_equal(logits(model), logits(in_memory_quantized(source, quantization, mx.float32)))
 
@@ -256,7 +262,7 @@ def test_refusals_name_the_culprit_and_leave_nothing_behind(workdir, case):
     args, expected = {
         "existing-target": (["--hf-path", src, "--mlx-path", existing], "already exists; pass --force"),
         "missing-input": (["--hf-path", root / "nope", "--mlx-path", out], "nope"),
-        "unsupported-bits": (["--hf-path", src, "--mlx-path", out, "--bits", "3"], "--bits: 3"),
+        "unsupported-bits": (["--hf-path", src, "--mlx-path", out, "--bits", "7"], "--bits: 7"),
         "unsupported-group": (["--hf-path", src, "--mlx-path", out, "--bits", "4", "--group-size", "48"],
                               "--group-size: 48"),
         "unsupported-dtype": (["--hf-path", src, "--mlx-path", out, "--dtype", "float8"], "--dtype"),
