@@ -45,9 +45,10 @@ def _bits(item: str) -> int:
     try:
         bits = int(item)
     except ValueError:
-        raise ValueError(f"{item!r} is not a bit width; choose from 16, 8, 4") from None
+        raise ValueError(f"{item!r} is not a bit width; choose from {', '.join(map(str, BITS_CHOICES))}") from None
     if bits not in BITS_CHOICES:
-        raise ValueError(f"{bits} bits is not supported; choose from 16 (float), 8 or 4")
+        raise ValueError(f"{bits} bits is not supported; choose from 16 (float), "
+                         f"{', '.join(map(str, BITS_CHOICES[1:]))}")
     return bits
 
 
@@ -98,7 +99,7 @@ def _one_preset(value, param, ctx):
               help="OpenELM size(s) built with random weights in memory, no download: 270M, 450M, 1_1B, 3B "
                    "(comma list), or a path to an OpenELM config.json for another architecture.")
 @click.option("--bits", "bits_list", type=ListOf("BITS[,..]", _bits), default=None,
-              help="16 (unquantized, in --dtype), 8 or 4; comma list to sweep. "
+              help=f"16 (unquantized, in --dtype) or {', '.join(map(str, BITS_CHOICES[1:]))}; comma list to sweep. "
                    "Default: 16 (presets) or as stored (--model); the paper protocol: 16,4.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="Float dtype of activations and of unquantized weights/quantization scales. "

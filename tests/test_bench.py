@@ -257,7 +257,7 @@ def test_generate_step_ignores_eos(tiny_preset):
     "args, option, words",
     [
         (["--preset", "999M"], "--preset", "unknown preset"),
-        (["--preset", "270M", "--bits", "3"], "--bits", "3 bits"),
+        (["--preset", "270M", "--bits", "7"], "--bits", "7 bits is not supported; choose from 16 (float), 8, 6, 5, 4, 3, 2"),
         (["--preset", "270M", "--bits", "16,x"], "--bits", "not a bit width"),
         (["--preset", "270M", "--prompt-tokens", "-5"], "--prompt-tokens", "at least 1"),
         (["--preset", "270M", "--generation-tokens", "-1"], "--generation-tokens", "at least 2"),
