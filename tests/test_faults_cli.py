@@ -185,7 +185,7 @@ def test_half_precision_with_a_quantized_model_on_cpu_warns_once(hf_checkpoint, 
     (["generate", "--model", "{tmp}/nothing", "-p", "hi"], 1, ["Error: ", "nothing: model folder not found"]),
     (["chat", "--model", "{ckpt}", "--top-p", "2"], 2, ["--top-p"]),
     (["chat", "--model", "{ckpt}", "--tokenizer", "{tmp}/none.model"], 1, ["none.model: tokenizer file not found"]),
-    (["bench", "--preset", "270M", "--bits", "3"], 2, ["--bits", "3 bits"]),
+    (["bench", "--preset", "270M", "--bits", "7"], 2, ["--bits", "7 bits"]),
     (["nonsense"], 2, ["No such command 'nonsense'"]),
 ])
 def test_bad_flags_and_paths(hf_checkpoint, tmp_path, args, code, words):
