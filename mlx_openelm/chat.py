@@ -26,21 +26,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
-import mlx.core as mx
-
 from .errors import ContextLengthError, OptionError
-from .generation import GenerationResponse, stream_generate
+from .generation import GenerationResponse, reusable_prefix_length, stream_generate
 from .model import make_cache
 from .speculative import check_draft
 from .tokenizer import Tokenizer
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class ChatSession:
@@ -137,12 +127,12 @@ class ChatSession:
         """Add a user message and stream the assistant's reply (see `stream_generate`).
 
         Keyword arguments go to `generate_step` (sampler, logits_processors, ...). Only
-        the tokens not already in the cache go through the model. Logits processors see
-        the whole conversation as history, as they would with Hugging Face's generate.
+        the tokens not already in the cache go through the model. Logits processors and
+        prompt lookup see the whole conversation, as they would with Hugging Face's generate.
         """
         if not isinstance(text, str):
             raise TypeError(f"text must be a string, got {type(text).__name__}")
-        if "cache" in kwargs or "draft_cache" in kwargs:
+        if {"cache", "draft_cache", "cached_ids"} & set(kwargs):
             raise TypeError("ChatSession manages its own cache")
         if self.draft_model is not None:
             kwargs.update(draft_model=self.draft_model, draft_cache=self.draft_cache)
@@ -153,23 +143,19 @@ class ChatSession:
             kept = ", kept the system prompt" if self.system else ""
             self.notify(f"[context nearly full: dropped {turns}{kept} and rebuilt the cache]")
         # Reuse the longest cached prefix; at least one token must be fed.
-        self._trim_cache(min(common_prefix_length(self.cached_ids, ids), len(ids) - 1))
+        self._trim_cache(reusable_prefix_length(self.cached_ids, ids))
         start = len(self.cached_ids)
         new = ids[start:]
         self.last_prefill_tokens = len(new)
         self.messages = messages
         self.finish_reason = None
-        processors = kwargs.pop("logits_processors", None)
-        if processors and start:
-            prefix = mx.array(self.cached_ids, dtype=mx.uint32)
-            processors = [_with_history_prefix(p, prefix) for p in processors]
         reply: list[int] = []
         shown: list[str] = []
         finish = None
         try:
             for response in stream_generate(
                 self.model, self.tokenizer, new, max_tokens=max_tokens, cache=self.cache,
-                logits_processors=processors, **kwargs,
+                cached_ids=self.cached_ids, **kwargs,
             ):
                 reply.append(response.token)
                 shown.append(response.text)
@@ -195,9 +181,3 @@ class ChatSession:
         else:  # nothing was said: forget the question too
             self.messages.pop()
 
-
-def _with_history_prefix(process, prefix: mx.array):
-    def wrapped(history: mx.array, logits: mx.array) -> mx.array:
-        return process(mx.concatenate([prefix, history]), logits)
-
-    return wrapped

@@ -100,6 +100,32 @@ def _check_prompt(prompt: Union[mx.array, Sequence[int]], model: Model) -> mx.ar
     return prompt.astype(mx.uint32)
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens `a` and `b` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def reusable_prefix_length(cached_ids: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading tokens of `prompt` a KV cache holding `cached_ids` lets generation skip: the
+    common prefix, but never all of `prompt` (its last token must go through the model to give the
+    first new token's logits). The one cache-reuse rule of `ChatSession` and the server."""
+    return max(0, min(common_prefix_length(cached_ids, prompt), len(prompt) - 1))
+
+
+def _check_cached_ids(cached_ids, cache) -> list[int]:
+    if cached_ids is None:
+        return []
+    held = cache[0].offset if cache else 0
+    if len(cached_ids) != held:
+        raise OptionError(f"cached_ids has {len(cached_ids)} tokens but the cache holds {held} positions: "
+                          "pass the token ids the cache holds")
+    return [int(t) for t in cached_ids]
+
+
 def _check_speculative(cache, draft_model, draft_cache, num_draft_tokens: int, prompt_lookup: int, ngram: int):
     if draft_model is not None and prompt_lookup:
         raise OptionError("use either draft_model or prompt_lookup, not both")
@@ -134,12 +160,15 @@ def generate_step(
     num_draft_tokens: int = 3,
     prompt_lookup: int = 0,
     prompt_lookup_ngram: int = 2,
+    cached_ids: Optional[Sequence[int]] = None,
 ) -> Iterator[GenerationStep]:
     """Yield a `GenerationStep` (token, logprobs, ...) for up to `max_tokens` new tokens after `prompt`.
 
     `prompt` is token ids (BOS included if wanted). Generation also ends when the
     model's context (`max_context_length`) is full; the step that ends the budget has
-    `last` set. `cache` (from `make_cache`) continues an earlier conversation. While a
+    `last` set. `cache` (from `make_cache`) continues an earlier conversation; with
+    `cached_ids`, the token ids that cache holds, the logits processors and prompt lookup
+    see that conversation before `prompt` (as if it had been the prompt). While a
     token is handed out, the next one is already being computed (`mx.async_eval`), so
     the cache then holds the prompt and every token yielded so far; only a token that
     ends the budget is never fed to the model.
@@ -152,6 +181,7 @@ def generate_step(
     as after plain decoding, but while tokens are handed out they may run a round ahead.
     """
     prompt = _check_prompt(prompt, model)
+    earlier = _check_cached_ids(cached_ids, cache)
     if max_tokens < 0:
         raise OptionError(f"max_tokens must be >= 0, got {max_tokens}")
     if draft_model is not None:
@@ -167,14 +197,15 @@ def generate_step(
     with wired_limit():
         prompt_tail = prefill(model, prompt, cache, prefill_step_size, prompt_progress)
         if draft_model is None and not prompt_lookup:
-            steps = _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors)
+            history = mx.array(earlier + prompt[: prompt.size - prompt_tail.size].tolist(), dtype=mx.uint32)
+            steps = _plain_steps(model, cache, history, prompt_tail, limit, sampler, processors)
         else:
             draft = None
             if draft_model is not None:
                 prefill(draft_model, prompt, draft_cache, prefill_step_size)
                 draft = DraftProposer(draft_model, draft_cache, model.args.vocab_size)
-            decoder = SpeculativeDecoder(model, cache, prompt.tolist(), sampler, processors, draft,
-                                         num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
+            decoder = SpeculativeDecoder(model, cache, earlier + prompt.tolist(), sampler, processors,
+                                         draft, num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
             steps = _speculative_steps(decoder, limit)
         yield from _prompt_read_at_first_step(steps, prompt_progress, prompt.size)
 
@@ -188,8 +219,9 @@ def _prompt_read_at_first_step(steps: Iterator[GenerationStep], progress, total:
         yield step
 
 
-def _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors) -> Iterator[GenerationStep]:
-    """One target pass per token, the next pass queued (`async_eval`) before a token is handed out."""
+def _plain_steps(model, cache, history, prompt_tail, limit, sampler, processors) -> Iterator[GenerationStep]:
+    """One target pass per token, the next pass queued (`async_eval`) before a token is handed out.
+    `history`: the tokens in the cache before `prompt_tail`, which the logits processors see."""
 
     def next_token(history: mx.array, tokens: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         logits = model(tokens[None], cache=cache)[:, -1, :].astype(mx.float32)  # (1, vocab)
@@ -198,8 +230,6 @@ def _plain_steps(model, cache, prompt, prompt_tail, limit, sampler, processors) 
         logprobs = to_logprobs(logits, history, processors)
         return sampler(logprobs), logprobs.squeeze(0), history
 
-    # the tokens the logits processors see: the prompt, then each token as it is fed
-    history = prompt[: prompt.size - prompt_tail.size]
     token, logprobs, history = next_token(history, prompt_tail)
     mx.async_eval(token, logprobs)
     for n in range(1, limit + 1):

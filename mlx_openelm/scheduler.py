@@ -20,8 +20,7 @@ from typing import Callable, Iterator, Optional
 import mlx.core as mx
 
 from .cache import KVCache
-from .chat import _with_history_prefix, common_prefix_length  # the same prefix policy as ChatSession
-from .generation import GenerationResponse, stream_generate, wired_limit
+from .generation import GenerationResponse, common_prefix_length, reusable_prefix_length, stream_generate, wired_limit
 from .model import make_cache
 from .sampling import make_logits_processors, make_sampler
 from .server_api import GenerationSpec
@@ -61,6 +60,8 @@ class Job:
     cache: Optional[list[KVCache]] = None
     cached_tokens: int = 0
     generated: list[int] = field(default_factory=list)
+    drafted: int = 0  # speculative decoding's running totals (the last response's)
+    accepted: int = 0
 
     def cancel(self) -> None:
         """Stop generating (the client went away); the worker notices before its next step."""
@@ -92,7 +93,7 @@ class PromptCache:
         the last prompt token must go through the model to give the first new token's logits)."""
         best, length = None, 0
         for i, (ids, _) in enumerate(self.entries):
-            n = min(common_prefix_length(ids, prompt), len(prompt) - 1)
+            n = reusable_prefix_length(ids, prompt)
             if n > length:
                 best, length = i, n
         if best is None:
@@ -128,7 +129,7 @@ class Scheduler:
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.active: list[Job] = []
         self.stats = {"requests": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
-                      "generated_tokens": 0}
+                      "generated_tokens": 0, "drafted_tokens": 0, "accepted_tokens": 0}
         self._stopping = False  # a plain flag: set from signal handlers, where taking a lock could deadlock
 
     def _new_cache(self) -> list[KVCache]:
@@ -195,9 +196,6 @@ class Scheduler:
         try:
             job.cache, job.cached_tokens = self.prompt_cache.fetch(spec.prompt)
             processors = make_logits_processors(spec.repetition_penalty)
-            if job.cached_tokens and processors:  # the penalty must see the cached prefix too
-                prefix = mx.array(spec.prompt[: job.cached_tokens], dtype=mx.uint32)
-                processors = [_with_history_prefix(p, prefix) for p in processors]
             sampler = make_sampler(temp=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, min_p=spec.min_p,
                                    seed=spec.seed)
             kwargs = dict(self.generation_kwargs)
@@ -207,7 +205,8 @@ class Scheduler:
             job.steps = stream_generate(self.model, self.tokenizer, spec.prompt[job.cached_tokens:],
                                         max_tokens=spec.max_tokens, stop=spec.stop,
                                         cache=job.cache[:target_layers], sampler=sampler,
-                                        logits_processors=processors, **kwargs)
+                                        logits_processors=processors, cached_ids=spec.prompt[:job.cached_tokens],
+                                        **kwargs)
         except ValueError as e:  # bad sampling values that parsing let through
             job.events.put(Failure(400, str(e)))
             return
@@ -239,6 +238,9 @@ class Scheduler:
             return Step("", -1, None, [], "length", len(spec.prompt), job.cached_tokens, len(job.generated))
         job.generated.append(response.token)
         self.stats["generated_tokens"] += 1
+        self.stats["drafted_tokens"] += response.drafted_tokens - job.drafted
+        self.stats["accepted_tokens"] += response.accepted_tokens - job.accepted
+        job.drafted, job.accepted = response.drafted_tokens, response.accepted_tokens
         logprob, top = None, []
         if spec.top_logprobs is not None:
             logprob = response.logprobs[response.token].item()

@@ -160,8 +160,9 @@ class DraftProposer:
 class SpeculativeDecoder:
     """Rounds of propose -> verify -> accept -> trim for one generation.
 
-    `context` is this call's tokens (the prompt, then every token produced); the caches hold
-    `start` earlier positions plus all of `context` but its last token.
+    `context` is what prompt lookup and the logits processors see (the conversation the cache
+    already held when its ids are known, the prompt, then every token produced); the caches
+    hold `start` earlier positions not in it plus all of `context` but its last token.
     """
 
     def __init__(
