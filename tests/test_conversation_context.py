@@ -12,7 +12,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_openelm import ChatSession, speculative, generate_step, load, make_cache, make_logits_processors
+from mlx_openelm import ChatSession, generate_step, make_cache, make_logits_processors, speculative
 from mlx_openelm.errors import OptionError
 from mlx_openelm.generation import reusable_prefix_length, stream_generate
 from mlx_openelm.scheduler import Scheduler
@@ -20,11 +20,6 @@ from mlx_openelm.server_api import GenerationSpec
 
 # Said twice: the second reply's drafts can come from the first turn.
 MESSAGE = "The quick brown fox jumps over the lazy dog."
-
-
-@pytest.fixture(scope="module")
-def loaded(hf_checkpoint):
-    return load(hf_checkpoint, dtype="float32")
 
 
 def _counts(response) -> tuple[int, int, int]:

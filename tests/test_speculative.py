@@ -83,7 +83,7 @@ def test_prompt_lookup_on_a_repetitive_prompt_equals_plain_greedy(loaded):
         assert steps[-1].accepted_tokens > 0  # the model repeats itself: copies get accepted
 
 
-@pytest.mark.parametrize("mode", [{"draft": "self"}, {"draft": "shallow"}, {"prompt_lookup": 4}])
+@pytest.mark.parametrize("mode", [{"draft": "self"}, {"draft": "4-bit"}, {"draft": "shallow"}, {"prompt_lookup": 4}])
 def test_exact_across_the_cache_growth_boundary(loaded, drafts, mode):
     target, _ = loaded
     prompt = [1] + [(7 * i) % 300 + 3 for i in range(248)]  # the caches grow past 256 positions while decoding
@@ -96,10 +96,12 @@ def test_exact_up_to_the_end_of_the_context(tmp_path, tiny_weights):
     target = _model(tmp_path / "t", config, tiny_weights)
     shallow = _model(tmp_path / "s", {**SHALLOW_CONFIG, "max_context_length": 24},
                      {k: v for k, v in tiny_weights.items() if "layers.2." not in k})
+    quantized = _model(tmp_path / "q", config, tiny_weights)
+    nn.quantize(quantized, group_size=32, bits=4)
     expected = _plain(target, PROMPT, 100)
     assert len(expected) == 24 - len(PROMPT) + 1
     for kwargs in ({"draft_model": target, "num_draft_tokens": 8}, {"draft_model": shallow, "num_draft_tokens": 5},
-                   {"prompt_lookup": 10}):
+                   {"draft_model": quantized, "num_draft_tokens": 4}, {"prompt_lookup": 10}):
         steps = list(generate_step(PROMPT, target, max_tokens=100, **kwargs))
         assert _tokens(steps) == expected
         assert [s.last for s in steps].index(True) == len(steps) - 1
