@@ -166,7 +166,7 @@ def _apply(options, fn):
 def sampling_options(fn):
     """The sampling flags shared by `generate` and `chat`."""
     return _apply([
-        click.option("--max-tokens", "-m", type=click.IntRange(min=0), default=256, show_default=True,
+        click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True,
                      help="Most tokens to generate."),
         click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="Sampling temperature; 0 is greedy."),

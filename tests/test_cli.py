@@ -84,7 +84,8 @@ def test_generate_errors_are_one_clear_line(tmp_path, hf_checkpoint, sharded_che
 @pytest.mark.parametrize(
     "args, option",
     [(["--temp", "-1"], "--temp"), (["--dtype", "float8"], "--dtype"), (["--top-p", "0"], "--top-p"),
-     (["--max-tokens", "-5"], "--max-tokens")],
+     (["--max-tokens", "-5"], "--max-tokens"),
+     (["--max-tokens", "0"], "--max-tokens")],  # no reply, no statistics: nothing to run
 )
 def test_generate_bad_options_name_the_option(hf_checkpoint, args, option):
     result = CliRunner().invoke(main, ["generate", "--model", str(hf_checkpoint), "--prompt", "hi", *args])
