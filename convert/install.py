@@ -231,6 +231,13 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         raise FileExistsError(errno.EEXIST, "appeared while installing", str(dst)) from None
 
 
+def check_replaceable(target: Path) -> None:
+    """`--force` replaces an output folder, never a file or a device (`--mlx-path /dev/null`
+    run as root would otherwise delete the device node)."""
+    if (target.exists() or target.is_symlink()) and not target.is_dir():
+        raise ConfigError(f"--mlx-path: {target} exists and is not a folder; --force only replaces a folder")
+
+
 def install(tmp: Path, target: Path, force: bool) -> None:
     """Rename the finished `tmp` to `target`. Without `force` an existing target is never
     touched; with it the old one is moved aside and deleted only once the new one is in place."""
@@ -252,6 +259,7 @@ def _install(tmp: Path, target: Path, force: bool) -> None:
                 "and nothing was written (pass --force to replace it)"
             ) from None
         return
+    check_replaceable(target)
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
     try:

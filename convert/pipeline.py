@@ -21,10 +21,13 @@ from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError
 from mlx_openelm.hf_files import write_tokenizer_files
 from mlx_openelm.hub import resolve_tokenizer
-from mlx_openelm.loading import DTYPE_NAMES, fp16_is_safe, parse_dtype
+from mlx_openelm.loading import DTYPE_NAMES, check_tokenizer_fits, fp16_is_safe, parse_dtype
 from mlx_openelm.quantization import DEFAULT_METHOD, QuantizationPlan, check_options, plan_quantization
+from mlx_openelm.tokenizer import Tokenizer
 
-from .install import discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_deferred
+from .install import (
+    check_replaceable, discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_deferred,
+)
 from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
 from .quantize import convert_tensor
 from .report import ConvertReport, layer_bits, peak_memory_mb
@@ -97,6 +100,8 @@ def convert(
     args = source.args
     out_dtype = out_dtype or default_convert_dtype(args)
     tokenizer_path = source.tokenizer if tokenizer is None else resolve_tokenizer(None, tokenizer)
+    if tokenizer_path is not None:  # a tokenizer the output could not use is refused before any work
+        check_tokenizer_fits(Tokenizer(tokenizer_path), args.vocab_size)
     plan = plan_quantization(source.shapes(), default_bits, group_size, recipe, method) if default_bits else None
 
     created_parents, tmp = make_parents(target.parent), None
@@ -173,6 +178,7 @@ def _check_inputs(source: Source, target: Path, force: bool, dequantize: bool, b
         raise ConfigError("--dequantize writes float weights; it cannot be combined with --bits or --recipe")
     if (target.exists() or target.is_symlink()) and not force:
         raise ConfigError(f"--mlx-path: {target} already exists; pass --force to replace it")
+    check_replaceable(target)
 
 
 def _write_model(source: Source, folder: Path, dtype: mx.Dtype, plan: Optional[QuantizationPlan],

@@ -107,8 +107,8 @@ def weight_files(folder: Path) -> list[Path]:
     index = folder / SAFETENSORS_INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: 'weight_map' must be an object (tensor name -> shard file)")
@@ -124,6 +124,8 @@ def weight_files(folder: Path) -> list[Path]:
     single = folder / SAFETENSORS_FILE
     if single.is_file():
         return [single]
+    if single.exists() or single.is_symlink():  # a folder, a device or a dangling link
+        raise CheckpointError(f"{single}: not a regular file")
     found = sorted(p.name for p in folder.glob("*.safetensors"))
     hint = f" (found {', '.join(found)} but no {SAFETENSORS_INDEX})" if found else ""
     raise CheckpointError(f"{folder}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}{hint}")
@@ -204,6 +206,18 @@ def stored_float_dtype(weights: Mapping[str, mx.array]) -> Optional[mx.Dtype]:
     return None
 
 
+def check_model_folder(path: Union[str, Path]) -> Path:
+    """`path` as a folder that can hold a model (not a file, not a conversion's temp folder)."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: model folder not found")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a model folder (config.json + safetensors), got a file")
+    if is_temporary_folder(folder):
+        raise CheckpointError(f"{folder}: an unfinished conversion's temporary folder, not a model")
+    return folder
+
+
 def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
     """Load an OpenELM model from a folder holding `config.json` and safetensors weights.
 
@@ -212,13 +226,7 @@ def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
     `quantization` entry says which). `dtype` is the compute dtype; by default the one
     that suits the device (see `default_dtype`).
     """
-    folder = Path(path)
-    if not folder.exists():
-        raise CheckpointError(f"{folder}: model folder not found")
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: expected a model folder (config.json + safetensors), got a file")
-    if is_temporary_folder(folder):
-        raise CheckpointError(f"{folder}: an unfinished conversion's temporary folder, not a model")
+    folder = check_model_folder(path)
     config_path = folder / "config.json"
     config = read_config(config_path)
     args = ModelArgs.from_dict(config, source=str(config_path))
@@ -290,22 +298,29 @@ def load(
     tokenizer repo; when none is found the error says what to pass. `log` receives
     one-line notices (which tokenizer was picked).
     """
-    folder = resolve_model_path(path)
+    folder = check_model_folder(resolve_model_path(path))
+    read_config(folder / "config.json")  # a folder that is no model is said before any tokenizer question
     tokenizer_path = resolve_tokenizer(folder, tokenizer, log=log)
     tok = Tokenizer(tokenizer_path)
     model = load_model(folder, dtype=dtype)
-    if tok.vocab_size > model.args.vocab_size:
-        raise CheckpointError(
-            f"{tokenizer_path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
-            f"{model.args.vocab_size}; is this the right tokenizer?"
-        )
-    if tok.vocab_size < model.args.vocab_size and PADDED_VOCAB.get(tok.vocab_size) != model.args.vocab_size:
-        warnings.warn(
-            f"{tokenizer_path}: tokenizer has {tok.vocab_size} pieces, fewer than the model's vocab_size "
-            f"{model.args.vocab_size}; the model may generate ids it cannot decode (is this the right tokenizer?)",
-            OpenELMWarning, stacklevel=2,
-        )
+    check_tokenizer_fits(tok, model.args.vocab_size)
     return model, tok
+
+
+def check_tokenizer_fits(tok: Tokenizer, vocab_size: int) -> None:
+    """Refuse a tokenizer with more pieces than the model's vocabulary; warn when it has fewer
+    (except the known padded case), since the model may then generate ids it cannot decode."""
+    if tok.vocab_size > vocab_size:
+        raise CheckpointError(
+            f"{tok.path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
+            f"{vocab_size}; is this the right tokenizer?"
+        )
+    if tok.vocab_size < vocab_size and PADDED_VOCAB.get(tok.vocab_size) != vocab_size:
+        warnings.warn(
+            f"{tok.path}: tokenizer has {tok.vocab_size} pieces, fewer than the model's vocab_size "
+            f"{vocab_size}; the model may generate ids it cannot decode (is this the right tokenizer?)",
+            OpenELMWarning, stacklevel=3,
+        )
 
 
 def model_dtype(model: nn.Module) -> mx.Dtype:

@@ -23,7 +23,7 @@ import pytest
 
 from mlx_openelm import load_model
 from mlx_openelm.convert import convert, pipeline
-from mlx_openelm.errors import CheckpointError, ConfigError
+from mlx_openelm.errors import CheckpointError, ConfigError, TokenizerError
 from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
 from torchzip import corenet_state, write_torch_zip
 
@@ -303,4 +303,32 @@ def test_disk_full_is_a_one_line_error_and_leaves_nothing(user_files):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "cannot write" in errors[0] and str(root) in errors[0], result.stderr
+    assert snapshot(root) == before and temp_folders(root) == []
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "link to a file"])
+def test_force_never_replaces_something_that_is_not_a_folder(user_files, kind):
+    """--force replaces an output folder; as root, `--mlx-path /dev/null --force` would otherwise delete the device."""
+    root, src = user_files
+    target = root / "target"
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "file":
+        target.write_text("the user's file")
+    else:
+        target.symlink_to(root / "notes.txt")
+    before = snapshot(root) if kind != "fifo" else None
+    with pytest.raises(ConfigError) as info:
+        convert(src, target, force=True, evaluate=False)
+    assert str(info.value) == f"--mlx-path: {target} exists and is not a folder; --force only replaces a folder"
+    assert temp_folders(root) == [] and (target.is_fifo() if kind == "fifo" else snapshot(root) == before)
+
+
+def test_a_tokenizer_that_cannot_be_read_is_refused_before_any_work_naming_the_users_file(user_files):
+    root, src = user_files
+    before = snapshot(root)
+    bad = src / "config.json"  # not a SentencePiece model
+    with pytest.raises(TokenizerError) as info:
+        convert(src, root / "out", tokenizer=bad, evaluate=False)
+    assert str(info.value).startswith(f"{bad}: not a SentencePiece model")  # not a file in the temp folder
     assert snapshot(root) == before and temp_folders(root) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,9 @@ import pytest
 from mlx_openelm import generate, load, stream_generate
 from mlx_openelm.chat import ChatSession
 from mlx_openelm.config import KEYS, ModelArgs
-from mlx_openelm.errors import ConfigError, OpenELMError, PromptError
+from mlx_openelm.errors import CheckpointError, ConfigError, ContextLengthError, OpenELMError, OptionError, PromptError
+from mlx_openelm.sampling import make_sampler
+from mlx_openelm.stopping import normalize_stops
 from mlx_openelm.tokenizer import clean_text
 
 from synthetic import TINY_CONFIG, write_hf_checkpoint
@@ -141,3 +144,76 @@ def test_a_chat_line_with_invalid_utf8_is_refused_and_the_session_goes_on(loaded
     assert len(first) == len(reply) == 4 and session.messages[-2]["content"] == "caf\ufffd \ufffd ok"
     with pytest.raises(PromptError, match=r"message 0 \(system\) contains bytes"):
         list(ChatSession(model, tokenizer, system=NOT_UTF8).send("hi", max_tokens=2))
+
+
+# ---- model folders with something odd in them (found by the issue 8 audit) ----------------------
+
+def _odd_folder(tmp_path, hf_checkpoint, odd):
+    folder = tmp_path / "model"
+    shutil.copytree(hf_checkpoint, folder)
+    odd(folder)
+    return folder
+
+
+def _not_utf8_config(folder):
+    (folder / "config.json").write_bytes(b'{"model_type": "openelm", "note": "\xff"}')
+
+
+def _not_utf8_index(folder):
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    (folder / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"\xfe": "x"}}')
+
+
+def _weights_a_folder(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").mkdir()
+
+
+def _weights_a_dangling_link(folder):
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors").symlink_to(folder / "gone.safetensors")
+
+
+@pytest.mark.parametrize("odd, error, message", [
+    (_not_utf8_config, ConfigError, "config.json: not UTF-8 text (byte 0xff at offset 35)"),
+    (_not_utf8_index, CheckpointError, "model.safetensors.index.json: not a valid safetensors index ('utf-8' codec"),
+    (_weights_a_folder, CheckpointError, "model.safetensors: not a regular file"),
+    (_weights_a_dangling_link, CheckpointError, "model.safetensors: not a regular file"),
+])
+def test_odd_model_folders_are_refused_naming_the_file(tmp_path, hf_checkpoint, odd, error, message):
+    folder = _odd_folder(tmp_path, hf_checkpoint, odd)
+    with pytest.raises(error) as info:
+        load(folder)
+    assert str(info.value).startswith(f"{folder}/{message}"), str(info.value)
+
+
+def test_a_file_or_an_empty_folder_is_said_to_be_no_model_before_any_tokenizer_question(tmp_path, hf_checkpoint):
+    with pytest.raises(CheckpointError, match="expected a model folder .* got a file"):
+        load(hf_checkpoint / "config.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path / "empty")
+    assert str(info.value) == f"{tmp_path / 'empty' / 'config.json'}: config file not found"
+
+
+# ---- option values the libraries refuse ----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [-1, 2**64, "7", 1.5, True])
+def test_a_seed_mlx_cannot_hold_is_an_option_error(seed):
+    with pytest.raises(OptionError, match=r"seed must be an integer from 0 to 2\*\*64 - 1"):
+        make_sampler(temp=1.0, seed=seed)
+    with pytest.raises(OptionError):
+        make_sampler(temp=0.0, seed=seed)  # refused even where greedy would not use it
+    make_sampler(temp=1.0, seed=2**64 - 1)
+
+
+def test_an_empty_stop_string_is_an_option_error():
+    with pytest.raises(OptionError, match="stop strings must be non-empty strings, got ''"):
+        normalize_stops(["ok", ""])
+
+
+def test_a_system_prompt_leaving_no_room_for_a_message_is_refused_up_front(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(ContextLengthError, match=r"the system prompt takes \d+ tokens .* context of 2048 tokens"):
+        ChatSession(model, tokenizer, system="word " * 2100)
+    assert len(list(ChatSession(model, tokenizer, system="word " * 100).send("hi", max_tokens=2))) == 2
