@@ -168,6 +168,7 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
         raise click.UsageError("--ablation and --compare run separately; pick one")
     outputs = {option: check_output_path(path, option)
                for option, path in (("--json", json_path), ("--csv", csv_path), ("--plot", plot_path))}
+    _check_outputs_apart(outputs, [*models, *(presets or []), reference_path])
     _check_extras(plot_path, compare)
     reference = _load_reference(reference_path)
     chosen = {"bits": [None if b == 16 else b for b in bits_list] if bits_list else None,
@@ -189,6 +190,25 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
         document["reference"] = reference
     _print_report(document, settings)
     _write_outputs(document, outputs)
+
+
+def _check_outputs_apart(outputs: dict, inputs: list) -> None:
+    """Two outputs at one path would silently keep only the last; an output onto an input
+    (a --preset config.json, --reference-json, a file in a --model folder) would destroy it."""
+    seen: dict = {}
+    for option, path in outputs.items():
+        if path is None or not path.parent.is_dir():
+            continue
+        where = path.resolve()
+        if where in seen and (path.is_file() or not path.exists()):  # two writers to one device are fine
+            raise click.BadParameter(f"{path} is also the {seen[where]} output", param_hint=f"'{option}'")
+        seen[where] = option
+        for item in inputs:
+            if item is None or not Path(item).exists():
+                continue  # a preset name or repo id: no file of the user's
+            source = Path(item).resolve()
+            if where == source or source in where.parents:
+                raise click.BadParameter(f"{path} would overwrite the input {item}", param_hint=f"'{option}'")
 
 
 def _protocol_defaults(protocol: str) -> dict:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from mlx_openelm.errors import ConfigError
+from mlx_openelm.errors import ConfigError, OptionError
 
 
 @dataclass
@@ -52,6 +53,10 @@ class BenchSettings:
             raise ConfigError(f"{proposers[0]} runs against plain decoding, not with --ablation or --compare")
         if self.draft_bits is not None and not (self.draft_model or self.draft_preset):
             raise ConfigError("--draft-bits needs --draft-model or --draft-preset")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise OptionError(f"--seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}")
+        if self.bandwidth_gbs is not None and not 0 < self.bandwidth_gbs < math.inf:
+            raise OptionError(f"--bandwidth must be a positive number of GB/s, got {self.bandwidth_gbs}")
 
     @property
     def speculative(self) -> bool:

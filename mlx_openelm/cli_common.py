@@ -246,13 +246,14 @@ def stop_option(fn):
 def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop=()) -> dict:
     """`sampler`, `logits_processors` (and `stop`, from --stop) for `stream_generate` from the options."""
     from .sampling import make_logits_processors, make_sampler
+    from .stopping import normalize_stops
 
     kwargs = {
         "sampler": make_sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed),
         "logits_processors": make_logits_processors(repetition_penalty),
     }
     if stop:
-        kwargs["stop"] = list(stop)
+        kwargs["stop"] = list(normalize_stops(stop))  # refused here, before chat waits for its first line
     return kwargs
 
 

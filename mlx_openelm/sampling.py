@@ -72,6 +72,14 @@ def validate_sampling(temp: float, top_k: int, top_p: float, min_p: float) -> No
         raise OptionError(f"min_p must be in [0, 1) (0 disables it), got {min_p}")
 
 
+def validate_seed(seed: Optional[int]) -> None:
+    """A seed is None or an integer in [0, 2**64) (what an MLX PRNG key holds)."""
+    if seed is None:
+        return
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < 2**64:
+        raise OptionError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+
+
 def make_filter(temp: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> Callable[[mx.array], mx.array]:
     """The logits a sampler at `temp > 0` draws from: log-probabilities divided by `temp`,
     then the top-k, top-p and min-p masks (-inf outside). Speculative sampling needs this
@@ -101,6 +109,7 @@ def make_sampler(
     `next_key()` (its next PRNG key, None without a seed) for speculative sampling.
     """
     validate_sampling(temp, top_k, top_p, min_p)
+    validate_seed(seed)
     if temp == 0:
         return greedy
     filtered = make_filter(temp, top_k, top_p, min_p)

@@ -187,6 +187,8 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             raise api.APIError(411, "a Content-Length header is required") from None
+        if length < 0:
+            raise api.APIError(400, f"Content-Length must be a number of bytes, got {length}")
         if length > limit:
             if length <= DRAIN_LIMIT:
                 self._drain(length)

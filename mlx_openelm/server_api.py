@@ -10,9 +10,11 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from .errors import PromptError
 from .stopping import normalize_stops
 
 MAX_STOPS = 4  # as OpenAI
@@ -196,12 +198,23 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
+@contextmanager
+def _prompt_errors(param: str):
+    """Text the tokenizer refuses (JSON can carry lone surrogates, which are not UTF-8) is a 400 naming `param`."""
+    try:
+        yield
+    except PromptError as e:
+        raise _bad(param, str(e)) from None
+
+
 def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -> ParsedRequest:
     """A `/v1/chat/completions` body -> `ParsedRequest` (OpenELM-Instruct's template applied)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
-    prompt = tokenizer.apply_chat_template(chat_messages(body))
+    messages = chat_messages(body)
+    with _prompt_errors("messages"):
+        prompt = tokenizer.apply_chat_template(messages)
     _check_context(prompt, context, "messages")
     top = None
     if _flag(body, "logprobs"):
@@ -218,7 +231,8 @@ def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        with _prompt_errors("prompt"):
+            return tokenizer.encode(prompt)
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if not all(0 <= t < vocab_size for t in prompt):
             raise _bad("prompt", f"token ids must be in [0, {vocab_size})")

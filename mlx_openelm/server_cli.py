@@ -11,6 +11,7 @@ import click
 from .cli_common import (
     load_model_and_tokenizer,
     load_speculative,
+    make_generation_kwargs,
     model_options,
     sampling_options,
     speculative_options,
@@ -62,6 +63,7 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
 
     if max_tokens < 1:
         raise click.BadParameter("must be at least 1 for a server", param_hint="--max-tokens")
+    make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed=None)  # refuses NaN before serving
     defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
     try:  # bind before loading, so a taken port fails at once

@@ -268,3 +268,49 @@ def test_sigint_during_a_chat_reply_keeps_the_chat(slow_checkpoint):
     assert returncode == 0 and "Traceback" not in err
     assert "[interrupted: the reply so far stays in the conversation]" in err
     assert sum("tok/s" in line for line in err.splitlines()) == 1  # the second reply completed
+
+
+# ---- option values refused before any work (found by the issue 8 audit) -----------------------
+
+def invoke(*args) -> tuple[int, str]:
+    """(exit status, last line of output) of `mlx-openelm ARGS` run in this process."""
+    from mlx_openelm.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback: the case failed
+    return result.exit_code, result.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--seed", "-1"], 1, "Error: --seed must be an integer from 0 to 2**64 - 1, got -1"),
+    (["--bandwidth", "nan"], 1, "Error: --bandwidth must be a positive number of GB/s, got nan"),
+    (["--json", "{tmp}/same", "--csv", "{tmp}/same"], 2, "Error: Invalid value for '--csv': {tmp}/same is also the "
+                                                         "--json output"),
+    (["--json", "{config}"], 2, "Error: Invalid value for '--json': {config} would overwrite the input {config}"),
+])
+def test_bench_refuses_bad_values_and_clashing_outputs_before_any_work(bench_config, tmp_path, args, code, message):
+    before = bench_config.read_bytes()
+    fill = {"tmp": tmp_path, "config": bench_config}
+    got = invoke("bench", "--preset", bench_config, "--trials", 1, *[a.format(**fill) for a in args])
+    assert got == (code, message.format(**fill))
+    assert bench_config.read_bytes() == before and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--temp", "nan", "temp must be a finite number >= 0, got nan"),
+    ("--top-p", "nan", "top_p must be in (0, 1] (1 disables it), got nan"),
+    ("--repetition-penalty", "nan", "repetition_penalty must be a positive number, got nan"),
+])
+def test_serve_refuses_sampling_defaults_no_request_could_use_before_loading(tmp_path, option, value, message):
+    missing = tmp_path / "no-model"  # never looked at: the value is refused first
+    assert invoke("serve", "--model", missing, "--port", 0, option, value) == (1, f"Error: {message}")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1", "--temp", "1"], "seed must be an integer from 0 to 2**64 - 1, got -1"),
+    (["--stop", ""], "stop strings must be non-empty strings, got ''"),
+])
+def test_generate_and_chat_refuse_a_bad_seed_or_stop_string_in_one_line(hf_checkpoint, args, message):
+    assert invoke("generate", "--model", hf_checkpoint, "-p", "hi", *args) == (1, f"Error: {message}")
+    assert invoke("chat", "--model", hf_checkpoint, *args) == (1, f"Error: {message}")

@@ -252,6 +252,9 @@ ERRORS = [
     ("POST", "/v1/chat/completions", {"messages": CHAT, "temperature": "hot"}, 400, "temperature", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
     ("POST", "/v1/completions", {"prompt": [5] * 2049}, 400, "prompt", "context_length_exceeded"),
+    # JSON can carry lone surrogates, which are not UTF-8 text (was a 500 and a traceback in the log)
+    ("POST", "/v1/completions", b'{"prompt": "\\ud800 x"}', 400, "prompt", None),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udfff"}]}', 400, "messages", None),
     ("POST", "/v1/completions", {"prompt": "x" * (LIMIT + 1)}, 413, None, "request_too_large"),
     ("POST", "/v1/nowhere", {}, 404, None, "unknown_url"),
     ("GET", "/v1/chat/completions", None, 404, None, "unknown_url"),
@@ -267,6 +270,12 @@ def test_errors_are_openai_shaped(server, method, path, body, status, param, cod
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert "Traceback" not in error["message"]
     assert (error["param"], error["code"]) == (param, code)
+    assert health(server)["status"] == "ok"
+
+
+def test_a_negative_content_length_is_a_bad_request(server):
+    got, reply = raw(server, "POST", "/v1/completions", None, headers={"Content-Length": "-5"})
+    assert (got, reply["error"]["message"]) == (400, "Content-Length must be a number of bytes, got -5")
     assert health(server)["status"] == "ok"
 
 
