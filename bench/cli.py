@@ -319,5 +319,38 @@ def _write_outputs(document: dict, outputs: dict) -> None:
     }
     for option, path in outputs.items():
         if path is not None:
-            writers[option](path)
+            _write_replacing(path, writers[option])
             click.echo(f"wrote {path}", err=True)
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _write_replacing(path: Path, write) -> None:
+    """`write(file)` into a scratch file beside `path`, renamed over it once complete, so a full
+    disk or failed write leaves the user's old file as it was (a device is written directly);
+    an OS error names `path`."""
+    import os
+    import tempfile
+
+    scratch = None
+    try:
+        if path.exists() and not path.is_file():
+            write(path)
+            return
+        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        os.close(fd)
+        os.chmod(scratch, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())  # not mkstemp's 0600
+        write(Path(scratch))
+        os.replace(scratch, path)
+        scratch = None
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    finally:
+        if scratch is not None:
+            Path(scratch).unlink(missing_ok=True)

@@ -8,7 +8,9 @@ of library warnings. Nothing here imports MLX at import time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import os
 import signal
 import sys
 import threading
@@ -36,6 +38,20 @@ def os_error_message(error: OSError) -> str:
     return f"{error.filename}: {reason}"
 
 
+# A write with no file named that fails for want of space is the output (stdout) filling a disk:
+# the user's environment, not a bug.
+OUTPUT_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the buffered text cannot fail again at exit (as Python's docs advise)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def user_errors(fn):
     """Run a command the way every subcommand runs: mlx-openelm's own errors (bad files,
     keys, options, prompts) and OS errors on a named file become a one-line `Error:` and
@@ -53,6 +69,9 @@ def user_errors(fn):
             except OpenELMError as e:
                 raise click.ClickException(str(e)) from None
             except OSError as e:
+                if e.filename is None and e.errno in OUTPUT_FULL_ERRNOS:  # stdout on a full disk or /dev/full
+                    _silence_stdout()
+                    raise click.ClickException(f"cannot write the output: {e.strerror}") from None
                 if e.filename is None:  # not about a file the user named: a real bug, keep the traceback
                     raise
                 raise click.ClickException(os_error_message(e)) from None
@@ -108,7 +127,6 @@ def check_output_path(path: str | None, option: str) -> Path | None:
     """Fail before any work when `path` cannot be written (missing or special folder,
     no permission, a folder in the way), by creating and removing a scratch file beside
     it: the real test, for root and read-only file systems too. None stays None."""
-    import os
     import tempfile
 
     if path is None:

@@ -37,6 +37,8 @@ PADDED_VOCAB_SIZES = frozenset({32000, 32128})
 
 def check_draft(target: Model, draft: Model) -> None:
     """Refuse a draft model that cannot propose tokens for `target` (different tokenizer or shorter context)."""
+    if not isinstance(draft, Model):
+        raise TypeError(f"draft_model must be a loaded model (mlx_openelm.load_model(path)), got {type(draft).__name__}")
     t_vocab, d_vocab = target.args.vocab_size, draft.args.vocab_size
     if t_vocab != d_vocab and {t_vocab, d_vocab} != PADDED_VOCAB_SIZES:
         raise ConfigError(

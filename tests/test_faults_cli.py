@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -314,3 +315,32 @@ def test_serve_refuses_sampling_defaults_no_request_could_use_before_loading(tmp
 def test_generate_and_chat_refuse_a_bad_seed_or_stop_string_in_one_line(hf_checkpoint, args, message):
     assert invoke("generate", "--model", hf_checkpoint, "-p", "hi", *args) == (1, f"Error: {message}")
     assert invoke("chat", "--model", hf_checkpoint, *args) == (1, f"Error: {message}")
+
+
+# ---- outputs on a full disk ------------------------------------------------------------------
+
+def test_a_bench_output_failing_on_a_full_disk_keeps_the_old_file_and_says_so(bench_config, tmp_path):
+    out = tmp_path / "out.json"
+    out.write_bytes(b"the user's old results")
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead of a kill
+
+    proc = subprocess.run([sys.executable, "-m", "mlx_openelm.cli", "bench", "--preset", str(bench_config),
+                           "--trials", "1", "--no-warmup", "--prompt-tokens", "4", "--generation-tokens", "2",
+                           "--json", str(out)], capture_output=True, timeout=120, preexec_fn=small_disk)
+    err = assert_clean(proc, 1)
+    assert err.strip().splitlines()[-1] == f"Error: {out}: File too large"
+    assert out.read_bytes() == b"the user's old results" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_standard_output_on_a_full_disk_is_one_line_not_a_traceback(hf_checkpoint):
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run([sys.executable, "-m", "mlx_openelm.cli", "generate", "--model", str(hf_checkpoint),
+                               "-p", "hi", "-m", "3"], stdout=full, stderr=subprocess.PIPE, timeout=120)
+    err = text(proc.stderr)
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "Error: cannot write the output: No space left on device"
+    assert "Exception ignored" not in err  # stdout's buffer does not fail a second time at exit

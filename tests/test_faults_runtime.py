@@ -217,3 +217,9 @@ def test_a_system_prompt_leaving_no_room_for_a_message_is_refused_up_front(loade
     with pytest.raises(ContextLengthError, match=r"the system prompt takes \d+ tokens .* context of 2048 tokens"):
         ChatSession(model, tokenizer, system="word " * 2100)
     assert len(list(ChatSession(model, tokenizer, system="word " * 100).send("hi", max_tokens=2))) == 2
+
+
+def test_a_draft_model_that_is_not_a_model_is_a_type_error_saying_what_to_pass(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(TypeError, match=r"draft_model must be a loaded model \(mlx_openelm.load_model\(path\)\), got str"):
+        list(stream_generate(model, tokenizer, "hi", max_tokens=2, draft_model="./draft"))
