@@ -99,9 +99,7 @@ def convert(
     _check_inputs(source, target, force, dequantize, default_bits)
     args = source.args
     out_dtype = out_dtype or default_convert_dtype(args)
-    tokenizer_path = source.tokenizer if tokenizer is None else resolve_tokenizer(None, tokenizer)
-    if tokenizer_path is not None:  # a tokenizer the output could not use is refused before any work
-        check_tokenizer_fits(Tokenizer(tokenizer_path), args.vocab_size)
+    tokenizer_path = _checked_tokenizer(source, tokenizer)
     plan = plan_quantization(source.shapes(), default_bits, group_size, recipe, method) if default_bits else None
 
     created_parents, tmp = make_parents(target.parent), None
@@ -129,6 +127,14 @@ def convert(
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = peak_memory_mb()
     return report
+
+
+def _checked_tokenizer(source: Source, tokenizer) -> Optional[Path]:
+    """The tokenizer to copy (given, else the input's), refused before any work if the output could not use it."""
+    path = source.tokenizer if tokenizer is None else resolve_tokenizer(None, tokenizer)
+    if path is not None:
+        check_tokenizer_fits(Tokenizer(path), source.args.vocab_size)
+    return path
 
 
 def default_convert_dtype(args: ModelArgs) -> mx.Dtype:
