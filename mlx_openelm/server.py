@@ -10,6 +10,7 @@ as one JSON body or as server-sent events. Endpoints: `GET /v1/models`, `GET /he
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import itertools
 import json
 import logging
@@ -87,6 +88,8 @@ class OpenAIServer(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client never blocks shutdown
 
     def __init__(self, address, app: Optional[ServerApp]):
+        # An IPv6 address (--host ::1) needs an IPv6 socket; http.server's default family is IPv4 only.
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, Handler)
         self.app = app
 
@@ -98,6 +101,20 @@ def make_server(app: Optional[ServerApp], host: str = "127.0.0.1", port: int = 8
     taken port fail before a model is loaded.
     """
     return OpenAIServer((host, port), app)
+
+
+def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
+    """What to warn about when listening on `host`: None for loopback addresses (127.0.0.0/8, ::1,
+    localhost), which only this machine reaches; any other address or name may be reachable."""
+    name = host.strip("[]").lower()
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name == "localhost" or name.endswith(".localhost")
+    if loopback:
+        return None
+    return (f"listening on {host}: anyone who can reach this machine can use the model"
+            + ("" if api_key else " (set --api-key to require a key)"))
 
 
 def serve(httpd: OpenAIServer, drain_seconds: float = 5.0) -> None:

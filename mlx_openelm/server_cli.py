@@ -18,9 +18,6 @@ from .cli_common import (
     user_errors,
 )
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def _model_id(model_ref) -> str:
     """What /v1/models calls the model: a folder's name, or the repo id."""
     if model_ref is None:
@@ -58,7 +55,7 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     """
     import logging
 
-    from .server import ServerApp, make_server, serve
+    from .server import ServerApp, exposure_warning, make_server, serve
     from .server_api import SamplingDefaults
 
     if max_tokens < 1:
@@ -70,6 +67,9 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
         httpd = make_server(None, host, port)
     except OSError as e:
         raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    warning = exposure_warning(host, api_key)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     try:
         model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
         speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
@@ -81,12 +81,10 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
                                 prompt_cache_size=prompt_cache_size, generation_kwargs=speculative)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if host not in LOOPBACK:
-        click.echo(f"warning: listening on {host}: anyone who can reach this machine can use the model"
-                   f"{'' if api_key else ' (set --api-key to require a key)'}", err=True)
     bound_host, bound_port = httpd.server_address[:2]
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: app.stop())
+    bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host  # an IPv6 address in a URL
     click.echo(f"Serving {app.model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
     serve(httpd)
     click.echo("mlx-openelm serve: stopped", err=True)

@@ -317,8 +317,9 @@ def test_speculative_server_gives_the_greedy_text_and_reuses_both_caches(hf_chec
         assert again.usage.prompt_tokens_details.cached_tokens >= len(ids)
         assert again.choices[0].message.content == expected(local, local[1].apply_chat_template(second), 12)
     finally:
-        s.proc.send_signal(signal.SIGTERM)
+        s.proc.send_signal(signal.SIGINT)  # Ctrl-C: the same clean stop as SIGTERM
         assert s.proc.wait(timeout=20) == 0
+    assert "stopped" in "".join(s.log)
 
 
 def test_prompt_cache_copies_the_longest_prefix_and_supersedes_older_turns(local):
@@ -378,3 +379,115 @@ def test_requests_are_interleaved_not_queued(server, client):
     reader.join(60)
     assert short.usage.completion_tokens == 4 and finished["long_tokens"] > 100  # far from done when short came
     assert finished["short"] < finished["long"]
+
+
+# ---- every request field, as a chat app sends them ---------------------------------------------
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client):
+    both = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=9, max_completion_tokens=3)
+    assert (both.usage.completion_tokens, both.choices[0].finish_reason) == (3, "length")
+    legacy = client.completions.create(model="tiny", prompt="Once upon", max_tokens=4)
+    assert (legacy.usage.completion_tokens, legacy.choices[0].finish_reason) == (4, "length")
+
+
+@pytest.mark.parametrize("fields", [{"top_p": 1e-6}, {"extra_body": {"top_k": 1}},
+                                    {"extra_body": {"min_p": 0.999}}])
+def test_each_filter_reaches_the_sampler(client, local, fields):
+    """Each field alone leaves only the most likely token, so a hot, seeded draw is the greedy text."""
+    ids = local[1].apply_chat_template(CHAT)
+    reply = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=1.5, seed=4,
+                                           **fields)
+    assert reply.choices[0].message.content == expected(local, ids, 12)
+    hot = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=1.5, seed=4)
+    assert hot.choices[0].message.content != reply.choices[0].message.content  # the filter made the difference
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.6])
+def test_repetition_penalty_field(client, local, penalty):
+    model, tokenizer = local
+    ids = tokenizer.encode("Once upon a time")
+    got = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=16,
+                                    extra_body={"repetition_penalty": penalty}).choices[0].text
+    assert got == generate(model, tokenizer, ids, max_tokens=16, logits_processors=make_logits_processors(penalty))
+    assert got != expected(local, ids, 16)  # not the server's default 1.2
+
+
+def test_completion_stream_usage_comes_last_when_asked(client, local):
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon", max_tokens=5, stream=True,
+                                            stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and all(c.usage is None for c in chunks[:-1])
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(local[1].encode("Once upon")), 5)
+    assert usage.total_tokens == usage.prompt_tokens + 5
+
+
+def test_a_chat_app_conversation(server, client, local):
+    """A system prompt, then turns streamed with a stop string, each sent with the whole history
+    (what chat apps do): every reply is `generate`'s with the same stop, and earlier turns come from
+    the conversation cache."""
+    model, tokenizer = local
+    messages = [{"role": "system", "content": "You are a helpful assistant."}]
+    system_only = len(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+    reused, said = [], []
+    for text in ("Hello there", "What is MLX?", "Thanks"):
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(messages)
+        full = expected(local, ids, 16)
+        stop = next((c for c in full[1:] if c not in ("\ufffd", full[0])), full[1:3])  # it says much U+FFFD
+        want = expected(local, ids, 16, stop=[stop])
+        assert want == full[: full.find(stop)]
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, stream=True,
+                                                     stop=stop, stream_options={"include_usage": True}))
+        reply = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert reply == want
+        said.append(want)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+        assert chunks[-1].usage.prompt_tokens == len(ids)
+        reused.append(chunks[-1].usage.prompt_tokens_details.cached_tokens)
+        messages.append({"role": "assistant", "content": reply})
+    assert system_only < reused[1] < reused[2]
+    assert sum(bool(text) for text in said) >= 2, said  # (a reply of only invalid UTF-8 has no stop to cut at)
+
+
+def test_a_request_without_the_key_gets_401_and_health_needs_none(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", body=json.dumps({"messages": CHAT}),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    error = json.loads(response.read())["error"]
+    assert response.status == 401 and error["code"] == "invalid_api_key" and error["type"]
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+    connection.close()
+
+
+@pytest.mark.parametrize("host, warned", [
+    ("127.0.0.1", False), ("127.0.0.2", False), ("localhost", False), ("::1", False), ("[::1]", False),
+    ("0.0.0.0", True), ("::", True), ("192.168.1.20", True), ("my-mac.local", True),
+])
+def test_binding_beyond_loopback_warns(host, warned):
+    from mlx_openelm.server import exposure_warning
+
+    warning = exposure_warning(host, api_key=None)
+    assert (warning is not None) == warned
+    if warned:
+        assert host in warning and "--api-key" in warning
+        assert "--api-key" not in exposure_warning(host, api_key="k")
+
+
+def test_an_ipv6_loopback_host_binds():
+    import socket
+
+    from mlx_openelm.server import make_server
+
+    try:
+        socket.socket(socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 on this machine")
+    httpd = make_server(None, "::1", 0)
+    try:
+        assert httpd.server_address[0] == "::1" and httpd.server_address[1] > 0
+    finally:
+        httpd.server_close()
