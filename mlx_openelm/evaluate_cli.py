@@ -78,6 +78,8 @@ def eval_command(model_path, tokenizer_path, dtype, text_path, context, stride, 
                                        f"--model has {model.args.vocab_size}; they cannot be compared")
 
     tokens = tokenizer.encode(text)
+    if len(tokens) < 2:
+        raise click.ClickException(f"{text_path}: no text to score (a text needs at least one token)")
     with click.progressbar(length=max(len(tokens) - 1, 1), label="scoring", file=sys.stderr, show_pos=True) as bar:
         result = evaluate(model, tokens, context=context, stride=stride, reference=reference,
                           num_bytes=len(text.encode("utf-8")), progress=lambda done, _total: bar.update(done - bar.pos))

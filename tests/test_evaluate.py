@@ -187,3 +187,11 @@ def test_cli_refuses_text_that_is_not_utf8(hf_checkpoint, tmp_path):
     path.write_bytes("caf\xe9 au lait".encode("latin-1"))
     result = _run(["--model", str(hf_checkpoint), "--text", str(path)])
     assert result.exit_code == 1 and f"Error: {path}: not UTF-8 text (byte 0xe9 at offset 3)" in result.output
+
+
+def test_cli_refuses_an_empty_text_naming_it(hf_checkpoint, tmp_path):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
+    result = _run(["--model", str(hf_checkpoint), "--text", str(path)])
+    assert result.exit_code == 1 and f"Error: {path}: no text to score" in result.output
+    assert "scoring" not in result.stderr  # refused before any work starts
