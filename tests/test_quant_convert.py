@@ -17,7 +17,11 @@ from mlx_openelm.errors import ConfigError
 from mlx_openelm.loading import load_model, read_weights
 from mlx_openelm.quantization import RECIPES, is_sensitive, plan_quantization
 
-lm_utils = pytest.importorskip("mlx_lm.utils")
+
+
+def mlx_lm_utils():
+    """mlx-lm (the `compare` extra), or a skip: only the checks against mlx-lm need it."""
+    return pytest.importorskip("mlx_lm.utils")
 
 TOKENS = mx.array([[1, 5, 9, 33, 100, 200, 7, 8, 300, 12, 64, 2, 17, 383, 250, 3]])
 
@@ -26,6 +30,7 @@ def mlx_lm_quantized(folder: Path, bits: int, group_size: int) -> dict[str, mx.a
     """What mlx_lm.convert writes: the model cast to float16, then quantize_model."""
     from mlx.utils import tree_flatten, tree_map
 
+    lm_utils = mlx_lm_utils()
     model, config = lm_utils.load_model(folder, lazy=True, strict=False)  # the vestigial classifier
     model.update(tree_map(lambda v: v.astype(mx.float16) if mx.issubdtype(v.dtype, mx.floating) else v,
                           model.parameters()))
@@ -35,6 +40,7 @@ def mlx_lm_quantized(folder: Path, bits: int, group_size: int) -> dict[str, mx.a
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_minmax_is_mlx_lm_bit_for_bit(hf_checkpoint, tmp_path, bits):
+    mlx_lm_utils()  # before converting: without mlx-lm there is nothing to compare with
     out = tmp_path / f"q{bits}"
     convert(hf_checkpoint, out, bits=bits, group_size=32, dtype="float16", method="minmax", evaluate=False)
     ours, theirs = read_weights(out), mlx_lm_quantized(hf_checkpoint, bits, 32)
@@ -76,7 +82,7 @@ def test_optimal_is_the_default_and_beats_minmax_group_by_group(hf_checkpoint, b
 
 def test_mlx_lm_loads_our_optimal_output_unchanged(both_methods):
     root, _ = both_methods
-    theirs, _config = lm_utils.load_model(root / "optimal")
+    theirs, _config = mlx_lm_utils().load_model(root / "optimal")
     theirs.set_dtype(mx.float32)
     ours = load_model(root / "optimal", dtype=mx.float32)
     np.testing.assert_allclose(np.array(theirs(TOKENS)), np.array(ours(TOKENS)), atol=1e-4, rtol=1e-4)
@@ -90,7 +96,7 @@ def test_mixed_recipe_gives_the_sensitive_layers_high_bits_and_mlx_lm_loads_it(h
     assert model.layers[0].attn.qkv_proj.bits == 6 and model.layers[0].ffn.proj_2.bits == 6
     assert model.layers[1].attn.qkv_proj.bits == 3 and model.layers[2].ffn.proj_2.bits == 3
     assert report.layer_bits == {"6": 5, "3": 8}
-    theirs, _config = lm_utils.load_model(out)  # per-layer bits from the top-level entries
+    theirs, _config = mlx_lm_utils().load_model(out)  # per-layer bits from the top-level entries
     theirs.set_dtype(mx.float32)
     np.testing.assert_allclose(np.array(theirs(TOKENS)), np.array(model(TOKENS)), atol=1e-4, rtol=1e-4)
 
