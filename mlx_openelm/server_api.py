@@ -80,7 +80,7 @@ def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"'{param}': {message}", param=param)
 
 
-def _number(body: dict, name: str, default, lo=None, hi=None, integer=False, lo_open=False):
+def _number(body: dict, name: str, default, lo=None, hi=None, integer=False, lo_open=False, hi_open=False):
     value = body.get(name)
     if value is None:
         return default
@@ -88,9 +88,9 @@ def _number(body: dict, name: str, default, lo=None, hi=None, integer=False, lo_
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise _bad(name, f"must be {kind}, got {value!r}")
     if not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) or (
-            hi is not None and value > hi):
+            hi is not None and (value >= hi if hi_open else value > hi)):
         low = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-        high = "" if hi is None else f"<= {hi}"
+        high = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
         raise _bad(name, f"must be {' and '.join(p for p in (low, high) if p)}, got {value!r}")
     return value
 
@@ -109,7 +109,7 @@ def _refuse_unsupported(body: dict, extra: tuple[tuple[str, Any], ...] = ()) -> 
     if _number(body, "n", 1, lo=1, integer=True) != 1:
         raise _bad("n", "only n = 1 is supported (one choice per request)")
     for name in ("tools", "functions", "tool_choice", "function_call", "logit_bias"):
-        if body.get(name):
+        if body.get(name) and body.get(name) != "none":  # "none" asks for no tool calls, as served
             raise _bad(name, "is not supported by this server")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, lo=-2.0, hi=2.0) != 0:
@@ -143,7 +143,7 @@ def _spec(body: dict, prompt: list[int], defaults: SamplingDefaults, top_logprob
         temperature=float(_number(body, "temperature", defaults.temperature, lo=0, hi=2)),
         top_p=float(_number(body, "top_p", defaults.top_p, lo=0, hi=1, lo_open=True)),
         top_k=_number(body, "top_k", defaults.top_k, lo=0, integer=True),
-        min_p=float(_number(body, "min_p", defaults.min_p, lo=0, hi=1)),
+        min_p=float(_number(body, "min_p", defaults.min_p, lo=0, hi=1, hi_open=True)),
         repetition_penalty=float(_number(body, "repetition_penalty", defaults.repetition_penalty, lo=0,
                                          lo_open=True)),
         seed=None if seed is None else seed % 2**63,

@@ -250,6 +250,7 @@ ERRORS = [
     ("POST", "/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", None),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", None),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "temperature": "hot"}, 400, "temperature", None),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "min_p": 1}, 400, "min_p", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
     ("POST", "/v1/completions", {"prompt": [5] * 2049}, 400, "prompt", "context_length_exceeded"),
     # JSON can carry lone surrogates, which are not UTF-8 text (was a 500 and a traceback in the log)
@@ -491,3 +492,19 @@ def test_an_ipv6_loopback_host_binds():
         assert httpd.server_address[0] == "::1" and httpd.server_address[1] > 0
     finally:
         httpd.server_close()
+
+
+def test_the_event_stream_is_data_lines_ending_with_done(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                       body=json.dumps({"messages": CHAT, "max_tokens": 3, "stream": True, "tool_choice": "none"}))
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    events = response.read().decode().split("\n\n")
+    connection.close()
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert [c["object"] for c in chunks] == ["chat.completion.chunk"] * len(chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert len({c["id"] for c in chunks}) == 1
