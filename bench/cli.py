@@ -194,7 +194,7 @@ def bench(models, presets, bits_list, dtype, group_size, prompt_tokens, generati
 
 def _check_outputs_apart(outputs: dict, inputs: list) -> None:
     """Two outputs at one path would silently keep only the last; an output onto an input
-    (a --preset config.json, --reference-json, a file in a --model folder) would destroy it."""
+    (a --preset config.json, --reference-json, an existing file in a --model folder) would destroy it."""
     seen: dict = {}
     for option, path in outputs.items():
         if path is None or not path.parent.is_dir():
@@ -207,7 +207,7 @@ def _check_outputs_apart(outputs: dict, inputs: list) -> None:
             if item is None or not Path(item).exists():
                 continue  # a preset name or repo id: no file of the user's
             source = Path(item).resolve()
-            if where == source or source in where.parents:
+            if where == source or (source in where.parents and path.exists()):  # a new file beside is fine
                 raise click.BadParameter(f"{path} would overwrite the input {item}", param_hint=f"'{option}'")
 
 
@@ -338,16 +338,16 @@ def _write_replacing(path: Path, write) -> None:
     import os
     import tempfile
 
-    scratch = None
+    scratch, real = None, path.resolve() if path.is_symlink() else path  # a link's file is replaced, not the link
     try:
-        if path.exists() and not path.is_file():
-            write(path)
+        if real.exists() and not real.is_file():
+            write(real)
             return
-        fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+        fd, scratch = tempfile.mkstemp(dir=real.parent, prefix=f".{real.name}.", suffix=real.suffix)
         os.close(fd)
-        os.chmod(scratch, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())  # not mkstemp's 0600
+        os.chmod(scratch, real.stat().st_mode & 0o7777 if real.exists() else 0o666 & ~_umask())  # not mkstemp's 0600
         write(Path(scratch))
-        os.replace(scratch, path)
+        os.replace(scratch, real)
         scratch = None
     except OSError as e:
         raise OSError(e.errno, e.strerror or str(e), str(path)) from None

@@ -84,7 +84,7 @@ def load_reference(path: str | Path) -> dict:
         document = json.loads(Path(path).read_text())
     except OSError as e:
         raise ConfigError(f"{where}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # undecodable bytes, bad JSON, a 5000-digit number, deep nesting
         raise ConfigError(f"{where}: not JSON ({e})") from None
     rows = document.get("rows") if isinstance(document, dict) else None
     if not isinstance(rows, list) or not rows:

@@ -215,7 +215,7 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = True
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # undecodable bytes, bad JSON, a 5000-digit number, deep nesting
             raise api.APIError(400, f"the request body is not valid JSON: {e}") from None
 
     def _drain(self, length: int) -> None:

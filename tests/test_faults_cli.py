@@ -341,3 +341,16 @@ def test_standard_output_on_a_full_disk_is_one_line_not_a_traceback(hf_checkpoin
     assert proc.returncode == 1 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] == "Error: cannot write the output: No space left on device"
     assert "Exception ignored" not in err  # stdout's buffer does not fail a second time at exit
+
+
+def test_bench_replaces_the_file_behind_a_linked_output_and_keeps_its_mode(bench_config, tmp_path):
+    results = tmp_path / "shared" / "results.csv"
+    results.parent.mkdir()
+    results.write_text("old")
+    results.chmod(0o640)
+    (tmp_path / "link.csv").symlink_to(results)
+    got = invoke("bench", "--preset", bench_config, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
+                 "--generation-tokens", 2, "--csv", tmp_path / "link.csv")
+    assert got == (0, f"wrote {tmp_path / 'link.csv'}")
+    assert (tmp_path / "link.csv").is_symlink() and results.read_text().startswith("engine,")
+    assert results.stat().st_mode & 0o777 == 0o640 and sorted(p.name for p in results.parent.iterdir()) == ["results.csv"]

@@ -164,6 +164,19 @@ def _not_utf8_index(folder):
     (folder / "model.safetensors.index.json").write_bytes(b'{"weight_map": {"\xfe": "x"}}')
 
 
+def _deeply_nested_config(folder):
+    (folder / "config.json").write_text("[" * 100000 + "]" * 100000)
+
+
+def _huge_number_in_config(folder):
+    (folder / "config.json").write_text('{"vocab_size": ' + "9" * 5000 + "}")
+
+
+def _deeply_nested_index(folder):
+    _not_utf8_index(folder)
+    (folder / "model.safetensors.index.json").write_text("[" * 100000 + "]" * 100000)
+
+
 def _weights_a_folder(folder):
     (folder / "model.safetensors").unlink()
     (folder / "model.safetensors").mkdir()
@@ -177,6 +190,9 @@ def _weights_a_dangling_link(folder):
 @pytest.mark.parametrize("odd, error, message", [
     (_not_utf8_config, ConfigError, "config.json: not UTF-8 text (byte 0xff at offset 35)"),
     (_not_utf8_index, CheckpointError, "model.safetensors.index.json: not a valid safetensors index ('utf-8' codec"),
+    (_deeply_nested_config, ConfigError, "config.json: not valid JSON (maximum recursion depth exceeded"),
+    (_huge_number_in_config, ConfigError, "config.json: not valid JSON (Exceeds the limit (4300 digits)"),
+    (_deeply_nested_index, CheckpointError, "model.safetensors.index.json: not a valid safetensors index (maximum"),
     (_weights_a_folder, CheckpointError, "model.safetensors: not a regular file"),
     (_weights_a_dangling_link, CheckpointError, "model.safetensors: not a regular file"),
 ])

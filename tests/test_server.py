@@ -253,6 +253,9 @@ ERRORS = [
     ("POST", "/v1/chat/completions", {"messages": CHAT, "min_p": 1}, 400, "min_p", None),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
     ("POST", "/v1/completions", {"prompt": [5] * 2049}, 400, "prompt", "context_length_exceeded"),
+    # JSON that Python's parser refuses with RecursionError or a plain ValueError (were 500s with a traceback)
+    ("POST", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000, 400, None, None),
+    ("POST", "/v1/chat/completions", b'{"max_tokens": ' + b"9" * 5000 + b"}", 400, None, None),
     # JSON can carry lone surrogates, which are not UTF-8 text (was a 500 and a traceback in the log)
     ("POST", "/v1/completions", b'{"prompt": "\\ud800 x"}', 400, "prompt", None),
     ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\udfff"}]}', 400, "messages", None),
