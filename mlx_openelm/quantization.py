@@ -257,6 +257,10 @@ def apply_quantization(model, quantization: Any, source: str = "config.json",
             return False
         if quantization.mlx_lm_format and weights is not None and f"{path}.scales" not in weights:
             return False
+        width = module.weight.shape[-1]
+        if width % spec[1]:  # MLX would fail deep inside mx.quantize
+            raise ConfigError(f"{source}: quantization gives '{path}' group size {spec[1]}, which does not divide "
+                              f"its input width {width}")
         return {"bits": spec[0], "group_size": spec[1], "mode": MODE}
 
     nn.quantize(model, class_predicate=predicate)

@@ -239,3 +239,17 @@ def test_a_draft_model_that_is_not_a_model_is_a_type_error_saying_what_to_pass(l
     model, tokenizer = loaded
     with pytest.raises(TypeError, match=r"draft_model must be a loaded model \(mlx_openelm.load_model\(path\)\), got str"):
         list(stream_generate(model, tokenizer, "hi", max_tokens=2, draft_model="./draft"))
+
+
+def test_a_quantization_group_size_that_does_not_divide_a_layer_is_a_config_error(tmp_path, hf_checkpoint):
+    from mlx_openelm.convert import convert
+
+    folder = tmp_path / "q4"
+    convert(hf_checkpoint, folder, bits=4, group_size=32, evaluate=False, dtype="float32")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"]["group_size"] = 64  # the weights were packed with 32; an FFN input is 32 wide
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as info:
+        load(folder)
+    assert str(info.value) == (f"{folder / 'config.json'}: quantization gives 'transformer.layers.0.ffn.proj_2' "
+                               "group size 64, which does not divide its input width 32")
