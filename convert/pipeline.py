@@ -143,6 +143,8 @@ def default_convert_dtype(args: ModelArgs) -> mx.Dtype:
 
 
 def _references(hf_path, average: Sequence) -> list:
+    if isinstance(average, (str, bytes, Path)):  # its characters would be read as paths ('/' among them)
+        raise TypeError(f"average must be a list of checkpoints, got {type(average).__name__}")
     if hf_path is not None and average:
         raise ConfigError("give either --hf-path or --average, not both")
     if hf_path is None and not average:

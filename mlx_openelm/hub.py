@@ -134,6 +134,8 @@ def resolve_model_path(reference: Optional[PathLike] = None) -> Path:
         return download(DEFAULT_MODEL, MODEL_PATTERNS, CheckpointError,
                         alternative="pass --model with a local model folder (no --model given: "
                                     f"{DEFAULT_MODEL} is the default)")
+    if not str(reference).strip():  # Path('') is the current folder: never read it by accident
+        raise CheckpointError("the model path is empty: give a model folder or a Hugging Face repo id")
     path = Path(reference).expanduser()
     if path.exists():
         return path
@@ -169,6 +171,8 @@ def resolve_tokenizer(
     offline, downloaded online); else a `TokenizerError` saying what to pass.
     """
     if tokenizer is not None:
+        if not str(tokenizer).strip():  # Path('') is the current folder, whose tokenizer.model would be taken
+            raise TokenizerError("the tokenizer path is empty: give a tokenizer.model file, its folder or a repo id")
         path = Path(tokenizer).expanduser()
         if path.is_dir():
             path = path / TOKENIZER_FILE

@@ -332,3 +332,9 @@ def test_a_tokenizer_that_cannot_be_read_is_refused_before_any_work_naming_the_u
         convert(src, root / "out", tokenizer=bad, evaluate=False)
     assert str(info.value).startswith(f"{bad}: not a SentencePiece model")  # not a file in the temp folder
     assert snapshot(root) == before and temp_folders(root) == []
+
+
+def test_average_given_one_path_instead_of_a_list_is_a_type_error_not_a_read_of_slash(user_files):
+    root, src = user_files
+    with pytest.raises(TypeError, match="average must be a list of checkpoints, got str"):
+        convert(average=str(src), mlx_path=root / "out", evaluate=False)

@@ -19,7 +19,9 @@ import pytest
 from mlx_openelm import generate, load, stream_generate
 from mlx_openelm.chat import ChatSession
 from mlx_openelm.config import KEYS, ModelArgs
-from mlx_openelm.errors import CheckpointError, ConfigError, ContextLengthError, OpenELMError, OptionError, PromptError
+from mlx_openelm.errors import (
+    CheckpointError, ConfigError, ContextLengthError, OpenELMError, OptionError, PromptError, TokenizerError,
+)
 from mlx_openelm.sampling import make_sampler
 from mlx_openelm.stopping import normalize_stops
 from mlx_openelm.tokenizer import clean_text
@@ -253,3 +255,11 @@ def test_a_quantization_group_size_that_does_not_divide_a_layer_is_a_config_erro
         load(folder)
     assert str(info.value) == (f"{folder / 'config.json'}: quantization gives 'transformer.layers.0.ffn.proj_2' "
                                "group size 64, which does not divide its input width 32")
+
+
+def test_an_empty_model_or_tokenizer_path_is_refused_not_read_as_the_current_folder(hf_checkpoint, monkeypatch):
+    monkeypatch.chdir(hf_checkpoint)  # a model here would otherwise load
+    with pytest.raises(CheckpointError, match="the model path is empty"):
+        load("")
+    with pytest.raises(TokenizerError, match="the tokenizer path is empty"):
+        load(hf_checkpoint, tokenizer=" ")
