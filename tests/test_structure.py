@@ -213,3 +213,17 @@ def test_readme_layout_table_names_exactly_the_modules_in_the_tree():
     listed = layout_table_modules((ROOT / "README.md").read_text())
     assert sorted(tree - listed) == [], "modules missing from README.md's Layout table"
     assert sorted(listed - tree) == [], "README.md's Layout table names modules that do not exist"
+
+
+def test_readme_layout_table_names_every_top_level_entry():
+    """Every tracked top-level folder and file (but README.md itself and dotfiles) has a row."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    top = {line.split("/")[0] + ("/" if "/" in line else "") for line in tracked.stdout.splitlines()}
+    top = {name for name in top if name != "README.md" and not name.startswith(".")}
+    table = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    first_cells = " ".join(row.split("|")[1] for row in table.splitlines() if row.startswith("| `"))
+    assert sorted(name for name in top if f"`{name}" not in first_cells) == []
