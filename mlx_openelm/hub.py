@@ -174,8 +174,10 @@ def resolve_tokenizer(
         if not str(tokenizer).strip():  # Path('') is the current folder, whose tokenizer.model would be taken
             raise TokenizerError("the tokenizer path is empty: give a tokenizer.model file, its folder or a repo id")
         path = Path(tokenizer).expanduser()
-        if path.is_dir():
-            path = path / TOKENIZER_FILE
+        if path.is_dir():  # a local folder is never read as a repo id, even if named like one
+            if (path / TOKENIZER_FILE).is_file():
+                return path / TOKENIZER_FILE
+            raise TokenizerError(f"{tokenizer}: no {TOKENIZER_FILE} in this folder")
         if path.is_file():
             return path
         if looks_like_repo_id(tokenizer):

@@ -100,6 +100,17 @@ def test_tokenizer_explicit_path_folder_and_repo_id(hf_cache, tokenizer_path, ca
         resolve_tokenizer(cached_model, "someone/absent")
 
 
+def test_a_local_folder_without_a_tokenizer_is_named_never_looked_up(hf_cache, tokenizer_path, cached_model,
+                                                                     tmp_path, monkeypatch):
+    """A folder named like a repo id (owner/name) is still the user's folder."""
+    cache_repo(hf_cache, "someone/llama-tok", {"tokenizer.model": tokenizer_path})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "someone" / "llama-tok").mkdir(parents=True)
+    with pytest.raises(TokenizerError) as info:
+        resolve_tokenizer(cached_model, "someone/llama-tok")
+    assert str(info.value) == "someone/llama-tok: no tokenizer.model in this folder"
+
+
 def test_tokenizer_from_the_model_folder(hf_checkpoint):
     assert resolve_tokenizer(hf_checkpoint) == hf_checkpoint / "tokenizer.model"
 
