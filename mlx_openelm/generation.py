@@ -305,14 +305,25 @@ def stream_generate(
     if max_tokens == -1:
         max_tokens = model.args.max_context_length
     prompt_ids = encode_prompt(tokenizer, prompt)
-    prompt_size = len(prompt_ids)
+    steps = generate_step(prompt_ids, model, max_tokens=max_tokens, **kwargs)
+    yield from stream_responses(steps, tokenizer, len(prompt_ids), max_tokens, stop)
+
+
+def stream_responses(
+    steps: Iterator[GenerationStep],
+    tokenizer: Tokenizer,
+    prompt_size: int,
+    max_tokens: int,
+    stop: Union[str, Sequence[str], None] = None,
+) -> Iterator[GenerationResponse]:
+    """`GenerationResponse`s (text, finish reason, statistics) for generated `steps`, as
+    `stream_generate` gives them; the server's batched rows use it with their own steps."""
     detokenizer = tokenizer.detokenizer()
     stop_texts = normalize_stops(stop)  # stop="" is refused, not read as "no stop strings"
     stops = StopMatcher(stop_texts) if stop_texts else None
     mx.reset_peak_memory()
     tic = time.perf_counter()
     first_token_time = prompt_tps = 0.0
-    steps = generate_step(prompt_ids, model, max_tokens=max_tokens, **kwargs)
     for n, step in enumerate(steps, start=1):
         now = time.perf_counter()
         if n == 1:

@@ -93,7 +93,9 @@ class Transformer(nn.Module):
 class Model(nn.Module):
     """OpenELM causal LM. ``model(tokens)`` maps (B, L) token ids to (B, L, vocab) logits.
 
-    Pass ``cache=make_cache(model)`` to continue from earlier calls.
+    Pass ``cache=make_cache(model)`` to continue from earlier calls, and ``mask`` (an array
+    broadcastable to (B, heads, L, keys): True, or an additive 0, where a query may attend)
+    to replace the default causal mask, as batched decoding of padded rows does.
     """
 
     def __init__(self, args: ModelArgs):
@@ -103,7 +105,7 @@ class Model(nn.Module):
         if not args.share_input_output_layers:
             self.lm_head = nn.Linear(args.model_dim, args.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: Optional[Sequence[KVCache]] = None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache: Optional[Sequence] = None, mask: Optional[mx.array] = None) -> mx.array:
         if tokens.ndim != 2:
             raise ValueError(f"tokens must have shape (batch, length), got {tokens.shape}")
         if cache is None and tokens.shape[1] > self.args.max_context_length:
@@ -114,7 +116,7 @@ class Model(nn.Module):
             raise ValueError(f"cache has {len(cache)} entries, the model has {len(self.layers)} layers")
         h = self.embed(tokens)
         for i, layer_cache in enumerate(cache if cache is not None else [None] * len(self.layers)):
-            h = self.run_layer(i, h, layer_cache)
+            h = self.run_layer(i, h, layer_cache, mask)
         return self.head(h)
 
     # The forward pass in its three steps, so a caller can run it a layer at a time (the
@@ -124,9 +126,11 @@ class Model(nn.Module):
         """(B, L) token ids -> (B, L, model_dim) hidden states."""
         return self.transformer.token_embeddings(tokens)
 
-    def run_layer(self, i: int, h: mx.array, cache: Optional[KVCache] = None) -> mx.array:
-        """Decoder layer `i` on hidden states `h` (causal over h's positions)."""
-        mask = "causal" if h.shape[1] > 1 else None
+    def run_layer(self, i: int, h: mx.array, cache: Optional[KVCache] = None, mask: Optional[mx.array] = None
+                  ) -> mx.array:
+        """Decoder layer `i` on hidden states `h` (causal over h's positions unless `mask` is given)."""
+        if mask is None:
+            mask = "causal" if h.shape[1] > 1 else None
         return self.layers[i](h, mask, cache)
 
     def head(self, h: mx.array) -> mx.array:

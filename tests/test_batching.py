@@ -1,0 +1,169 @@
+"""Batched decoding (`mlx_openelm.batching`) against each request decoded alone with `generate_step`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_openelm import generate_step, load, make_cache, make_logits_processors, make_sampler
+from mlx_openelm.batching import Batch, BatchKVCache
+from mlx_openelm.cache import KVCache
+
+PROMPTS = [
+    [1, 40, 7, 250, 33, 12, 90],
+    [1, 5],
+    [1, 99, 100, 101, 17, 17, 17, 300, 2, 45, 61, 77, 8],
+    [1, 200, 3, 3],
+]
+
+
+@pytest.fixture(scope="module")
+def model(hf_checkpoint):
+    return load(hf_checkpoint, dtype="float32")[0]
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    join: int = 0  # the batch step before which it joins
+    leave: Optional[int] = None  # cancelled after this many tokens
+    penalty: Optional[float] = None
+    temp: float = 0.0
+    seed: Optional[int] = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[np.ndarray] = field(default_factory=list)
+    cache: Optional[list[KVCache]] = None
+
+    def sampler(self):
+        return make_sampler(temp=self.temp, seed=self.seed)
+
+
+def alone(model, request: Request):
+    steps = list(generate_step(request.prompt, model, max_tokens=request.leave or request.max_tokens,
+                               sampler=request.sampler(), logits_processors=make_logits_processors(request.penalty)))
+    return [s.token for s in steps], [np.array(s.logprobs) for s in steps]
+
+
+def together(model, requests: list[Request]) -> None:
+    """Decode `requests` in one batch, each joining at its step and leaving when done or cancelled."""
+    batch, rows = Batch(model), {}
+    step = 0
+    while step == 0 or rows:
+        for i, r in enumerate(requests):
+            if r.join == step:
+                rows[i] = batch.add(r.prompt, make_cache(model), r.sampler(), make_logits_processors(r.penalty),
+                                    r.max_tokens)
+        batch.step()
+        for i, row in list(rows.items()):
+            s = next(row)
+            requests[i].tokens.append(s.token)
+            requests[i].logprobs.append(np.array(s.logprobs))
+            if s.last or len(requests[i].tokens) == requests[i].leave:
+                requests[i].cache = batch.remove(row)
+                del rows[i]
+        step += 1
+        assert step < 200
+
+
+def assert_same_as_alone(model, requests):
+    for r in requests:
+        tokens, logprobs = alone(model, r)
+        assert r.tokens == tokens
+        np.testing.assert_allclose(np.stack(r.logprobs), np.stack(logprobs), atol=1e-4)
+
+
+def test_rows_of_different_lengths_decode_as_they_would_alone(model):
+    requests = [Request(p, max_tokens=10) for p in PROMPTS]
+    together(model, requests)
+    assert_same_as_alone(model, requests)
+
+
+def test_rows_join_and_leave_mid_way(model):
+    requests = [
+        Request(PROMPTS[0], max_tokens=12),
+        Request(PROMPTS[2], max_tokens=5, join=2, penalty=1.2),  # longer than the batch when it joins
+        Request(PROMPTS[1], max_tokens=12, join=3, leave=4),  # cancelled
+        Request(PROMPTS[3], max_tokens=6, join=9, penalty=1.5),  # joins after others left
+    ]
+    together(model, requests)
+    assert [len(r.tokens) for r in requests] == [12, 5, 4, 6]
+    assert_same_as_alone(model, requests)
+
+
+def test_sampled_rows_keep_their_own_seeded_draws(model):
+    requests = [Request(p, max_tokens=8, temp=1.0, seed=i, penalty=1.2) for i, p in enumerate(PROMPTS)]
+    together(model, requests)
+    assert_same_as_alone(model, requests)
+    assert len({tuple(r.tokens) for r in requests}) > 1
+
+
+def test_a_leaving_row_hands_back_its_unpadded_cache(model):
+    requests = [Request(PROMPTS[1], max_tokens=6), Request(PROMPTS[2], max_tokens=9, join=1)]
+    together(model, requests)
+    for r in requests:
+        cache = make_cache(model)
+        list(generate_step(r.prompt, model, max_tokens=r.max_tokens, cache=cache))
+        held = len(r.prompt) + r.max_tokens - 1  # the budget-ending token is never fed
+        for mine, theirs in zip(r.cache, cache):
+            assert mine.offset == theirs.offset == held
+            np.testing.assert_allclose(np.array(mine.state[0]), np.array(theirs.state[0]), atol=1e-5)
+            np.testing.assert_allclose(np.array(mine.state[1]), np.array(theirs.state[1]), atol=1e-5)
+        # and a later request continues from it as from its own cache
+        more = [5, 6]
+        continued = list(generate_step(more, model, max_tokens=4, cache=r.cache))
+        full = list(generate_step(r.prompt + r.tokens[:-1] + more, model, max_tokens=4))
+        assert [s.token for s in continued] == [s.token for s in full]
+
+
+def test_zero_token_budget_never_joins(model):
+    batch = Batch(model)
+    row = batch.add(PROMPTS[0], make_cache(model), make_sampler(), [], max_tokens=0)
+    assert batch.rows == [] and list(row) == []
+
+
+def _random_cache(rng, length: int) -> KVCache:
+    cache = KVCache(num_kv_heads=2, head_dim=4, max_length=64)
+    if length:
+        k = mx.array(rng.standard_normal((1, 2, length, 4)).astype(np.float32))
+        cache.update_and_fetch(k, k + 1)
+    return cache
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_cache_matches_a_list_model(seed):
+    """Random adds (empty rows too), appends and removals against per-row lists of positions."""
+    rng = np.random.default_rng(seed)
+    batch = BatchKVCache(num_kv_heads=2, head_dim=4, max_length=64)
+    batch.step = int(rng.choice([1, 3, 256]))
+    rows: list[list[np.ndarray]] = []  # per row: (2, 4) key slices
+    for _ in range(30):
+        action = rng.random()
+        if action < 0.3 or not rows:
+            cache = _random_cache(rng, int(rng.integers(0, 6)))
+            batch.add(cache)
+            rows.append([np.array(cache.state[0])[0, :, t] for t in range(cache.offset)] if cache.offset else [])
+        elif action < 0.45:
+            i = int(rng.integers(len(rows)))
+            removed = batch.remove(i)
+            expected = rows.pop(i)
+            assert removed.offset == len(expected)
+            if expected:
+                np.testing.assert_array_equal(np.array(removed.state[0])[0].transpose(1, 0, 2), np.stack(expected))
+                np.testing.assert_array_equal(np.array(removed.state[1]), np.array(removed.state[0]) + 1)
+        else:
+            new = rng.standard_normal((len(rows), 2, 1, 4)).astype(np.float32)
+            keys, _ = batch.update_and_fetch(mx.array(new), mx.array(new + 1))
+            for i, row in enumerate(rows):
+                row.append(new[i, :, 0])
+            mask = np.array(batch.mask(0))[:, 0, 0]
+            assert keys.shape[2] == batch.length == max(len(r) for r in rows)
+            assert np.array(batch.offset).tolist() == [len(r) for r in rows]
+            for i, row in enumerate(rows):  # a row's own positions are its last columns, unmasked
+                assert mask[i].sum() == len(row)
+                np.testing.assert_array_equal(np.array(keys)[i, :, batch.length - len(row):].transpose(1, 0, 2),
+                                              np.stack(row))
