@@ -155,16 +155,20 @@ class Batch:
         self.rows: list[Row] = []
 
     def add(self, prompt: Sequence[int], cache: Sequence[KVCache], sampler: Sampler,
-            processors: Sequence[LogitsProcessor], max_tokens: int, prefill_step_size: int = 512) -> Row:
+            processors: Sequence[LogitsProcessor], max_tokens: int, cached_ids: Sequence[int] = (),
+            prefill_step_size: int = 512) -> Row:
         """Prefill `prompt` after what `cache` holds (in `cache`, alone), then join the batch.
 
+        `cached_ids` are the tokens `cache` already holds: the logits processors see them, as
+        with `generate_step`'s `cached_ids`.
         The row's first token comes with the next `step`. Raises `ContextLengthError` when
         the prompt does not fit; a row with no token to generate never joins.
         """
         prompt = mx.array(prompt, dtype=mx.uint32)
         limit = token_budget(self.model, cache, prompt.size, max_tokens)
         tail = prefill(self.model, prompt, cache, prefill_step_size) if limit else prompt[-1:]
-        row = Row(tail, prompt[: prompt.size - 1], sampler, processors, limit)
+        history = mx.array([*cached_ids, *prompt[: prompt.size - 1].tolist()], dtype=mx.uint32)
+        row = Row(tail, history, sampler, processors, limit)
         if limit:
             for batch_cache, layer_cache in zip(self.caches, cache):
                 batch_cache.add(layer_cache)

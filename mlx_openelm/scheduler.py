@@ -2,9 +2,11 @@
 
 MLX arrays and streams are not meant to be used from many threads at once, so HTTP
 threads never touch the model: they `submit` a `GenerationSpec` and read `Step`s
-from the job's queue. The worker interleaves decode steps round-robin over the
-active jobs (each with its own KV cache), so requests that arrive together are
-served together and fairly; a long prompt's prefill runs in one turn. Finished
+from the job's queue. A new job is prefilled alone, then joins the `Batch` of
+decoding jobs (`batching`): each worker turn is one model call that gives every
+active job its next token, so requests that arrive together are served together
+and fairly. With speculative decoding (a draft model or prompt lookup) each job
+keeps its own generator instead and the worker steps them round-robin. Finished
 jobs leave their KV cache in a small `PromptCache`, from which a later prompt that
 shares a prefix (the next turn of a chat) starts instead of re-reading it.
 """
@@ -19,8 +21,10 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
+from .batching import Batch, Row
 from .cache import KVCache
-from .generation import GenerationResponse, common_prefix_length, reusable_prefix_length, stream_generate, wired_limit
+from .generation import (GenerationResponse, common_prefix_length, reusable_prefix_length, stream_generate,
+                         stream_responses, wired_limit)
 from .model import make_cache
 from .sampling import make_logits_processors, make_sampler
 from .server_api import GenerationSpec
@@ -58,6 +62,7 @@ class Job:
     # worker-side state
     steps: Optional[Iterator[GenerationResponse]] = None
     cache: Optional[list[KVCache]] = None
+    row: Optional[Row] = None  # the job's row while it decodes in the batch
     cached_tokens: int = 0
     generated: list[int] = field(default_factory=list)
     drafted: int = 0  # speculative decoding's running totals (the last response's)
@@ -125,11 +130,14 @@ class Scheduler:
         self.tokenizer = tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})  # speculative decoding options
         self.draft_model = self.generation_kwargs.get("draft_model")
+        speculative = self.draft_model is not None or self.generation_kwargs.get("prompt_lookup")
+        self.batch = None if speculative else Batch(model)
         self.prompt_cache = PromptCache(self._new_cache, prompt_cache_size)
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.active: list[Job] = []
         self.stats = {"requests": 0, "cancelled": 0, "failed": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0,
-                      "generated_tokens": 0, "drafted_tokens": 0, "accepted_tokens": 0}
+                      "generated_tokens": 0, "drafted_tokens": 0, "accepted_tokens": 0,
+                      "largest_batch": 0}
         self._stopping = False  # a plain flag: set from signal handlers, where taking a lock could deadlock
 
     def _new_cache(self) -> list[KVCache]:
@@ -163,6 +171,7 @@ class Scheduler:
             try:
                 while not self._stopping:
                     self._admit(timeout=None if self.active else poll)
+                    self._step_batch()
                     for job in list(self.active):
                         if self._stopping:
                             break
@@ -198,22 +207,46 @@ class Scheduler:
             processors = make_logits_processors(spec.repetition_penalty)
             sampler = make_sampler(temp=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, min_p=spec.min_p,
                                    seed=spec.seed)
-            kwargs = dict(self.generation_kwargs)
-            target_layers = self.model.args.num_transformer_layers
-            if self.draft_model is not None:
-                kwargs["draft_cache"] = job.cache[target_layers:]
-            job.steps = stream_generate(self.model, self.tokenizer, spec.prompt[job.cached_tokens:],
-                                        max_tokens=spec.max_tokens, stop=spec.stop,
-                                        cache=job.cache[:target_layers], sampler=sampler,
-                                        logits_processors=processors, cached_ids=spec.prompt[:job.cached_tokens],
-                                        **kwargs)
+            job.steps = self._steps(job, sampler, processors)
         except ValueError as e:  # bad sampling values that parsing let through
             job.events.put(Failure(400, str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - the batched path prefills here; one bad request must not stop the server
+            self._fail(job, e)
             return
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(spec.prompt)
         self.stats["cached_prompt_tokens"] += job.cached_tokens
         self.active.append(job)
+
+    def _steps(self, job: Job, sampler, processors) -> Iterator[GenerationResponse]:
+        spec, new, cached = job.spec, job.spec.prompt[job.cached_tokens:], job.spec.prompt[:job.cached_tokens]
+        if self.batch is not None:  # prefilled now, then its tokens come from the batch's steps
+            job.row = self.batch.add(new, job.cache, sampler, processors, spec.max_tokens, cached)
+            return stream_responses(job.row, self.tokenizer, len(new), spec.max_tokens, spec.stop)
+        kwargs = dict(self.generation_kwargs)
+        target_layers = self.model.args.num_transformer_layers
+        if self.draft_model is not None:
+            kwargs["draft_cache"] = job.cache[target_layers:]
+        return stream_generate(self.model, self.tokenizer, new, max_tokens=spec.max_tokens, stop=spec.stop,
+                               cache=job.cache[:target_layers], sampler=sampler, logits_processors=processors,
+                               cached_ids=cached, **kwargs)
+
+    def _step_batch(self) -> None:
+        """One model call that readies the next token of every batched job (read by `_step`)."""
+        if self.batch is None or not self.batch.rows:
+            return
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.batch.rows))
+        try:
+            self.batch.step()
+        except Exception as e:  # noqa: BLE001 - the batch's jobs fail; the server keeps serving
+            for job in [j for j in self.active if j.row is not None]:
+                self._fail(job, e)
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        log.error("generation failed", exc_info=error)
+        self.stats["failed"] += 1
+        self._end(job, Failure(500, f"generation failed: {type(error).__name__}"))
 
     def _step(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -224,9 +257,7 @@ class Scheduler:
             response = next(job.steps, None)
             step = self._to_step(job, response)
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the server
-            log.exception("generation failed")
-            self.stats["failed"] += 1
-            self._end(job, Failure(500, f"generation failed: {type(e).__name__}"))
+            self._fail(job, e)
             return
         job.events.put(step)
         if step.finish_reason:
@@ -253,6 +284,10 @@ class Scheduler:
             self.active.remove(job)
         if job.steps is not None:
             job.steps.close()
+        if job.row is not None:
+            if job.row in self.batch.rows:
+                job.cache = self.batch.remove(job.row)
+            job.row = None
         if failure is not None:
             job.events.put(failure)
         if job.cache is not None and failure is None:

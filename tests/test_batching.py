@@ -167,3 +167,30 @@ def test_batch_cache_matches_a_list_model(seed):
                 assert mask[i].sum() == len(row)
                 np.testing.assert_array_equal(np.array(keys)[i, :, batch.length - len(row):].transpose(1, 0, 2),
                                               np.stack(row))
+
+
+def test_a_row_from_a_reused_cache_penalises_the_cached_tokens_too(model):
+    """A row that starts from a cache holding a prefix (the next chat turn) sees that prefix's tokens
+    in its repetition-penalty history, as `generate_step(cached_ids=...)` does."""
+    prefix, rest = [1, 47, 231, 321, 350, 110, 219, 117, 78], [45, 61, 77, 8]  # the prefix: tokens it likes
+
+    def prefilled():
+        cache = make_cache(model)
+        model(mx.array(prefix)[None], cache=cache)
+        return cache
+
+    processors = make_logits_processors(1.5)
+    want = [s.token for s in generate_step(rest, model, max_tokens=8, cache=prefilled(), cached_ids=prefix,
+                                           logits_processors=processors)]
+    batch = Batch(model)
+    other = batch.add(PROMPTS[0], make_cache(model), make_sampler(), [], max_tokens=8)
+    row = batch.add(rest, prefilled(), make_sampler(), processors, max_tokens=8, cached_ids=prefix)
+    tokens = []
+    for _ in range(8):
+        batch.step()
+        tokens.append(next(row).token)
+        next(other)
+    assert tokens == want
+    without = [s.token for s in generate_step(rest, model, max_tokens=8, cache=prefilled(),
+                                              logits_processors=processors)]
+    assert without != want  # the prefix's tokens matter here

@@ -221,6 +221,32 @@ def test_concurrent_clients_get_their_own_answers(client, local):
         assert list(pool.map(ask, range(4))) == want
 
 
+def test_concurrent_requests_decode_in_one_batch_and_each_gets_its_own_answer(server, client, local):
+    """Rows with their own lengths, penalties, stop strings and limits end without changing the others'."""
+    tokenizer = local[1]
+    long_ids = tokenizer.encode("Once")
+    stop = expected(local, tokenizer.encode("Apple silicon runs"), max_tokens=30)[5:8]
+    asks = [("The quick brown fox", dict(max_tokens=3)),
+            ("Apple silicon runs", dict(max_tokens=30, stop=[stop])),
+            ("Emoji are fun", dict(max_tokens=20, extra_body={"repetition_penalty": 1.0})),
+            ("The dog", dict(max_tokens=12, extra_body={"repetition_penalty": 1.5}))]
+
+    def want(prompt, options):
+        penalty = options.get("extra_body", {}).get("repetition_penalty", 1.2)
+        return generate(*local, tokenizer.encode(prompt), max_tokens=options["max_tokens"],
+                        logits_processors=make_logits_processors(penalty), stop=options.get("stop"))
+
+    long = iter(client.completions.create(model="tiny", prompt="Once", max_tokens=300, stream=True))
+    text = next(long).choices[0].text  # the long row is decoding while the others join and leave
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda a: client.completions.create(model="tiny", prompt=a[0], **a[1]), asks))
+    text += "".join(c.choices[0].text for c in long)
+    assert [a.choices[0].text for a in answers] == [want(*a) for a in asks]
+    assert answers[1].choices[0].finish_reason == "stop"
+    assert text == expected(local, long_ids, max_tokens=300)
+    assert health(server)["largest_batch"] >= 2
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnect_cancels_the_generation(server, client, stream):
     before = health(server)
@@ -365,7 +391,7 @@ def test_a_taken_port_fails_before_loading(server, tmp_path):
 
 
 def test_requests_are_interleaved_not_queued(server, client):
-    """A short request that arrives while a long one streams finishes first (round-robin decode steps)."""
+    """A short request that arrives while a long one streams finishes first (they decode side by side)."""
     finished = {}
     long = client.completions.create(model="tiny", prompt="Once", max_tokens=600, stream=True,
                                      stream_options={"include_usage": True})
