@@ -309,15 +309,9 @@ def stream_generate(
     yield from stream_responses(steps, tokenizer, len(prompt_ids), max_tokens, stop)
 
 
-def stream_responses(
-    steps: Iterator[GenerationStep],
-    tokenizer: Tokenizer,
-    prompt_size: int,
-    max_tokens: int,
-    stop: Union[str, Sequence[str], None] = None,
-) -> Iterator[GenerationResponse]:
-    """`GenerationResponse`s (text, finish reason, statistics) for generated `steps`, as
-    `stream_generate` gives them; the server's batched rows use it with their own steps."""
+def stream_responses(steps: Iterator[GenerationStep], tokenizer: Tokenizer, prompt_size: int, max_tokens: int,
+                     stop: Union[str, Sequence[str], None] = None) -> Iterator[GenerationResponse]:
+    """`stream_generate`'s responses for generated `steps` (the server's batched rows have their own)."""
     detokenizer = tokenizer.detokenizer()
     stop_texts = normalize_stops(stop)  # stop="" is refused, not read as "no stop strings"
     stops = StopMatcher(stop_texts) if stop_texts else None
