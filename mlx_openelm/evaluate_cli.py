@@ -31,6 +31,11 @@ def format_result(result: dict) -> str:
 
 
 def read_text(path: str) -> str:
+    import os
+    import stat
+
+    if stat.S_ISCHR(os.stat(path).st_mode) or stat.S_ISBLK(os.stat(path).st_mode):  # /dev/zero never ends
+        raise click.ClickException(f"{path}: a device, not a text file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()

@@ -354,3 +354,9 @@ def test_bench_replaces_the_file_behind_a_linked_output_and_keeps_its_mode(bench
     assert got == (0, f"wrote {tmp_path / 'link.csv'}")
     assert (tmp_path / "link.csv").is_symlink() and results.read_text().startswith("engine,")
     assert results.stat().st_mode & 0o777 == 0o640 and sorted(p.name for p in results.parent.iterdir()) == ["results.csv"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_eval_refuses_a_device_as_its_text_instead_of_reading_it_forever(hf_checkpoint):
+    assert invoke("eval", "--model", hf_checkpoint, "--text", "/dev/zero") == (
+        1, "Error: /dev/zero: a device, not a text file")
