@@ -119,6 +119,8 @@ def reusable_prefix_length(cached_ids: Sequence[int], prompt: Sequence[int]) -> 
 def _check_cached_ids(cached_ids, cache) -> list[int]:
     if cached_ids is None:
         return []
+    if isinstance(cached_ids, mx.array):
+        cached_ids = cached_ids.tolist()
     held = cache[0].offset if cache else 0
     if len(cached_ids) != held:
         raise OptionError(f"cached_ids has {len(cached_ids)} tokens but the cache holds {held} positions: "

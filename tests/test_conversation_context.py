@@ -74,6 +74,16 @@ def test_cached_ids_must_be_what_the_cache_holds(loaded):
         list(generate_step([9], model, cache=cache, cached_ids=[1, 5]))
     with pytest.raises(OptionError, match="cached_ids has 1 tokens but the cache holds 0"):
         list(generate_step([9], model, cached_ids=[1]))
+    # an mx.array works too, and the penalty then sees the cached tokens as if they had been the prompt
+    favourite = next(generate_step([1, 5, 9], model, max_tokens=1)).token  # what the penalty must hold back
+    earlier = [1, 5, favourite, favourite]
+    cache = make_cache(model)
+    model(mx.array([earlier]), cache=cache)
+    processors = make_logits_processors(3.0)
+    continued = generate_step([9], model, max_tokens=8, cache=cache, cached_ids=mx.array(earlier),
+                              logits_processors=processors)
+    whole = generate_step(earlier + [9], model, max_tokens=8, logits_processors=processors)
+    assert [s.token for s in continued] == [s.token for s in whole]
 
 
 def test_reusable_prefix_never_covers_the_whole_prompt():
