@@ -117,15 +117,12 @@ def reusable_prefix_length(cached_ids: Sequence[int], prompt: Sequence[int]) -> 
 
 
 def _check_cached_ids(cached_ids, cache) -> list[int]:
-    if cached_ids is None:
-        return []
-    if isinstance(cached_ids, mx.array):
-        cached_ids = cached_ids.tolist()
+    ids = [] if cached_ids is None else [int(t) for t in mx.array(cached_ids).tolist()]
     held = cache[0].offset if cache else 0
-    if len(cached_ids) != held:
-        raise OptionError(f"cached_ids has {len(cached_ids)} tokens but the cache holds {held} positions: "
+    if len(ids) != held:
+        raise OptionError(f"cached_ids has {len(ids)} tokens but the cache holds {held} positions: "
                           "pass the token ids the cache holds")
-    return [int(t) for t in cached_ids]
+    return ids
 
 
 def _check_speculative(cache, draft_model, draft_cache, num_draft_tokens: int, prompt_lookup: int, ngram: int):
