@@ -250,13 +250,14 @@ def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
             f"{DTYPE_NAMES[compute_dtype]} with a quantized model is very slow on MLX's CPU backend "
             "(about 50x slower than float32, the default here)", OpenELMWarning, stacklevel=2,
         )
+    stored = weights
     weights = {
         name: array.astype(compute_dtype) if mx.issubdtype(array.dtype, mx.floating) else array
         for name, array in weights.items()
     }
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
-    _evaluate_finite(model.parameters(), folder)
+    _evaluate_finite(model.parameters(), folder, stored)
     return model
 
 
@@ -272,12 +273,17 @@ def _list_problems(problems: list[WeightProblem], most: int = 8) -> str:
     return "; ".join(parts)
 
 
-def _evaluate_finite(parameters: Mapping[str, Any], folder: Path) -> None:
-    """Evaluate the parameters, checking in the same pass that every float is finite."""
+def _evaluate_finite(parameters: Mapping[str, Any], folder: Path, stored: Mapping[str, mx.array]) -> None:
+    """Evaluate the parameters, checking in the same pass that every float is finite (`stored`,
+    the tensors as read, tells a value the compute dtype cannot hold from a NaN in the file)."""
     flat = tree_flatten(parameters)
     finite = {name: mx.isfinite(a).all() for name, a in flat if mx.issubdtype(a.dtype, mx.floating)}
     mx.eval([a for _, a in flat], finite)
     bad = [name for name, ok in finite.items() if not ok.item()]
+    if bad and bad[0] in stored and mx.isfinite(stored[bad[0]]).all().item():
+        dtype = DTYPE_NAMES.get(dict(flat)[bad[0]].dtype, str(dict(flat)[bad[0]].dtype))
+        raise CheckpointError(f"{folder}: tensor '{bad[0]}' holds values too large for {dtype} (the compute "
+                              "dtype); load it in float32 or bfloat16 (--dtype)")
     if bad:
         raise CheckpointError(f"{folder}: tensor '{bad[0]}' holds NaN or infinite values"
                               + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))

@@ -263,3 +263,16 @@ def test_an_empty_model_or_tokenizer_path_is_refused_not_read_as_the_current_fol
         load("")
     with pytest.raises(TokenizerError, match="the tokenizer path is empty"):
         load(hf_checkpoint, tokenizer=" ")
+
+
+def test_a_weight_too_large_for_the_compute_dtype_is_said_as_such_not_as_nan(tmp_path, tiny_weights, tokenizer_path):
+    weights = dict(tiny_weights)
+    name = "transformer.layers.0.attn.qkv_proj.weight"
+    weights[name] = weights[name].copy()
+    weights[name].flat[0] = 1e6  # finite in the float32 file, inf in float16
+    folder = write_hf_checkpoint(tmp_path / "model", TINY_CONFIG, weights, tokenizer=tokenizer_path)
+    with pytest.raises(CheckpointError) as info:
+        load(folder, dtype="float16")
+    assert str(info.value) == (f"{folder}: tensor '{name}' holds values too large for float16 (the compute dtype); "
+                               "load it in float32 or bfloat16 (--dtype)")
+    assert load(folder, dtype="bfloat16")[0].args.model_dim == TINY_CONFIG["model_dim"]
