@@ -117,7 +117,9 @@ def reusable_prefix_length(cached_ids: Sequence[int], prompt: Sequence[int]) -> 
 
 
 def _check_cached_ids(cached_ids, cache) -> list[int]:
-    ids = [] if cached_ids is None else [int(t) for t in mx.array(cached_ids).tolist()]
+    if cached_ids is None:  # unknown: the logits processors and prompt lookup see only `prompt` on
+        return []
+    ids = [int(t) for t in mx.array(cached_ids).tolist()]
     held = cache[0].offset if cache else 0
     if len(ids) != held:
         raise OptionError(f"cached_ids has {len(ids)} tokens but the cache holds {held} positions: "
