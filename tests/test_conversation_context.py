@@ -176,13 +176,16 @@ class CancelAfter(queue.Queue):
             self.job.cancel()
 
 
-def test_a_cancelled_speculative_request_stores_a_cache_that_matches_its_ids(loaded):
-    """Cancelled after its first token, mid-pass: the target's and draft's caches hold more than was
-    handed out. The stored conversation cache must hold exactly its ids, and the next request that
-    extends them must get the plain greedy answer."""
+@pytest.mark.parametrize("speculative", [True, False])
+def test_a_cancelled_request_stores_a_cache_that_matches_its_ids(loaded, speculative):
+    """Cancelled after its first token: speculative, the target's and draft's caches are mid-pass and
+    hold more than was handed out; batched, the row leaves the shared batch cache. The stored
+    conversation cache must hold exactly its ids, and the next request that extends them must get
+    the plain greedy answer."""
     model, tokenizer = loaded
     prompt = tokenizer.encode(MESSAGE)
-    scheduler = Scheduler(model, tokenizer, generation_kwargs={"draft_model": model, "num_draft_tokens": 3})
+    kwargs = {"draft_model": model, "num_draft_tokens": 3} if speculative else {}
+    scheduler = Scheduler(model, tokenizer, generation_kwargs=kwargs)
     cancelled = scheduler.submit(_spec(prompt, 50))
     cancelled.events = CancelAfter(cancelled, 1)
     answers = {}
@@ -203,7 +206,7 @@ def test_a_cancelled_speculative_request_stores_a_cache_that_matches_its_ids(loa
     assert answers["tokens"] == [s.token for s in plain]
     layers = model.args.num_transformer_layers
     for ids, cache in scheduler.prompt_cache.entries:
-        assert all(c.offset == len(ids) for c in cache)
+        assert len(cache) == layers * (2 if speculative else 1) and all(c.offset == len(ids) for c in cache)
         for part in (cache[:layers], cache[layers:]):  # the target's caches, then the draft's
             fresh = make_cache(model)
             model(mx.array(ids)[None], cache=fresh)
