@@ -181,6 +181,12 @@ def test_logprobs_match_the_model(client, local):
         top = [t.logprob for t in entry.top_logprobs]
         assert top == sorted(top, reverse=True) and len(top) == 3
         assert top[0] == pytest.approx(entry.logprob, abs=1e-6)  # greedy picks the most likely token
+    streamed = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=6, logprobs=True,
+                                              top_logprobs=3, stream=True)
+    entries = [e for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for e in chunk.choices[0].logprobs.content]
+    assert [(e.token, len(e.top_logprobs)) for e in entries] == [(e.token, len(e.top_logprobs)) for e in content]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in content], abs=1e-4)
     legacy = client.completions.create(model="tiny", prompt=ids, max_tokens=6, logprobs=2).choices[0].logprobs
     assert legacy.token_logprobs == pytest.approx([e.logprob for e in content], abs=1e-4)
     assert all(len(t) <= 2 for t in legacy.top_logprobs) and len(legacy.tokens) == len(steps)
