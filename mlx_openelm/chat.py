@@ -75,17 +75,17 @@ class ChatSession:
         self.last_prefill_tokens = 0  # tokens fed before the last reply (not taken from the cache)
         self.finish_reason: Optional[str] = None  # "stop", "length" or "interrupted"
         self.reset()
-        self._check_system_fits()
+        self._check_room()
 
-    def _check_system_fits(self) -> None:
-        """A system prompt that leaves no room for any message is refused up front (every turn would fail)."""
-        if not self.system:
-            return
+    def _check_room(self) -> None:
+        """A system prompt (or a context so small) that leaves no room for any message is refused
+        up front: every turn would fail."""
         ids = self.conversation_ids(self.messages + [{"role": "user", "content": ""}])
         if len(ids) >= self.context_length:
+            what = "the system prompt takes" if self.system else "the chat format alone takes"
             raise ContextLengthError(
-                f"the system prompt takes {len(ids)} tokens with the chat format, leaving no room for a "
-                f"message in the model's context of {self.context_length} tokens: shorten it"
+                f"{what} {len(ids)} tokens, leaving no room for a message in the model's context of "
+                f"{self.context_length} tokens" + (": shorten it" if self.system else "")
             )
 
     @property

@@ -232,7 +232,7 @@ def test_an_empty_stop_string_is_an_option_error():
 
 def test_a_system_prompt_leaving_no_room_for_a_message_is_refused_up_front(loaded):
     model, tokenizer = loaded
-    with pytest.raises(ContextLengthError, match=r"the system prompt takes \d+ tokens .* context of 2048 tokens"):
+    with pytest.raises(ContextLengthError, match=r"the system prompt takes \d+ tokens, .* context of 2048 tokens"):
         ChatSession(model, tokenizer, system="word " * 2100)
     assert len(list(ChatSession(model, tokenizer, system="word " * 100).send("hi", max_tokens=2))) == 2
 
@@ -276,3 +276,10 @@ def test_a_weight_too_large_for_the_compute_dtype_is_said_as_such_not_as_nan(tmp
     assert str(info.value) == (f"{folder}: tensor '{name}' holds values too large for float16 (the compute dtype); "
                                "load it in float32 or bfloat16 (--dtype)")
     assert load(folder, dtype="bfloat16")[0].args.model_dim == TINY_CONFIG["model_dim"]
+
+
+def test_a_context_too_small_for_the_chat_format_is_refused_when_the_session_starts(loaded):
+    model, tokenizer = loaded
+    tiny_context = type(model)(ModelArgs.from_dict({**TINY_CONFIG, "max_context_length": 8}))
+    with pytest.raises(ContextLengthError, match=r"the chat format alone takes \d+ tokens, .* context of 8 tokens$"):
+        ChatSession(tiny_context, tokenizer)
