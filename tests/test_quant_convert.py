@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlx_openelm.cli import main
 from mlx_openelm.convert import convert
 from mlx_openelm.convert.quantizers import group_errors
-from mlx_openelm.errors import ConfigError
+from mlx_openelm.errors import CheckpointError, ConfigError
 from mlx_openelm.loading import load_model, read_weights
 from mlx_openelm.quantization import RECIPES, is_sensitive, plan_quantization
 
@@ -140,3 +140,41 @@ def test_cli_quant_method_reaches_the_output(hf_checkpoint, tmp_path):
 def test_library_refuses_an_unknown_method(hf_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="--quant-method: 'best' is not a quantization method"):
         convert(hf_checkpoint, tmp_path / "x", bits=4, method="best")
+
+
+# ---- convert_tensor: the per-tensor error and the non-finite checks ------------------------------
+
+def _float64_rel_error(weight: np.ndarray, approx: mx.array) -> float:
+    diff = np.array(approx.astype(mx.float32), dtype=np.float64) - weight
+    return float(np.linalg.norm(diff) / np.linalg.norm(weight.astype(np.float64)))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_tensor_error_matches_float64_across_many_blocks(bits):
+    # 4.2M elements: many row blocks, and more than a single float32 sum adds up without drifting
+    from mlx_openelm.convert.quantize import ERROR_BLOCK_ELEMENTS, convert_tensor
+
+    weight = np.random.default_rng(0).standard_normal((3276, 1280)).astype(np.float32) + 3
+    assert weight.size > 10 * ERROR_BLOCK_ELEMENTS
+    plan = plan_quantization({"w.weight": weight.shape}, bits, 64, None, "minmax") if bits else None
+    tensors, rel = convert_tensor("w.weight", mx.array(weight), mx.float16, plan)
+    if bits:
+        approx = mx.dequantize(tensors["w.weight"], tensors["w.scales"].astype(mx.float32),
+                               tensors["w.biases"].astype(mx.float32), group_size=64, bits=bits)
+    else:
+        approx = tensors["w.weight"]
+    assert rel == pytest.approx(_float64_rel_error(weight, approx), rel=1e-4)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_finite_weights_whose_squares_overflow_float32_are_kept(bits):
+    from mlx_openelm.convert.quantize import convert_tensor
+
+    weight = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
+    weight[3, 5] = 1e30  # finite in float32; its square is not
+    plan = plan_quantization({"w.weight": weight.shape}, bits, 64, None, "minmax") if bits else None
+    tensors, _ = convert_tensor("w.weight", mx.array(weight), mx.float32, plan)
+    assert all(mx.isfinite(t).all().item() for t in tensors.values() if mx.issubdtype(t.dtype, mx.floating))
+    weight[3, 5] = np.inf
+    with pytest.raises(CheckpointError, match="tensor 'w.weight' holds NaN or infinite values"):
+        convert_tensor("w.weight", mx.array(weight), mx.float32, plan)
