@@ -260,7 +260,7 @@ def test_sigterm_ends_a_waiting_chat_cleanly(hf_checkpoint):
 
 
 def test_sigint_during_a_chat_reply_keeps_the_chat(slow_checkpoint):
-    proc = start("chat", "--model", slow_checkpoint, "-m", 250, "--repetition-penalty", 1)
+    proc = start("chat", "--model", slow_checkpoint, "-m", 120, "--repetition-penalty", 1)
     proc.stdin.write(b"tell me everything\n")
     proc.stdin.flush()
     wait_for_output(proc)
