@@ -58,13 +58,17 @@ def main(argv=None) -> None:
 
     from mlx_openelm.bench.core import random_model
     from mlx_openelm.config import preset_args
+    from mlx_openelm.errors import OpenELMError
     from mlx_openelm.server import ServerApp, make_server, serve
     from mlx_openelm.tokenizer import Tokenizer
 
-    model_args = preset_args(args.preset)
+    try:
+        model_args, tokenizer = preset_args(args.preset), Tokenizer(args.tokenizer)
+    except OpenELMError as e:
+        parser.error(str(e))  # one line and exit 2, as for a bad flag
     model = random_model(model_args, mx.float32)
     # prompt cache off: every request pays its own prefill, as distinct clients would
-    app = ServerApp(model, Tokenizer(args.tokenizer), f"random-{args.preset}", prompt_cache_size=0)
+    app = ServerApp(model, tokenizer, f"random-{args.preset}", prompt_cache_size=0)
     httpd = make_server(app, "127.0.0.1", 0)
     port = httpd.server_address[1]
     results = []
