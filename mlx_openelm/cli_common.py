@@ -139,9 +139,9 @@ def check_output_path(path: str | None, option: str) -> Path | None:
         if not parent.is_dir():
             what = "is not a folder" if parent.exists() else "does not exist"
             raise FileNotFoundError(2, f"{parent} {what}", str(target))
+        if target.exists() and not os.access(target, os.W_OK):  # a read-only file is not replaced by a rename
+            raise PermissionError(13, "permission denied", str(target))
         if target.exists() and not target.is_file():  # a device such as /dev/null or /dev/stdout
-            if not os.access(target, os.W_OK):
-                raise PermissionError(13, "permission denied", str(target))
             return target
         with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.", suffix=".check"):
             pass

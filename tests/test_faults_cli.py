@@ -360,3 +360,19 @@ def test_bench_replaces_the_file_behind_a_linked_output_and_keeps_its_mode(bench
 def test_eval_refuses_a_device_as_its_text_instead_of_reading_it_forever(hf_checkpoint):
     assert invoke("eval", "--model", hf_checkpoint, "--text", "/dev/zero") == (
         1, "Error: /dev/zero: a device, not a text file")
+
+
+NO_ROOT_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                    "--bounding-set=-dac_override,-dac_read_search"]  # root that obeys file modes
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
+def test_bench_does_not_replace_a_read_only_output_file(bench_config, tmp_path):
+    out = tmp_path / "out.json"
+    out.write_text("old")
+    out.chmod(0o444)
+    proc = subprocess.run([*NO_ROOT_OVERRIDE, sys.executable, "-m", "mlx_openelm.cli", "bench", "--preset",
+                           str(bench_config), "--trials", "1", "--json", str(out)], capture_output=True, timeout=120)
+    err = assert_clean(proc, 2)
+    assert err.strip().splitlines()[-1] == f"Error: Invalid value for '--json': cannot write {out}: permission denied"
+    assert out.read_text() == "old"
