@@ -115,7 +115,7 @@ class Tokenizer:
         return segments
 
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, tokenize: bool = True
     ) -> list[int]:
         """Token ids of a conversation in OpenELM-Instruct's format (BOS first, see `chat_segments`).
 
@@ -125,6 +125,9 @@ class Tokenizer:
         ``"<|user|>\\nhi</s>\\n<|assistant|>\\n"`` is
         ``[BOS] + encode("<|user|>\\nhi") + [EOS] + encode("\\n<|assistant|>\\n")``.
         """
+        if not tokenize:  # mlx-lm's habit; as text, "</s>" would come back as text, not EOS
+            raise TypeError("apply_chat_template returns token ids only (tokenize=False is not supported): "
+                            "pass the ids as the prompt to generate or stream_generate")
         ids = [self.bos_id]
         for segment in self.chat_segments(messages, add_generation_prompt):
             ids += [self.eos_id] if segment is None else self.sp.encode(segment)

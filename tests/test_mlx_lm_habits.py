@@ -116,3 +116,15 @@ def test_cli_says_when_the_context_is_full(small_context):
     short = json.loads(runner.invoke(main, ["generate", "--model", str(small_context), "-p", PROMPT, "-m", "2",
                                             "--json"], catch_exceptions=False).stdout)
     assert short["finish_reason"] == "length" and short["context_full"] is False
+
+
+def test_mlx_lm_readme_chat_snippet_works_and_text_templates_are_refused(loaded):
+    """mlx-lm's README: ids from apply_chat_template go to generate as the prompt."""
+    model, tokenizer = loaded
+    messages = [{"role": "user", "content": "Write a story about Einstein"}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    streamed = list(stream_generate(model, tokenizer, prompt, max_tokens=4))
+    assert streamed[0].prompt_tokens == len(prompt)  # the ids as given: no second BOS
+    assert generate(model, tokenizer, prompt=prompt, max_tokens=4) == "".join(r.text for r in streamed)
+    with pytest.raises(TypeError, match="returns token ids only .*pass the ids as the prompt"):
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
