@@ -35,7 +35,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-openelm")
 def main():
-    """Run Apple's OpenELM models with MLX: generate, chat, convert, bench."""
+    """Run Apple's OpenELM models with MLX: generate, chat, serve, convert, eval, bench."""
 
 
 if __name__ == "__main__":
