@@ -27,6 +27,10 @@ def format_report(report: dict) -> str:
         precision = f"{report['bits']}-bit affine ({report['method']}), group {report['group_size']}"
         if report["recipe"]:
             precision += f" (recipe {report['recipe']})"
+        if report.get("calibration"):
+            c = report["calibration"]
+            precision += (f", calibrated on {c['text']} ({c['tokens']} tokens; "
+                          f"{c['folded_layers']} norm/linear pairs rescaled)")
         precision += f"; float tensors {report['dtype']}"
     rows = [
         ("output", report["output"]),
@@ -75,7 +79,9 @@ class ProgressBar:
             self.bar = click.progressbar(length=max(step.weights_total, 1), label=label, file=sys.stderr,
                                          show_eta=True, show_percent=True, item_show_func=lambda item: item)
             self.bar.__enter__()
-        self.bar.update(step.weights_done - self.bar.pos, f"{step.tensors_done}/{step.tensors_total} tensors")
+        calibrating = step.name.startswith("calibrating")
+        self.bar.update(step.weights_done - self.bar.pos,
+                        step.name if calibrating else f"{step.tensors_done}/{step.tensors_total} tensors")
         if step.tensors_done == step.tensors_total:
             self.close()
             if self.then:
@@ -112,6 +118,10 @@ class ProgressBar:
               help="optimal: per group, the scale and bias that minimise the reconstruction error; minmax: "
                    "the group's min/max (mlx-lm's output bit for bit). Same format and size either way.")
 @click.option("--tokenizer", default=None, help="tokenizer.model to copy into the output (default: the input's own).")
+@click.option("--calibration-text", "calibration_text", default=None, metavar="FILE",
+              help="Plain UTF-8 text: activation-aware quantization. Per-channel scales chosen on its activations "
+                   "(first 512 tokens) are folded into each attn_norm/qkv_proj and ffn_norm/proj_1 pair, which "
+                   "keeps the float model's function exact. Needs a tokenizer.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Split model.safetensors above this size.")
 @click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
 @click.option("--no-eval", is_flag=True,
@@ -120,7 +130,7 @@ class ProgressBar:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @user_errors
 def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, quantize, bits, group_size, recipe, method,
-            tokenizer, max_shard_size, force, no_eval, dequantize, as_json):
+            tokenizer, calibration_text, max_shard_size, force, no_eval, dequantize, as_json):
     """Convert an OpenELM checkpoint to an MLX model folder, optionally quantized.
 
     \b
@@ -144,7 +154,8 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, quan
         with handle_signals():  # SIGTERM/SIGHUP stop it like Ctrl-C: the temp folder is removed
             report = run_convert(
                 hf_path, mlx_path, average=checkpoints, preset=preset, config=config, dtype=dtype, bits=bits,
-                group_size=group_size, recipe=recipe, method=method, tokenizer=tokenizer, force=force,
+                group_size=group_size, recipe=recipe, method=method, tokenizer=tokenizer,
+                calibration_text=calibration_text, force=force,
                 max_shard_size=max_shard_size, evaluate=not no_eval, dequantize=dequantize, progress=bar,
             )
     except Interrupted as e:

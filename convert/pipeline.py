@@ -11,20 +11,22 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.errors import ConfigError
+from mlx_openelm.errors import ConfigError, TokenizerError
 from mlx_openelm.hf_files import write_tokenizer_files
 from mlx_openelm.hub import resolve_tokenizer
 from mlx_openelm.loading import DTYPE_NAMES, check_tokenizer_fits, fp16_is_safe, parse_dtype
 from mlx_openelm.quantization import DEFAULT_METHOD, QuantizationPlan, check_options, plan_quantization
 from mlx_openelm.tokenizer import Tokenizer
 
+from .calibration import OPTION as CALIBRATION_OPTION
+from .calibration import CalibrationText, FoldedSource, calibration_text, channel_scales
 from .install import (
     check_replaceable, discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_deferred,
 )
@@ -63,6 +65,7 @@ def convert(
     recipe: Optional[str] = None,
     method: str = DEFAULT_METHOD,
     tokenizer: Union[str, Path, None] = None,
+    calibration_text: Union[str, Path, None] = None,
     force: bool = False,
     max_shard_size: Union[str, int] = DEFAULT_MAX_SHARD_BYTES,
     evaluate: bool = True,
@@ -79,6 +82,8 @@ def convert(
         (allowed values: `mlx_openelm.quantization`); recipe 'mixed-LOW-HIGH' gives the sensitive
         layers (output head, first eighth of the decoder) HIGH bits and the rest LOW bits.
     method: 'optimal' (error-minimising scales and biases) or 'minmax' (mx.quantize, as mlx-lm).
+    calibration_text: a UTF-8 text file; its activation statistics choose per-channel scales folded
+        into each attn_norm/qkv_proj and ffn_norm/proj_1 pair (`calibration`); needs a tokenizer.
     evaluate: compare the output with the float input on a fixed token sequence (KL divergence).
     dequantize: the input is a quantized MLX folder; write its weights back in float.
 
@@ -101,23 +106,21 @@ def convert(
     out_dtype = out_dtype or default_convert_dtype(args)
     tokenizer_path = _checked_tokenizer(source, tokenizer)
     plan = plan_quantization(source.shapes(), default_bits, group_size, recipe, method) if default_bits else None
+    calibration = _calibration(source, calibration_text, tokenizer_path, plan)
 
     created_parents, tmp = make_parents(target.parent), None
     try:
         with signals_deferred():
             remove_stale_temp_folders(target)
             tmp = make_temp_folder(target)
-        report = _write_model(source, tmp, out_dtype, plan, max_bytes, progress)
+        # a source reads each tensor once: calibration and the quality check open their own
+        report = (_write_model(source, tmp, out_dtype, plan, max_bytes, progress) if calibration is None else
+                  _write_calibrated(source, open_sources(references, preset, config), calibration, tmp, out_dtype,
+                                    plan, max_bytes, progress))
         report.output, report.bits, report.recipe = str(target), default_bits, recipe
         report.method = method if plan else None
-        if tokenizer_path is not None:
-            copy_tokenizer(tmp, tokenizer_path)
-            write_tokenizer_files(tmp, args.max_context_length)  # so transformers and mlx-lm open it too
-            report.tokenizer = str(tokenizer_path)
-        out_config = model_config(args, out_dtype, plan.quantization if plan else None)
-        if evaluate:
-            _evaluate(report, open_sources(references, preset, config), tmp, out_config)
-        write_config(tmp, out_config)
+        _finish_folder(tmp, report, args, out_dtype, plan, tokenizer_path,
+                       open_sources(references, preset, config) if evaluate else None)
         with signals_deferred(finishing=True):
             install(tmp, target, force)
             tmp, created_parents = None, []
@@ -127,6 +130,55 @@ def convert(
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = peak_memory_mb()
     return report
+
+
+def _stage(source: Source, progress: Optional[Progress]) -> Optional[Callable[[int, int], None]]:
+    """Calibration's layer-by-layer progress, told through `progress` before any tensor is converted."""
+    if progress is None:
+        return None
+    names, shapes = source.names(), source.shapes()
+    total = sum(math.prod(shapes[n]) for n in names)
+    return lambda done, layers: progress(ConvertProgress(0, len(names), 0, total, f"calibrating: layer {done}/{layers}"))
+
+
+def _finish_folder(folder: Path, report: ConvertReport, args: ModelArgs, dtype: mx.Dtype,
+                   plan: Optional[QuantizationPlan], tokenizer_path: Optional[Path], reference: Optional[Source]
+                   ) -> None:
+    """Everything after the weights: tokenizer files, the quality check against `reference`
+    (None: skipped), and config.json last."""
+    if tokenizer_path is not None:
+        copy_tokenizer(folder, tokenizer_path)
+        write_tokenizer_files(folder, args.max_context_length)  # so transformers and mlx-lm open it too
+        report.tokenizer = str(tokenizer_path)
+    out_config = model_config(args, dtype, plan.quantization if plan else None)
+    if reference is not None:
+        _evaluate(report, reference, folder, out_config)
+    write_config(folder, out_config)
+
+
+def _write_calibrated(source: Source, scratch: Source, calibration: CalibrationText, folder: Path,
+                      dtype: mx.Dtype, plan: QuantizationPlan, max_bytes: int, progress: Optional[Progress]
+                      ) -> ConvertReport:
+    """`_write_model` with calibration's per-channel scales (found running `scratch`) folded in."""
+    scales = channel_scales(scratch, plan, calibration.tokens, dtype, progress=_stage(source, progress))
+    plan.quantization = replace(plan.quantization, calibration=calibration.config_entry())
+    report = _write_model(FoldedSource(source, scales), folder, dtype, plan, max_bytes, progress)
+    report.inputs = [str(s.path) for s in leaves(source)]
+    report.calibration = {**calibration.config_entry(), "folded_layers": len(scales)}
+    return report
+
+
+def _calibration(source: Source, path, tokenizer_path: Optional[Path], plan: Optional[QuantizationPlan]
+                 ) -> Optional[CalibrationText]:
+    """The tokenized calibration text, refused (before any work) when it or its prerequisites are missing."""
+    if path is None:
+        return None
+    if plan is None:
+        raise ConfigError(f"{CALIBRATION_OPTION}: calibration only applies when quantizing (--bits, -q or --recipe)")
+    if tokenizer_path is None:
+        raise TokenizerError(f"{CALIBRATION_OPTION}: {source.path} has no tokenizer.model to tokenize the text; "
+                             "pass --tokenizer")
+    return calibration_text(path, Tokenizer(tokenizer_path), source.args)
 
 
 def _checked_tokenizer(source: Source, tokenizer) -> Optional[Path]:

@@ -61,30 +61,31 @@ def layerwise_logits(
     model = Model(args)
     if quantization is not None:
         apply_quantization(model, quantization)
-
-    def load(module, prefix: str) -> None:
-        weights = []
-        for name, _ in tree_flatten(module.parameters()):
-            array = tensor(prefix + name)
-            if not isinstance(array, mx.array):  # numpy from CoreNet files and float64 averages
-                array = mx.array(np.asarray(array, dtype=np.float32))
-            if mx.issubdtype(array.dtype, mx.floating):
-                array = array.astype(mx.float32)  # the CPU runtime's compute dtype
-            weights.append((name, array))
-        module.load_weights(weights, strict=True)
-
-    load(model.transformer.token_embeddings, "transformer.token_embeddings.")
+    load_module(model.transformer.token_embeddings, "transformer.token_embeddings.", tensor)
     h = model.embed(mx.array([list(tokens)]))
     for i, layer in enumerate(model.layers):
         skeleton = layer.parameters()
-        load(layer, f"transformer.layers.{i}.")
+        load_module(layer, f"transformer.layers.{i}.", tensor)
         h = model.run_layer(i, h)
         mx.eval(h)
         layer.update(skeleton)  # release this layer's weights
-    load(model.transformer.norm, "transformer.norm.")
+    load_module(model.transformer.norm, "transformer.norm.", tensor)
     if "lm_head" in model:
-        load(model.lm_head, "lm_head.")
+        load_module(model.lm_head, "lm_head.", tensor)
     return np.array(model.head(h)[0].astype(mx.float32))
+
+
+def load_module(module, prefix: str, tensor: Callable[[str], mx.array]) -> None:
+    """Give `module` its checkpoint weights `tensor(prefix + name)`, floats in float32."""
+    weights = []
+    for name, _ in tree_flatten(module.parameters()):
+        array = tensor(prefix + name)
+        if not isinstance(array, mx.array):  # numpy from CoreNet files and float64 averages
+            array = mx.array(np.asarray(array, dtype=np.float32))
+        if mx.issubdtype(array.dtype, mx.floating):
+            array = array.astype(mx.float32)  # the CPU runtime's compute dtype
+        weights.append((name, array))
+    module.load_weights(weights, strict=True)
 
 
 def reference_logits(source: Source, tokens: Sequence[int]) -> np.ndarray:

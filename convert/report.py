@@ -35,6 +35,7 @@ class ConvertReport:
     seconds: float = 0.0
     peak_memory_mb: float = 0.0
     method: Optional[str] = None  # how quantized groups got their scales and biases
+    calibration: Optional[dict] = None  # {"text": file name, "tokens": n, "folded_layers": n}
 
     def to_dict(self) -> dict:
         return asdict(self)

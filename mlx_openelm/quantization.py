@@ -49,7 +49,7 @@ SENSITIVE_LAYER_FRACTION = 1 / 8
 
 Spec = tuple[int, int]  # (bits, group size)
 
-_ENTRY_KEYS = ("bits", "group_size", "mode", "layers", "recipe", "method")
+_ENTRY_KEYS = ("bits", "group_size", "mode", "layers", "recipe", "method", "calibration")
 
 
 def _choices(values) -> str:
@@ -107,6 +107,8 @@ class Quantization:
     recipe: Optional[str] = None
     mlx_lm_format: bool = False  # float layers are told by absent scales, not listed
     method: Optional[str] = None  # how scales and biases were chosen (informative only)
+    # {"text": file name, "tokens": n} when activation-aware calibration folded scales (informative only)
+    calibration: Optional[Mapping[str, Any]] = None
 
     def spec(self, path: str) -> Optional[Spec]:
         """(bits, group size) of the quantizable module at `path`; None where it stays float."""
@@ -123,6 +125,8 @@ class Quantization:
             entry["recipe"] = self.recipe
         if self.method:
             entry["method"] = self.method
+        if self.calibration:
+            entry["calibration"] = dict(self.calibration)
         entry.update(layers)  # mlx-lm reads per-layer settings from the top level; "layers" wins for us
         return entry
 
@@ -147,6 +151,9 @@ class Quantization:
         method = entry.get("method")
         if method is not None and not isinstance(method, str):
             raise ConfigError(f"{where}.method must be a string, got {method!r}")
+        calibration = entry.get("calibration")
+        if calibration is not None and not isinstance(calibration, Mapping):
+            raise ConfigError(f"{where}.calibration must be an object, got {calibration!r}")
         mlx_lm_format = "layers" not in entry
         if mlx_lm_format:
             # mlx-lm: per-layer entries are the top-level keys holding an object or a boolean
@@ -159,7 +166,7 @@ class Quantization:
                                   f"got {type(raw).__name__}")
             prefix = f"{where}.layers"
         layers = {str(path): _layer_spec(value, bits, group_size, f"{prefix}['{path}']") for path, value in raw.items()}
-        return cls(bits, group_size, layers, recipe, mlx_lm_format, method)
+        return cls(bits, group_size, layers, recipe, mlx_lm_format, method, calibration)
 
 
 def _layer_spec(value: Any, bits: int, group_size: int, where: str) -> Optional[Spec]:

@@ -1,0 +1,215 @@
+"""Activation-aware calibration (in the spirit of AWQ), folded so the float model is unchanged.
+
+Each decoder layer's qkv_proj reads attn_norm's output and proj_1 reads ffn_norm's. An
+RMSNorm's output is x_hat * g, so scaling the linear's input columns by s and dividing g
+by s computes the same function in float (W (x_hat g) = (W s)(x_hat g / s)), while the
+quantizer now sees W s: input channels that carry large activations get a larger share
+of each group's range. For each such pair we try s = mean|x|**alpha for a few alphas and
+keep the one whose quantized linear reproduces the float output best on the calibration
+activations; alpha = 0 (s = 1, the uncalibrated weights) is always a candidate and wins
+ties, so a pair changes only where scaling measurably helps. The q/k norms, out_proj,
+proj_2 and the embedding/head have no preceding per-channel scale to fold into and are
+quantized as the method does without calibration.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_openelm.config import ModelArgs
+from mlx_openelm.errors import ConfigError
+from mlx_openelm.model import Model
+from mlx_openelm.quantization import DEFAULT_METHOD, MODE, QuantizationPlan
+from mlx_openelm.tokenizer import Tokenizer
+
+from .quality import load_module
+from .quantizers import quantize
+from .sources import Source
+
+OPTION = "--calibration-text"
+MAX_TOKENS = 512  # enough for per-channel means; keeps calibration to seconds on 270M
+ERROR_ROWS = 256  # activation rows the output error is measured on
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# (norm, linear reading its output) within a decoder layer
+FOLDS = (("attn_norm", "attn.qkv_proj"), ("ffn_norm", "ffn.proj_1"))
+
+
+@dataclass(frozen=True)
+class CalibrationText:
+    """The calibration text's file name and its tokens (BOS first, at most MAX_TOKENS)."""
+
+    name: str
+    tokens: list[int]
+
+    def config_entry(self) -> dict:
+        return {"text": self.name, "tokens": len(self.tokens)}
+
+
+def read_calibration_text(path: Union[str, Path]) -> str:
+    """The text of `path`; a one-line ConfigError naming the option and file if it is not
+    readable, non-empty UTF-8 text."""
+    where = f"{OPTION}: {path}"
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{where}: a folder, not a text file")
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # /dev/zero would never end
+            raise ConfigError(f"{where}: a device, not a text file")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except PermissionError:
+        raise ConfigError(f"{where}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from None
+    if not text.strip():
+        raise ConfigError(f"{where}: the file is empty")
+    return text
+
+
+def calibration_text(path: Union[str, Path], tokenizer: Tokenizer, args: ModelArgs,
+                     max_tokens: int = MAX_TOKENS) -> CalibrationText:
+    """Read and tokenize the calibration text, keeping its first `max_tokens` tokens."""
+    text = read_calibration_text(path)
+    tokens = tokenizer.encode(text)[: min(max_tokens, args.max_context_length)]
+    return CalibrationText(Path(path).name, tokens)
+
+
+class _Recorder:
+    """Stands in for a Linear, keeping the input it was called with."""
+
+    def __init__(self, linear):
+        self.linear = linear
+        self.input: Optional[mx.array] = None
+
+    def __call__(self, x: mx.array) -> mx.array:
+        self.input = x
+        return self.linear(x)
+
+
+def channel_scales(
+    source: Source, plan: QuantizationPlan, tokens: Sequence[int], dtype: mx.Dtype,
+    alphas: Optional[Sequence[float]] = None, progress: Optional[Callable[[int, int], None]] = None,
+) -> dict[str, mx.array]:
+    """Per-input-channel scales to fold, by layer path prefix ('transformer.layers.3.attn.qkv_proj'):
+    only for the pairs where some alpha > 0 beats the unscaled weights.
+
+    Runs the float model (float32) one layer at a time over `tokens`, as the quality check does.
+    `alphas` defaults to ALPHAS; `progress(done, total)` is called after each layer.
+    """
+    alphas = ALPHAS if alphas is None else alphas
+    args = source.args
+    model = Model(args)
+    load_module(model.transformer.token_embeddings, "transformer.token_embeddings.", source.get)
+    h = model.embed(mx.array([list(tokens)]))
+    scales = {}
+    for i, layer in enumerate(model.layers):
+        skeleton = layer.parameters()
+        load_module(layer, f"transformer.layers.{i}.", source.get)
+        recorders = {}
+        for _, linear_name in FOLDS:
+            parent, attr = linear_name.split(".")
+            recorders[linear_name] = _Recorder(getattr(layer, parent)[attr])
+            getattr(layer, parent)[attr] = recorders[linear_name]
+        h = model.run_layer(i, h)
+        mx.eval(h)
+        for linear_name, recorder in recorders.items():
+            parent, attr = linear_name.split(".")
+            getattr(layer, parent)[attr] = recorder.linear
+            path = f"transformer.layers.{i}.{linear_name}"
+            spec = plan.spec(path)
+            if spec is None:
+                continue
+            x = recorder.input[0]
+            s = best_scale(recorder.linear.weight, x, spec, plan.quantization.method, dtype, alphas)
+            if s is not None:
+                scales[path] = s
+        layer.update(skeleton)  # release this layer's weights
+        if progress is not None:
+            progress(i + 1, len(model.layers))
+    return scales
+
+
+def best_scale(weight: mx.array, x: mx.array, spec: tuple[int, int], method: Optional[str], dtype: mx.Dtype,
+               alphas: Sequence[float]) -> Optional[mx.array]:
+    """The per-input-channel scale s (from mean|x|**alpha, alpha in `alphas`) whose quantized
+    W s, divided back by s, best reproduces x W^T; None when no scaling beats s = 1."""
+    bits, group_size = spec
+    stat = mx.mean(mx.abs(x.astype(mx.float32)), axis=0)
+    picks = np.linspace(0, x.shape[0] - 1, min(ERROR_ROWS, x.shape[0])).astype(np.int32)
+    rows = x[mx.array(picks)].astype(mx.float32)
+    reference = rows @ weight.T
+    best_error, best = float("inf"), None
+    for alpha in alphas:
+        s = None if alpha == 0 else _scale(stat, alpha)
+        scaled = weight if s is None else fold_linear(weight, s)
+        wq, q_scales, q_biases = quantize(scaled, bits, group_size, method or DEFAULT_METHOD, dtype)
+        approx = mx.dequantize(wq, q_scales.astype(mx.float32), q_biases.astype(mx.float32),
+                               group_size=group_size, bits=bits, mode=MODE)
+        if s is not None:
+            approx = approx / s
+        error = mx.sum(mx.square(rows @ approx.T - reference)).item()
+        if error < best_error:
+            best_error, best = error, s
+    return best
+
+
+def _scale(stat: mx.array, alpha: float) -> mx.array:
+    """stat**alpha normalised to a geometric mean of max and min of 1 (AWQ's normalisation)."""
+    s = mx.power(mx.maximum(stat, 1e-6 * mx.max(stat) + 1e-30), alpha)
+    return s / mx.sqrt(mx.max(s) * mx.min(s))
+
+
+def fold_linear(weight: mx.array, s: mx.array) -> mx.array:
+    """The linear's weight with its input columns multiplied by s."""
+    return weight.astype(mx.float32) * s
+
+
+def fold_norm(weight: mx.array, s: mx.array) -> mx.array:
+    """The preceding RMSNorm's weight divided by s."""
+    return weight.astype(mx.float32) / s
+
+
+def folded_tensors(scales: dict[str, mx.array]) -> dict[str, Callable[[mx.array], mx.array]]:
+    """Tensor name -> how to transform it as read from the source, for these scales."""
+    transforms = {}
+    for path, s in scales.items():
+        prefix, linear_name = path.rsplit(".", 2)[0], ".".join(path.rsplit(".", 2)[1:])
+        norm = dict((lin, nrm) for nrm, lin in FOLDS)[linear_name]
+        transforms[f"{path}.weight"] = lambda w, s=s: fold_linear(w, s)
+        transforms[f"{prefix}.{norm}.weight"] = lambda w, s=s: fold_norm(w, s)
+    return transforms
+
+
+class FoldedSource(Source):
+    """A source whose norm and linear weights are read with the calibration scales folded in."""
+
+    def __init__(self, source: Source, scales: dict[str, mx.array]):
+        self.source = source
+        self.path, self.args, self.kind, self.tokenizer = source.path, source.args, source.kind, source.tokenizer
+        self.transforms = folded_tensors(scales)
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.source.shapes()
+
+    def get(self, name: str) -> Union[np.ndarray, mx.array]:
+        weight = self.source.get(name)
+        transform = self.transforms.get(name)
+        if transform is None:
+            return weight
+        if not isinstance(weight, mx.array):
+            weight = mx.array(np.asarray(weight, dtype=np.float32))
+        return transform(weight)
