@@ -138,7 +138,8 @@ def _stage(source: Source, progress: Optional[Progress]) -> Optional[Callable[[i
         return None
     names, shapes = source.names(), source.shapes()
     total = sum(math.prod(shapes[n]) for n in names)
-    return lambda done, layers: progress(ConvertProgress(0, len(names), 0, total, f"calibrating: layer {done}/{layers}"))
+    return lambda done, layers: progress(ConvertProgress(0, len(names), 0, total,
+                                                         f"calibrating: layer {done}/{layers}"))
 
 
 def _finish_folder(folder: Path, report: ConvertReport, args: ModelArgs, dtype: mx.Dtype,
