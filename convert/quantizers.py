@@ -33,7 +33,7 @@ DEFAULT_METHOD = "optimal"
 # 31x31 search with iterated refits, at a tenth of its cost.
 CLIP_STEPS = (0.0, 0.4, 0.8)
 CANDIDATES = tuple(itertools.product(CLIP_STEPS, CLIP_STEPS))  # (bottom, top)
-POLISH_STEPS = 2
+POLISH_STEPS = 1
 CHUNK_ELEMENTS = 1 << 19  # rows quantized together: temporaries of 2 MB stay in cache
 
 Quantized = tuple[mx.array, mx.array, mx.array]  # (packed uint32 codes, scales, biases)
@@ -142,8 +142,7 @@ def _keep_better(best, candidate):
 
 def _least_squares(w, codes, sum_w, sum_ww, size, axis=-1):
     """The (scale, bias) of the least-squares line w ~ scale * codes + bias over `axis`, and
-    its error (expanded from the sums, so no second pass over w). Degenerate codes (all
-    equal): inf."""
+    its error (from the sums, so no second pass over w). Degenerate codes (all equal): inf."""
     sum_q = mx.sum(codes, axis=axis, keepdims=True)
     sum_qq = mx.sum(codes * codes, axis=axis, keepdims=True)
     sum_qw = mx.sum(codes * w, axis=axis, keepdims=True)
@@ -151,8 +150,7 @@ def _least_squares(w, codes, sum_w, sum_ww, size, axis=-1):
     valid = det > 0
     scale = (size * sum_qw - sum_q * sum_w) / mx.where(valid, det, 1)
     bias = (sum_w - scale * sum_q) / size
-    error = (sum_ww + scale * scale * sum_qq + size * bias * bias
-             - 2 * (scale * sum_qw + bias * sum_w - scale * bias * sum_q))
+    error = sum_ww - scale * sum_qw - bias * sum_w  # the residual of a least-squares fit
     return scale, bias, mx.where(valid & (scale > 0), error, float("inf"))
 
 
