@@ -97,13 +97,11 @@ def fit_scales_biases(w: mx.array, bits: int) -> tuple[mx.array, mx.array]:
     u = (w - low).reshape(-1, size).T * (1 / step.reshape(1, -1))  # (size, all groups)
     sum_u = mx.sum(u, axis=0, keepdims=True)
     sum_uu = mx.sum(u * u, axis=0, keepdims=True)
-    shifted = {clip: u - clip if clip else u for clip in {low for low, _ in CANDIDATES}}
 
     best = (mx.full(sum_u.shape, float("inf")), mx.ones(sum_u.shape), mx.zeros(sum_u.shape))  # error, s, b
     for clip_low, clip_high in CANDIDATES:
-        # codes round((u - clip_low) * factor) stay >= 0 without clip_low, <= levels without clip_high
         factor = levels / (levels - clip_low - clip_high)
-        codes = _round_clip(shifted[clip_low] * factor, None, levels, clip_low > 0, clip_high > 0)
+        codes = _candidate_codes(u, factor, clip_low * factor, levels, clip_high > 0)
         best = _keep_better(best, _least_squares(u, codes, sum_u, sum_uu, size, axis=0))
     for _ in range(POLISH_STEPS):
         _, scale, bias = best
@@ -112,6 +110,19 @@ def fit_scales_biases(w: mx.array, bits: int) -> tuple[mx.array, mx.array]:
     _, scale, bias = best
     scale, bias = scale.reshape(groups), bias.reshape(groups)
     return step[..., 0] * scale, low[..., 0] + step[..., 0] * bias
+
+
+def _candidate_codes(u: mx.array, factor: float, offset: float, levels: int, clip_above: bool) -> mx.array:
+    """clip(round(u * factor - offset), 0, levels) for u >= 0: converting u * factor - offset + 0.5
+    to int32 truncates, which is rounding down wherever the value is above -1 (below it: clipped
+    first); the top needs clipping only when the candidate clips the top."""
+    x = u * factor + (0.5 - offset)
+    if offset >= 1.5:
+        x = mx.maximum(x, 0.0)
+    codes = x.astype(mx.int32)
+    if clip_above:
+        codes = mx.minimum(codes, levels)
+    return codes.astype(mx.float32)
 
 
 # Adding then subtracting 1.5 * 2**23 rounds a float32 of magnitude < 2**22 to the nearest
