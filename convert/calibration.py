@@ -130,8 +130,9 @@ def channel_scales(
             spec = plan.spec(path)
             if spec is None:
                 continue
-            x = recorder.input[0]
-            s = best_scale(recorder.linear.weight, x, spec, plan.quantization.method, dtype, alphas)
+            norm = getattr(layer, dict((lin, nrm) for nrm, lin in FOLDS)[linear_name]).weight
+            s = best_scale(recorder.linear.weight, recorder.input[0], spec, plan.quantization.method, dtype, alphas,
+                           norm)
             if s is not None:
                 scales[path] = s
         layer.update(skeleton)  # release this layer's weights
@@ -141,9 +142,10 @@ def channel_scales(
 
 
 def best_scale(weight: mx.array, x: mx.array, spec: tuple[int, int], method: Optional[str], dtype: mx.Dtype,
-               alphas: Sequence[float]) -> Optional[mx.array]:
+               alphas: Sequence[float], norm: Optional[mx.array] = None) -> Optional[mx.array]:
     """The per-input-channel scale s (from mean|x|**alpha, alpha in `alphas`) whose quantized
-    W s, divided back by s, best reproduces x W^T; None when no scaling beats s = 1."""
+    W s, divided back by s, best reproduces x W^T; None when no scaling beats s = 1.
+    A candidate that would take the folded `norm` weight beyond `dtype`'s range is skipped."""
     bits, group_size = spec
     stat = mx.mean(mx.abs(x.astype(mx.float32)), axis=0)
     picks = np.linspace(0, x.shape[0] - 1, min(ERROR_ROWS, x.shape[0])).astype(np.int32)
@@ -152,6 +154,8 @@ def best_scale(weight: mx.array, x: mx.array, spec: tuple[int, int], method: Opt
     best_error, best = float("inf"), None
     for alpha in alphas:
         s = None if alpha == 0 else _scale(stat, alpha)
+        if s is not None and norm is not None and not mx.isfinite(fold_norm(norm, s).astype(dtype)).all().item():
+            continue
         scaled = weight if s is None else fold_linear(weight, s)
         wq, q_scales, q_biases = quantize(scaled, bits, group_size, method or DEFAULT_METHOD, dtype)
         approx = mx.dequantize(wq, q_scales.astype(mx.float32), q_biases.astype(mx.float32),

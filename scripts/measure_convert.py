@@ -8,10 +8,14 @@ Each step runs in its own process so peak memory (ru_maxrss) is per conversion:
     python scripts/measure_convert.py compare /tmp/m270/src /tmp/m270/ours-q4 /tmp/m270/mlxlm-q4
     python scripts/measure_convert.py ours    /tmp/m270/src /tmp/m270/ours-mixed mixed-4-8 64
     python scripts/measure_convert.py ours    /tmp/m270/src /tmp/m270/q3-minmax 3 64 minmax eval
+    python scripts/measure_convert.py make    /tmp/m270/outliers outliers
+    python scripts/measure_convert.py ours    /tmp/m270/outliers /tmp/m270/o-q4c 4 64 optimal eval TEXT TOKENIZER
 
 `ours` takes the quantization method (optimal, the default, or minmax) and, with `eval`,
 runs the converter's own KL check and prints its numbers plus the mean and worst
-per-tensor relative error.
+per-tensor relative error. A text file and a tokenizer after `eval` calibrate on that text
+(--calibration-text); `make DIR outliers` gives 16 of the 1280 channels 20x larger
+activations at every qkv_proj/proj_1 input (random weights have no outlier channels).
 
 Both converters quantize from float16 (our default for 270M; mlx-lm given --dtype float16)
 with the same bits and group size. `compare` runs both outputs on the same fixed tokens
@@ -37,12 +41,20 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make(folder: str) -> None:
+OUTLIER_CHANNELS = 16  # of 1280: a few input channels with 20x larger activations, as trained LLMs have
+
+
+def make(folder: str, variant: str = "") -> None:
     from mlx_openelm.config import preset_config
     from synthetic import random_weights, write_hf_checkpoint
 
     config = preset_config("270M")
     weights = random_weights(config, seed=0)
+    if variant == "outliers":  # large attn_norm/ffn_norm weights on the same few channels of every layer
+        channels = np.random.default_rng(1).choice(config["model_dim"], OUTLIER_CHANNELS, replace=False)
+        for name in weights:
+            if name.endswith(("attn_norm.weight", "ffn_norm.weight")):
+                weights[name][channels] *= 20
     # With the tied head, the embedding's scale sets the logits' spread: N(0, 1) entries give logits
     # of std ~36 and one-hot next-token distributions, where any KL is ~0. Rescale it to std
     # 4/sqrt(model_dim) so the logits spread like a trained LM's (std ~4) and the KL is informative.
@@ -52,16 +64,21 @@ def make(folder: str) -> None:
     print(json.dumps({"made": folder, "tensors": len(weights)}))
 
 
-def ours(src: str, out: str, bits: str, group: str, method: str = "optimal", evaluate: str = "") -> None:
+def ours(src: str, out: str, bits: str, group: str, method: str = "optimal", evaluate: str = "",
+         calibration_text: str = "", tokenizer: str = "") -> None:
+    """`calibration_text` and `tokenizer` (the random checkpoints ship none): --calibration-text."""
     from mlx_openelm.convert import convert
 
     start = time.perf_counter()
     quant = {"recipe": bits} if bits.startswith("mixed-") else {"bits": int(bits)}
     report = convert(src, out, group_size=int(group), dtype="float16", evaluate=evaluate == "eval", force=True,
-                     method=method, **quant)
+                     method=method, calibration_text=calibration_text or None, tokenizer=tokenizer or None, **quant)
     result = {"converter": "ours", "method": method, "bits": bits, "seconds": time.perf_counter() - start,
-              "peak_mb": peak_mb(), "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes}
-    if evaluate == "eval":
+              "peak_mb": peak_mb(), "bits_per_weight": report.bits_per_weight, "size_bytes": report.size_bytes,
+              "calibration": report.calibration}
+    if evaluate == "eval" and calibration_text:  # folded weights differ from the input's by design
+        result.update(kl_mean=report.kl_mean, top1_agreement=report.top1_agreement)
+    elif evaluate == "eval":
         mean_rel, worst, worst_name = tensor_errors(src, out)
         result.update(kl_mean=report.kl_mean, top1_agreement=report.top1_agreement, mean_rel_error=mean_rel,
                       max_rel_error=worst, max_rel_error_tensor=worst_name)

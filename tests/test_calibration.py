@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from mlx_openelm.cli import main
 from mlx_openelm.convert import calibration, convert
-from mlx_openelm.convert.calibration import FoldedSource, channel_scales
+from mlx_openelm.convert.calibration import FoldedSource, best_scale, channel_scales
 from mlx_openelm.convert.quality import eval_tokens, reference_logits
 from mlx_openelm.convert.sources import open_source
 from mlx_openelm.loading import load_model, read_weights
@@ -138,3 +138,14 @@ def test_cli_refuses_calibration_without_quantization_or_tokenizer(outlier_check
                    "--calibration-text", str(text_file)])
     assert result.exit_code == 1 and "has no tokenizer.model" in result.output and "--tokenizer" in result.output
     assert not (tmp_path / "f").exists() and not (tmp_path / "o").exists()
+
+
+def test_a_scale_that_would_overflow_the_folded_norm_is_skipped():
+    rng = np.random.default_rng(0)
+    weight = mx.array(rng.standard_normal((32, 64)).astype(np.float32))
+    x = mx.array(rng.standard_normal((40, 64)).astype(np.float32)) * mx.array([50.0] * 4 + [1.0] * 60)
+    scale = best_scale(weight, x, (3, 32), "minmax", mx.float16, alphas=(1.0,), norm=mx.ones((64,)))
+    assert scale is not None and float(mx.min(scale)) < 1  # some channel's norm weight grows when folded
+    big_norm = mx.full((64,), 60000.0)  # within float16, but not once divided by a scale below 1
+    assert best_scale(weight, x, (3, 32), "minmax", mx.float16, alphas=(1.0,), norm=big_norm) is None
+    assert best_scale(weight, x, (3, 32), "minmax", mx.float32, alphas=(1.0,), norm=big_norm) is not None
