@@ -15,7 +15,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from mlx_openelm.config import ModelArgs, read_config
+from mlx_openelm.config import TOKENIZER_VOCAB_SIZE, ModelArgs, read_config
 from mlx_openelm.loading import read_weights
 from mlx_openelm.model import Model
 from mlx_openelm.quantization import Quantization, apply_quantization, read_quantization
@@ -29,7 +29,7 @@ EVAL_SEED = 1234
 def eval_tokens(args: ModelArgs, length: int = EVAL_LENGTH) -> list[int]:
     """A fixed token sequence: BOS then seeded pseudo-random ids of the vocabulary."""
     rng = np.random.default_rng(EVAL_SEED)
-    high = max(4, min(args.vocab_size, 32000))
+    high = max(4, min(args.vocab_size, TOKENIZER_VOCAB_SIZE))
     length = min(length, args.max_context_length)
     return [args.bos_token_id] + rng.integers(3, high, size=length - 1).tolist()
 

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Union
 import mlx.core as mx
 import numpy as np
 
-from mlx_openelm.config import ModelArgs, preset_args, read_config
+from mlx_openelm.config import CORENET_VOCAB_SIZE, ModelArgs, preset_args, read_config
 from mlx_openelm.errors import CheckpointError, ConfigError
 from mlx_openelm.hub import TOKENIZER_FILE, resolve_model_path
 from mlx_openelm.loading import IGNORED_KEYS, check_weights, read_weights
@@ -21,8 +21,6 @@ from mlx_openelm.model import Model
 from mlx_openelm.quantization import apply_quantization, read_quantization
 
 from .corenet import expected_shapes, read_corenet
-
-CORENET_VOCAB_SIZE = 32128
 
 
 class Source:

@@ -19,6 +19,18 @@ from .errors import ConfigError, OpenELMWarning
 
 RMS_NORM_EPS = 1e-6  # fixed in Apple's code; no config key
 
+# OpenELM uses Llama-2's 32000-piece tokenizer; CoreNet checkpoints pad the embedding to 32128 rows
+# that no token id reaches. A model of either size works with that one tokenizer.
+TOKENIZER_VOCAB_SIZE = 32000
+CORENET_VOCAB_SIZE = 32128
+PADDED_VOCAB = {TOKENIZER_VOCAB_SIZE: CORENET_VOCAB_SIZE}  # tokenizer pieces -> padded vocabulary
+
+
+def same_vocabulary(a: int, b: int) -> bool:
+    """Whether vocabularies of `a` and `b` ids serve one tokenizer (equal, or one the padded other)."""
+    small, large = min(a, b), max(a, b)
+    return small == large or PADDED_VOCAB.get(small) == large
+
 # Keys Apple's config.json carries that do not change the computation.
 _INERT_KEYS = {
     "architectures",

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, read_config
+from .config import ModelArgs, read_config, same_vocabulary
 from .errors import CheckpointError, ConfigError, OpenELMWarning
 from .model import Model
 from .quantization import apply_quantization, read_quantization
@@ -39,9 +39,6 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 # (the writer's pid) until the moment it is renamed into place.
 TEMPORARY_INFIX = ".tmp-"
 IN_PROGRESS_FILE = ".mlx-openelm-converting"
-
-# CoreNet pads the vocabulary of the 32000-piece Llama-2 tokenizer to 32128.
-PADDED_VOCAB = {32000: 32128}
 
 DTypeLike = Union[str, mx.Dtype, None]
 
@@ -321,7 +318,7 @@ def check_tokenizer_fits(tok: Tokenizer, vocab_size: int) -> None:
             f"{tok.path}: tokenizer has {tok.vocab_size} pieces but the model's vocab_size is "
             f"{vocab_size}; is this the right tokenizer?"
         )
-    if tok.vocab_size < vocab_size and PADDED_VOCAB.get(tok.vocab_size) != vocab_size:
+    if tok.vocab_size < vocab_size and not same_vocabulary(tok.vocab_size, vocab_size):
         warnings.warn(
             f"{tok.path}: tokenizer has {tok.vocab_size} pieces, fewer than the model's vocab_size "
             f"{vocab_size}; the model may generate ids it cannot decode (is this the right tokenizer?)",

@@ -26,13 +26,10 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import KVCache
+from .config import same_vocabulary
 from .errors import ConfigError
 from .model import Model
 from .sampling import LogitsProcessor, Sampler, to_logprobs
-
-# OpenELM's vocabulary is 32000 tokens; CoreNet checkpoints pad the embedding to 32128 rows that no
-# tokenizer id reaches. A draft and a target differing only by that padding share the tokenizer.
-PADDED_VOCAB_SIZES = frozenset({32000, 32128})
 
 
 def check_draft(target: Model, draft: Model) -> None:
@@ -40,7 +37,7 @@ def check_draft(target: Model, draft: Model) -> None:
     if not isinstance(draft, Model):
         raise TypeError(f"draft_model must be a loaded model (mlx_openelm.load_model(path)), got {type(draft).__name__}")
     t_vocab, d_vocab = target.args.vocab_size, draft.args.vocab_size
-    if t_vocab != d_vocab and {t_vocab, d_vocab} != PADDED_VOCAB_SIZES:
+    if not same_vocabulary(t_vocab, d_vocab):  # CoreNet's padded 32128 drafts for 32000 and back
         raise ConfigError(
             f"the draft model's vocabulary has {d_vocab} tokens, the target's {t_vocab}: a draft model must "
             "use the target's tokenizer (any OpenELM, or a quantized copy of the target)"

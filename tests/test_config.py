@@ -223,3 +223,11 @@ def test_unknown_preset_lists_the_choices():
     assert preset_args("OpenELM-3B") == preset_args("3B")
     with pytest.raises(ConfigError, match="unknown preset 'OpenELM-7B'"):
         preset_parameters("OpenELM-7B")
+
+
+def test_same_vocabulary_accepts_equal_sizes_and_corenets_padding_only():
+    from mlx_openelm.config import same_vocabulary
+
+    assert same_vocabulary(32000, 32000) and same_vocabulary(384, 384)
+    assert same_vocabulary(32000, 32128) and same_vocabulary(32128, 32000)
+    assert not same_vocabulary(32000, 32001) and not same_vocabulary(320, 384)

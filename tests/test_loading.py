@@ -224,12 +224,12 @@ def test_smaller_tokenizer_warns_but_the_padded_corenet_vocabulary_does_not(
 ):
     import warnings
 
-    from mlx_openelm import loading
+    from mlx_openelm import config
     from mlx_openelm.errors import OpenELMWarning
 
     with pytest.warns(OpenELMWarning, match="tokenizer has 320 pieces, fewer than the model's vocab_size 384"):
         load(hf_checkpoint, tokenizer=small_tokenizer_path)
-    monkeypatch.setattr(loading, "PADDED_VOCAB", {320: 384})  # as CoreNet pads 32000 to 32128
+    monkeypatch.setattr(config, "PADDED_VOCAB", {320: 384})  # as CoreNet pads 32000 to 32128
     with warnings.catch_warnings():
         warnings.simplefilter("error", OpenELMWarning)
         load(hf_checkpoint, tokenizer=small_tokenizer_path)
