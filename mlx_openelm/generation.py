@@ -16,7 +16,7 @@ from .errors import ContextLengthError, OptionError, PromptError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
 from .speculative import DraftProposer, SpeculativeDecoder, check_draft
-from .stopping import StopMatcher, normalize_stops
+from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
 
@@ -314,8 +314,7 @@ def stream_responses(steps: Iterator[GenerationStep], tokenizer: Tokenizer, prom
                      stop: Union[str, Sequence[str], None] = None) -> Iterator[GenerationResponse]:
     """`stream_generate`'s responses for generated `steps` (the server's batched rows have their own)."""
     detokenizer = tokenizer.detokenizer()
-    stop_texts = normalize_stops(stop)  # stop="" is refused, not read as "no stop strings"
-    stops = StopMatcher(stop_texts) if stop_texts else None
+    stops = StopMatcher(stop)  # stop="" is refused, not read as "no stop strings"
     mx.reset_peak_memory()
     tic = time.perf_counter()
     first_token_time = prompt_tps = 0.0
@@ -333,7 +332,7 @@ def stream_responses(steps: Iterator[GenerationStep], tokenizer: Tokenizer, prom
             finish = "length" if step.last else None
             if finish:
                 text += detokenizer.finalize()
-        if stops:
+        if stops.stops:
             text = stops.feed(text)
             finish = "stop" if stops.stopped else finish
             text += stops.flush() if finish else ""

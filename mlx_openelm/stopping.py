@@ -42,7 +42,7 @@ class StopMatcher:
     ends without one, `flush` returns the text still held back.
     """
 
-    def __init__(self, stop: Union[str, Iterable[str]]):
+    def __init__(self, stop: Union[str, Iterable[str], None]):
         self.stops = normalize_stops(stop)
         self.stopped = False
         self._held = ""
