@@ -215,13 +215,16 @@ def check_model_folder(path: Union[str, Path]) -> Path:
     return folder
 
 
-def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
+def load_model(path: Union[str, Path], dtype: DTypeLike = None,
+               adapter_path: Union[str, Path, None] = None) -> Model:
     """Load an OpenELM model from a folder holding `config.json` and safetensors weights.
 
     Works for Apple's Hugging Face checkpoints (fp32 or bf16, single file or sharded)
     and for folders written by `mlx-openelm convert` (quantized or not: config.json's
     `quantization` entry says which). `dtype` is the compute dtype; by default the one
-    that suits the device (see `default_dtype`).
+    that suits the device (see `default_dtype`). `adapter_path`: a folder written by
+    `mlx-openelm lora` or mlx-lm's `mlx_lm.lora` (adapter_config.json + adapters.safetensors),
+    whose LoRA/DoRA (or fully fine-tuned layers) is added to the model.
     """
     folder = check_model_folder(path)
     config_path = folder / "config.json"
@@ -255,6 +258,10 @@ def load_model(path: Union[str, Path], dtype: DTypeLike = None) -> Model:
     model.load_weights(list(weights.items()), strict=True)
     model.eval()
     _evaluate_finite(model.parameters(), folder, stored)
+    if adapter_path is not None:
+        from .tuning.adapters import load_adapters
+
+        load_adapters(model, adapter_path)
     return model
 
 
@@ -291,6 +298,7 @@ def load(
     tokenizer: Union[str, Path, None] = None,
     dtype: DTypeLike = None,
     log: Optional[Callable[[str], None]] = None,
+    adapter_path: Union[str, Path, None] = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its SentencePiece tokenizer; returns `(model, tokenizer)`.
 
@@ -299,13 +307,14 @@ def load(
     tokenizer is `tokenizer` (a `tokenizer.model` file, a folder holding one, or a repo
     id), else the model folder's own `tokenizer.model`, else the default Llama-2
     tokenizer repo; when none is found the error says what to pass. `log` receives
-    one-line notices (which tokenizer was picked).
+    one-line notices (which tokenizer was picked). `adapter_path`: a LoRA/DoRA adapter folder
+    (ours or mlx-lm's) to add to the model, as in `load_model`.
     """
     folder = check_model_folder(resolve_model_path(path))
     read_config(folder / "config.json")  # a folder that is no model is said before any tokenizer question
     tokenizer_path = resolve_tokenizer(folder, tokenizer, log=log)
     tok = Tokenizer(tokenizer_path)
-    model = load_model(folder, dtype=dtype)
+    model = load_model(folder, dtype=dtype, adapter_path=adapter_path)
     check_tokenizer_fits(tok, model.args.vocab_size)
     return model, tok
 
