@@ -8,6 +8,13 @@ so a row computes what it would alone, up to float round-off). Every `Batch.step
 each row its next token in one (B, 1) model call, then applies each row's own logits
 processors (seeing that row's history) and sampler. A row leaves with its keys and values
 handed back as a plain, unpadded `KVCache`, so a conversation cache can keep it.
+
+A failure in a step stays with the rows it belongs to: a row whose logits processors or
+sampler raise keeps that error (reading the row raises it) and leaves the batch, its caches
+dropped unread, while the others step on. When the shared model call itself raises while
+its graph is built, the step is undone and each row is run alone: a row whose own call
+raises fails, the others get their token (what they would have computed together). A
+failure while MLX evaluates the shared call cannot be traced to one row: every row gets it.
 """
 
 from __future__ import annotations
@@ -71,11 +78,11 @@ class BatchKVCache:
         self.keys = mx.concatenate([old_keys, _pad_left(keys, self.length - n)])
         self.values = mx.concatenate([old_values, _pad_left(values, self.length - n)])
 
-    def remove(self, i: int) -> KVCache:
-        """Take row `i` out; return its positions as a single-sequence `KVCache`."""
+    def remove(self, i: int, keep: bool = True) -> KVCache:
+        """Take row `i` out; return its positions as a single-sequence `KVCache` (empty unless `keep`)."""
         start, end = self.padding[i], self.length
         row = KVCache(self.num_kv_heads, self.head_dim, self.max_length)
-        if end > start:
+        if keep and end > start:
             row.keys, row.values = self.keys[i : i + 1, :, start:end, :], self.values[i : i + 1, :, start:end, :]
             row.offset = end - start
             mx.eval(row.keys, row.values)  # copies: the row must not keep the batch's storage alive
@@ -126,11 +133,15 @@ class Row:
         self.sampler, self.processors, self.limit = sampler, list(processors), limit
         self.produced = 0
         self.current: Optional[GenerationStep] = None
+        self.error: Optional[Exception] = None  # why this row failed; it steps no further
+
 
     def __iter__(self):
         return self
 
     def __next__(self) -> GenerationStep:
+        if self.error is not None:
+            raise self.error
         if self.current is None:
             if self.produced >= self.limit:
                 raise StopIteration
@@ -170,31 +181,77 @@ class Batch:
         history = mx.array([*cached_ids, *prompt[: prompt.size - 1].tolist()], dtype=mx.uint32)
         row = Row(tail, history, sampler, processors, limit)
         if limit:
-            for batch_cache, layer_cache in zip(self.caches, cache):
-                batch_cache.add(layer_cache)
-            self.rows.append(row)
+            self._join(row, cache)
         return row
 
     def remove(self, row: Row) -> list[KVCache]:
         """Take `row` out; return its layer caches (prompt and the tokens fed so far), unpadded."""
         i = self.rows.index(row)
         del self.rows[i]
-        return [c.remove(i) for c in self.caches]
+        return [c.remove(i, keep=row.error is None) for c in self.caches]
+
+    def _join(self, row: Row, cache: Sequence[KVCache]) -> None:
+        for batch_cache, layer_cache in zip(self.caches, cache):
+            batch_cache.add(layer_cache)
+        self.rows.append(row)
 
     def step(self) -> None:
-        """One model call for every row: each row's next `GenerationStep` becomes ready to take."""
+        """One model call for every row: each row's next `GenerationStep` becomes ready to take
+        (or, for a row that failed, its error: see the module docstring)."""
         if not self.rows:
             return
-        tokens = mx.concatenate([row.token for row in self.rows])[:, None]
-        mask = self.caches[0].mask(1)
-        logits = self.model(tokens, cache=self.caches, mask=mask)[:, -1, :].astype(mx.float32)
+        lengths = [c.length for c in self.caches]
+        try:
+            tokens = mx.concatenate([row.token for row in self.rows])[:, None]
+            logits = self.model(tokens, cache=self.caches, mask=self.caches[0].mask(1))[:, -1, :]
+        except Exception:  # noqa: BLE001 - find the row it belongs to, if one
+            for cache, length in zip(self.caches, lengths):
+                cache.length = length  # the columns written past it are overwritten by the next step
+            self._sample(self._forward_alone())
+        else:
+            self._sample([(row, logits[i : i + 1]) for i, row in enumerate(self.rows)])
+        for row in [row for row in self.rows if row.error is not None]:
+            self.remove(row)
+
+    def _forward_alone(self) -> list[tuple[Row, mx.array]]:
+        """Each row's model call alone, in its own cache; a row whose call raises fails and leaves."""
+        rows = list(self.rows)
+        caches = [self.remove(row) for row in rows]
         results = []
-        for i, row in enumerate(self.rows):
-            logprobs = row.logprobs(logits[i : i + 1])
-            row.token = row.sampler(logprobs)
-            results.append((row.token, logprobs))
-        mx.eval(results)
-        for row, (token, logprobs) in zip(self.rows, results):
+        for row, cache in zip(rows, caches):
+            try:
+                logits = self.model(row.token[None], cache=cache)[:, -1, :]
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                row.error = e
+                continue
+            self._join(row, cache)
+            results.append((row, logits))
+        return results
+
+    def _sample(self, rows: list[tuple[Row, mx.array]]) -> None:
+        """Apply each row's processors and sampler to its (1, vocab) logits; rows that raise fail."""
+        results = []
+        for row, logits in rows:
+            try:
+                logprobs = row.logprobs(logits.astype(mx.float32))
+                results.append((row, row.sampler(logprobs), logprobs))
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                row.error = e
+        try:
+            mx.eval([r[1:] for r in results])
+        except Exception:  # noqa: BLE001 - evaluated row by row to find which
+            results = [r for r in results if _evaluates(*r)]
+        for row, token, logprobs in results:
+            row.token = token
             row.produced += 1
             row.current = GenerationStep(int(token.item()), logprobs.squeeze(0), last=row.produced == row.limit,
                                          target_forward_passes=row.produced)
+
+
+def _evaluates(row: Row, *arrays: mx.array) -> bool:
+    try:
+        mx.eval(arrays)
+    except Exception as e:  # noqa: BLE001 - this row's failure (or the shared call's: then every row's)
+        row.error = e
+        return False
+    return True

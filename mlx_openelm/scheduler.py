@@ -233,14 +233,20 @@ class Scheduler:
                                cached_ids=cached, **kwargs)
 
     def _step_batch(self) -> None:
-        """One model call that readies the next token of every batched job (read by `_step`)."""
+        """One model call that readies the next token of every batched job (read by `_step`).
+
+        A failure stays with the rows it belongs to (`batching`): their jobs fail when `_step`
+        reads them, and the others go on.
+        """
         if self.batch is None or not self.batch.rows:
             return
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.batch.rows))
         try:
             self.batch.step()
-        except Exception as e:  # noqa: BLE001 - the batch's jobs fail; the server keeps serving
-            for job in [j for j in self.active if j.row is not None]:
+        except Exception as e:  # noqa: BLE001 - not one row's (a bug in the batch): its jobs fail, the server goes on
+            for job in [j for j in self.active if j.row in self.batch.rows]:
+                job.row.error = e
+                self.batch.remove(job.row)  # its caches dropped unread
                 self._fail(job, e)
 
     def _fail(self, job: Job, error: Exception) -> None:

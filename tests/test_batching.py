@@ -35,16 +35,38 @@ class Request:
     penalty: Optional[float] = None
     temp: float = 0.0
     seed: Optional[int] = None
+    fault: Optional[int] = None  # its sampler raises after this many tokens (in the batch only)
     tokens: list[int] = field(default_factory=list)
+    error: Optional[Exception] = None
     logprobs: list[np.ndarray] = field(default_factory=list)
     cache: Optional[list[KVCache]] = None
 
     def sampler(self):
         return make_sampler(temp=self.temp, seed=self.seed)
 
+    def batch_sampler(self):
+        return self.sampler() if self.fault is None else faulty(self.sampler(), self.fault)
+
+
+class InjectedFault(Exception):
+    pass
+
+
+def faulty(function, after: int):
+    """`function`, raising `InjectedFault` from its call number `after + 1` on."""
+    calls = []
+
+    def call(*args):
+        calls.append(args)
+        if len(calls) > after:
+            raise InjectedFault(f"call {len(calls)}")
+        return function(*args)
+    return call
+
 
 def alone(model, request: Request):
-    steps = list(generate_step(request.prompt, model, max_tokens=request.leave or request.max_tokens,
+    limit = request.fault if request.fault is not None else request.leave or request.max_tokens
+    steps = list(generate_step(request.prompt, model, max_tokens=limit,
                                sampler=request.sampler(), logits_processors=make_logits_processors(request.penalty)))
     return [s.token for s in steps], [np.array(s.logprobs) for s in steps]
 
@@ -56,11 +78,17 @@ def together(model, requests: list[Request]) -> None:
     while step == 0 or rows:
         for i, r in enumerate(requests):
             if r.join == step:
-                rows[i] = batch.add(r.prompt, make_cache(model), r.sampler(), make_logits_processors(r.penalty),
-                                    r.max_tokens)
+                rows[i] = batch.add(r.prompt, make_cache(model), r.batch_sampler(),
+                                    make_logits_processors(r.penalty), r.max_tokens)
         batch.step()
         for i, row in list(rows.items()):
-            s = next(row)
+            try:
+                s = next(row)
+            except InjectedFault as e:
+                assert row not in batch.rows  # a failed row has left
+                requests[i].error = e
+                del rows[i]
+                continue
             requests[i].tokens.append(s.token)
             requests[i].logprobs.append(np.array(s.logprobs))
             if s.last or len(requests[i].tokens) == requests[i].leave:
@@ -74,7 +102,8 @@ def assert_same_as_alone(model, requests):
     for r in requests:
         tokens, logprobs = alone(model, r)
         assert r.tokens == tokens
-        np.testing.assert_allclose(np.stack(r.logprobs), np.stack(logprobs), atol=1e-4)
+        if tokens:
+            np.testing.assert_allclose(np.stack(r.logprobs), np.stack(logprobs), atol=1e-4)
 
 
 def test_rows_of_different_lengths_decode_as_they_would_alone(model):
@@ -100,6 +129,48 @@ def test_sampled_rows_keep_their_own_seeded_draws(model):
     together(model, requests)
     assert_same_as_alone(model, requests)
     assert len({tuple(r.tokens) for r in requests}) > 1
+
+
+def test_a_row_whose_sampler_raises_fails_alone(model):
+    requests = [Request(PROMPTS[0], max_tokens=10), Request(PROMPTS[2], max_tokens=10, fault=3, penalty=1.2),
+                Request(PROMPTS[3], max_tokens=10, join=1, fault=0), Request(PROMPTS[1], max_tokens=8, join=2)]
+    together(model, requests)
+    assert [len(r.tokens) for r in requests] == [10, 3, 0, 8]
+    assert [r.error is not None for r in requests] == [False, True, True, False]
+    assert_same_as_alone(model, requests)
+
+
+class PoisonedModel:
+    """`model`, raising after its call (the caches already written) when `poison` is among the fed tokens."""
+
+    def __init__(self, model, poison: int):
+        self.model, self.args, self.poison, self.calls = model, model.args, poison, []
+
+    def __call__(self, tokens, **kwargs):
+        out = self.model(tokens, **kwargs)
+        self.calls.append(tokens.shape)
+        if self.poison in tokens.reshape(-1).tolist():
+            raise InjectedFault(f"token {self.poison}")
+        return out
+
+
+def test_a_failing_model_call_is_retried_row_by_row_and_fails_only_its_row(model):
+    """The shared call raises (after writing the caches): the step is undone, each row runs alone,
+    and only the row that feeds the poisoned token fails; the others go on as if alone."""
+    requests = [Request(p, max_tokens=10) for p in PROMPTS]
+    victim = alone(model, requests[2])[0]
+    others = {t for r in requests if r is not requests[2] for t in alone(model, r)[0] + r.prompt}
+    k = next(k for k, t in enumerate(victim[:-1]) if t not in others and t not in requests[2].prompt)
+    poisoned = PoisonedModel(model, victim[k])
+    together(poisoned, requests)
+    assert requests[2].tokens == victim[: k + 1] and isinstance(requests[2].error, InjectedFault)
+    assert (len(requests[2].tokens), len(requests[2].logprobs)) == (k + 1, k + 1)
+    for r in requests[:2] + requests[3:]:
+        assert r.error is None
+        tokens, logprobs = alone(model, r)
+        assert r.tokens == tokens
+        np.testing.assert_allclose(np.stack(r.logprobs), np.stack(logprobs), atol=1e-4)
+    assert (1, 1) in poisoned.calls and (len(requests), 1) in poisoned.calls  # it did run rows alone
 
 
 def test_a_leaving_row_hands_back_its_unpadded_cache(model):

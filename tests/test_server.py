@@ -41,10 +41,11 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
 
-def start_server(checkpoint, *extra) -> Server:
+def start_server(checkpoint, *extra, python=("-m", "mlx_openelm.cli")) -> Server:
+    """`mlx-openelm serve` on a free port; `python` is what follows the interpreter (the CLI module)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_openelm.cli", "serve", "--model", str(checkpoint), "--port", "0", *extra],
+        [sys.executable, *python, "serve", "--model", str(checkpoint), "--port", "0", *extra],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     log = []
     deadline = time.monotonic() + 60
