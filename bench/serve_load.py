@@ -48,7 +48,9 @@ def measure(port: int, clients: int, prompt_tokens: int, max_tokens: int, vocab:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="270M")
-    parser.add_argument("--tokenizer", required=True, help="a SentencePiece tokenizer.model (only decodes)")
+    parser.add_argument("--tokenizer", required=True,
+                        help="a tokenizer.model or tokenizer.json (only decodes; a tokenizer.json's BOS/EOS: the "
+                             "preset's ids 1 and 2)")
     parser.add_argument("--clients", default="1,4", help="comma-separated client counts")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -63,7 +65,8 @@ def main(argv=None) -> None:
     from mlx_openelm.tokenizer import Tokenizer
 
     try:
-        model_args, tokenizer = preset_args(args.preset), Tokenizer(args.tokenizer)
+        model_args = preset_args(args.preset)
+        tokenizer = Tokenizer(args.tokenizer, bos_id=model_args.bos_token_id, eos_id=model_args.eos_token_id)
     except OpenELMError as e:
         parser.error(str(e))  # one line and exit 2, as for a bad flag
     model = random_model(model_args, mx.float32)

@@ -117,7 +117,8 @@ class ProgressBar:
 @click.option("--quant-method", "method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
               help="optimal: per group, the scale and bias that minimise the reconstruction error; minmax: "
                    "the group's min/max (mlx-lm's output bit for bit). Same format and size either way.")
-@click.option("--tokenizer", default=None, help="tokenizer.model to copy into the output (default: the input's own).")
+@click.option("--tokenizer", default=None,
+              help="tokenizer.model or tokenizer.json to copy into the output (default: the input's own).")
 @click.option("--calibration-text", "calibration_text", default=None, metavar="FILE",
               help="Plain UTF-8 text: activation-aware quantization. Per-channel scales chosen on its activations "
                    "(first 512 tokens) are folded into each attn_norm/qkv_proj and ffn_norm/proj_1 pair, which "

@@ -104,9 +104,9 @@ def convert(
     _check_inputs(source, target, force, dequantize, default_bits)
     args = source.args
     out_dtype = out_dtype or default_convert_dtype(args)
-    tokenizer_path = _checked_tokenizer(source, tokenizer)
+    tok = _checked_tokenizer(source, tokenizer)
     plan = plan_quantization(source.shapes(), default_bits, group_size, recipe, method) if default_bits else None
-    calibration = _calibration(source, calibration_text, tokenizer_path, plan)
+    calibration = _calibration(source, calibration_text, tok, plan)
 
     created_parents, tmp = make_parents(target.parent), None
     try:
@@ -119,7 +119,7 @@ def convert(
                                     plan, max_bytes, progress))
         report.output, report.bits, report.recipe = str(target), default_bits, recipe
         report.method = method if plan else None
-        _finish_folder(tmp, report, args, out_dtype, plan, tokenizer_path,
+        _finish_folder(tmp, report, args, out_dtype, plan, tok,
                        open_sources(references, preset, config) if evaluate else None)
         with signals_deferred(finishing=True):
             install(tmp, target, force)
@@ -143,14 +143,15 @@ def _stage(source: Source, progress: Optional[Progress]) -> Optional[Callable[[i
 
 
 def _finish_folder(folder: Path, report: ConvertReport, args: ModelArgs, dtype: mx.Dtype,
-                   plan: Optional[QuantizationPlan], tokenizer_path: Optional[Path], reference: Optional[Source]
+                   plan: Optional[QuantizationPlan], tokenizer: Optional[Tokenizer], reference: Optional[Source]
                    ) -> None:
     """Everything after the weights: tokenizer files, the quality check against `reference`
     (None: skipped), and config.json last."""
-    if tokenizer_path is not None:
-        copy_tokenizer(folder, tokenizer_path)
-        write_tokenizer_files(folder, args.max_context_length)  # so transformers and mlx-lm open it too
-        report.tokenizer = str(tokenizer_path)
+    if tokenizer is not None:
+        copy_tokenizer(folder, tokenizer)
+        # so transformers and mlx-lm open it too
+        write_tokenizer_files(folder, args.max_context_length, tokenizer.bos_id, tokenizer.eos_id)
+        report.tokenizer = str(tokenizer.path)
     out_config = model_config(args, dtype, plan.quantization if plan else None)
     if reference is not None:
         _evaluate(report, reference, folder, out_config)
@@ -169,25 +170,28 @@ def _write_calibrated(source: Source, scratch: Source, calibration: CalibrationT
     return report
 
 
-def _calibration(source: Source, path, tokenizer_path: Optional[Path], plan: Optional[QuantizationPlan]
+def _calibration(source: Source, path, tokenizer: Optional[Tokenizer], plan: Optional[QuantizationPlan]
                  ) -> Optional[CalibrationText]:
     """The tokenized calibration text, refused (before any work) when it or its prerequisites are missing."""
     if path is None:
         return None
     if plan is None:
         raise ConfigError(f"{CALIBRATION_OPTION}: calibration only applies when quantizing (--bits, -q or --recipe)")
-    if tokenizer_path is None:
-        raise TokenizerError(f"{CALIBRATION_OPTION}: {source.path} has no tokenizer.model to tokenize the text; "
-                             "pass --tokenizer")
-    return calibration_text(path, Tokenizer(tokenizer_path), source.args)
+    if tokenizer is None:
+        raise TokenizerError(f"{CALIBRATION_OPTION}: {source.path} has no tokenizer.model or tokenizer.json "
+                             "to tokenize the text; pass --tokenizer")
+    return calibration_text(path, tokenizer, source.args)
 
 
-def _checked_tokenizer(source: Source, tokenizer) -> Optional[Path]:
-    """The tokenizer to copy (given, else the input's), refused before any work if the output could not use it."""
+def _checked_tokenizer(source: Source, tokenizer) -> Optional[Tokenizer]:
+    """The tokenizer to copy (given, else the input's), refused before any work if the output could not use it.
+    A tokenizer.json takes BOS/EOS from the model's config, as loading the output will."""
     path = source.tokenizer if tokenizer is None else resolve_tokenizer(None, tokenizer)
-    if path is not None:
-        check_tokenizer_fits(Tokenizer(path), source.args.vocab_size)
-    return path
+    if path is None:
+        return None
+    tok = Tokenizer(path, bos_id=source.args.bos_token_id, eos_id=source.args.eos_token_id)
+    check_tokenizer_fits(tok, source.args.vocab_size)
+    return tok
 
 
 def default_convert_dtype(args: ModelArgs) -> mx.Dtype:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mlx_openelm.config import CORENET_VOCAB_SIZE, ModelArgs, preset_args, read_config
 from mlx_openelm.errors import CheckpointError, ConfigError
-from mlx_openelm.hub import TOKENIZER_FILE, resolve_model_path
+from mlx_openelm.hub import find_tokenizer, resolve_model_path
 from mlx_openelm.loading import IGNORED_KEYS, check_weights, read_weights
 from mlx_openelm.model import Model
 from mlx_openelm.quantization import apply_quantization, read_quantization
@@ -66,8 +66,7 @@ class HFSource(Source):
                            for path, m in model.named_modules() if hasattr(m, "scales")}
         self._shapes = expected_shapes(self.args)  # the float model's, in model order
         self._order = list(self._shapes)
-        candidate = folder / TOKENIZER_FILE
-        self.tokenizer = candidate if candidate.is_file() else None
+        self.tokenizer = find_tokenizer(folder)
 
     def names(self) -> list[str]:
         return list(self._order)

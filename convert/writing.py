@@ -17,7 +17,8 @@ import mlx.core as mx
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import CheckpointError, ConfigError
-from mlx_openelm.hub import TOKENIZER_FILE
+from mlx_openelm.hub import TOKENIZER_FILE, TOKENIZER_JSON, TOKENIZER_JSON_COMPANIONS
+from mlx_openelm.tokenizer import HFTokenizer, Tokenizer
 from mlx_openelm.loading import DTYPE_NAMES, SAFETENSORS_FILE, SAFETENSORS_INDEX
 from mlx_openelm.quantization import Quantization
 
@@ -125,6 +126,14 @@ def write_config(folder: Path, config: dict) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def copy_tokenizer(folder: Path, tokenizer: Union[str, Path]) -> None:
-    with writing(folder / TOKENIZER_FILE):
-        shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
+def copy_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
+    """The tokenizer's file under its standard name (tokenizer.model or tokenizer.json); a
+    tokenizer.json brings the tokenizer_config.json and special_tokens_map.json beside it."""
+    is_json = isinstance(tokenizer, HFTokenizer)
+    copies = [(tokenizer.path, TOKENIZER_JSON if is_json else TOKENIZER_FILE)]
+    if is_json:
+        copies += [(tokenizer.path.parent / name, name) for name in TOKENIZER_JSON_COMPANIONS
+                   if (tokenizer.path.parent / name).is_file()]
+    for source, name in copies:
+        with writing(folder / name):
+            shutil.copyfile(source, folder / name)

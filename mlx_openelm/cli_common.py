@@ -207,8 +207,9 @@ def model_options(fn):
                      help="Model folder (HF OpenELM or converted MLX) or Hugging Face repo id, fetched once "
                           "into the HF cache (default: apple/OpenELM-270M-Instruct)."),
         click.option("--tokenizer", "tokenizer_path", default=None,
-                     help="Llama-2 tokenizer.model, a folder holding it, or a repo id (default: the model "
-                          "folder's, else $MLX_OPENELM_TOKENIZER_REPO or NousResearch/Llama-2-7b-hf)."),
+                     help="tokenizer.model (Llama-2's SentencePiece) or tokenizer.json, a folder holding one, or "
+                          "a repo id (default: the model folder's, tokenizer.model first, else "
+                          "$MLX_OPENELM_TOKENIZER_REPO or NousResearch/Llama-2-7b-hf)."),
         click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default=None,
                      help="Compute dtype (default: float32 on CPU; bfloat16/float16 on GPU)."),
     ], fn)

@@ -1,7 +1,7 @@
 """Hugging Face tokenizer files for a model folder, so the ecosystem opens it as we do.
 
-A converted folder holds Llama-2's SentencePiece ``tokenizer.model``. With the files
-written here beside it, ``transformers.AutoTokenizer``, ``mlx_lm.load`` and
+A converted folder holds Llama-2's SentencePiece ``tokenizer.model`` or a Hugging Face
+``tokenizer.json``. With the files written here beside it, ``transformers.AutoTokenizer``, ``mlx_lm.load`` and
 ``mlx_lm.chat`` open the folder and produce exactly our `Tokenizer.apply_chat_template`
 ids:
 
@@ -13,15 +13,18 @@ ids:
 - ``special_tokens_map.json``: the same special tokens, for older readers.
 - ``generation_config.json``: BOS/EOS ids, as Apple's repos ship it.
 
-No ``tokenizer.json`` is written: transformers builds the fast tokenizer from
-``tokenizer.model`` (in legacy mode) when it loads the folder.
+No ``tokenizer.json`` is written beside a tokenizer.model: transformers builds the fast
+tokenizer from it (in legacy mode) when it loads the folder. Beside a tokenizer.json the
+files name the tokenizer class ``PreTrainedTokenizerFast`` and the BOS/EOS pieces of the
+model's ids; a tokenizer_config.json or special_tokens_map.json that came with the
+tokenizer.json is kept as it is.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 # OpenELM-Instruct's format, as `Tokenizer.chat_segments` defines it: after BOS, each message is
 # "<|role|>\n{content}</s>\n" with </s> the EOS token, then "<|assistant|>\n" for a generation
@@ -38,30 +41,24 @@ CHAT_TEMPLATE = (
 )
 
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
 HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 PathLike = Union[str, Path]
 
 
-def special_tokens(tokenizer_path: PathLike) -> dict[str, tuple[int, str]]:
-    """``{"unk_token": (id, piece), "bos_token": ..., "eos_token": ...}`` read from a SentencePiece model."""
-    import sentencepiece as spm
-
-    from .errors import TokenizerError
-
-    try:
-        sp = spm.SentencePieceProcessor(model_file=str(tokenizer_path))
-    except (OSError, RuntimeError) as e:
-        raise TokenizerError(f"{tokenizer_path}: not a SentencePiece model ({e})") from None
-    ids = {"unk_token": sp.unk_id(), "bos_token": sp.bos_id(), "eos_token": sp.eos_id()}
-    missing = [name for name, i in ids.items() if i < 0]
-    if missing:
-        raise TokenizerError(f"{tokenizer_path}: tokenizer defines no {', '.join(missing)}")
-    return {name: (i, sp.id_to_piece(i)) for name, i in ids.items()}
+def special_tokens(tokenizer) -> dict[str, tuple[int, str]]:
+    """``{"bos_token": (id, piece), "eos_token": ..., "unk_token": ...}`` of a `Tokenizer`
+    (unk only for a SentencePiece model, which always has one)."""
+    tokens = {"bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
+    if hasattr(tokenizer, "sp"):
+        tokens = {"unk_token": tokenizer.sp.unk_id(), **tokens}
+    return {name: (i, tokenizer.piece(i)) for name, i in tokens.items()}
 
 
 def tokenizer_config(tokens: dict[str, tuple[int, str]], max_length: int) -> dict:
-    """The ``tokenizer_config.json`` contents (Llama-2's, in legacy mode, with the Instruct template)."""
+    """The ``tokenizer_config.json`` contents for a tokenizer.model (Llama-2's, in legacy mode,
+    with the Instruct template)."""
     added = {
         str(i): {"content": piece, "lstrip": False, "normalized": False, "rstrip": False,
                  "single_word": False, "special": True}
@@ -82,26 +79,47 @@ def tokenizer_config(tokens: dict[str, tuple[int, str]], max_length: int) -> dic
     }
 
 
-def write_tokenizer_files(folder: PathLike, max_length: int = 2048) -> list[Path]:
-    """Write the Hugging Face tokenizer files beside `folder`'s tokenizer.model; return their paths.
+def json_tokenizer_config(tokens: dict[str, tuple[int, str]], max_length: int) -> dict:
+    """The ``tokenizer_config.json`` contents for a tokenizer.json (the file itself holds the rest)."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{name: piece for name, (_i, piece) in tokens.items()},
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
 
-    A folder without tokenizer.model gets nothing (there is no tokenizer to describe).
-    `max_length` is the model's context (config.json's ``max_context_length``).
+
+def write_tokenizer_files(folder: PathLike, max_length: int = 2048, bos_id: Optional[int] = None,
+                          eos_id: Optional[int] = None) -> list[Path]:
+    """Write the Hugging Face tokenizer files beside `folder`'s tokenizer; return their paths.
+
+    The tokenizer is `folder`'s tokenizer.model, else its tokenizer.json (whose BOS/EOS are
+    `bos_id`/`eos_id`, the model's; for a tokenizer.json, files already there are kept). A
+    folder with neither gets nothing. `max_length` is the model's context (config.json's
+    ``max_context_length``).
     """
+    from .tokenizer import Tokenizer
+
     folder = Path(folder)
-    sp_path = folder / TOKENIZER_FILE
-    if not sp_path.is_file():
+    if (folder / TOKENIZER_FILE).is_file():
+        tokenizer, keep = Tokenizer(folder / TOKENIZER_FILE), set()
+        config = tokenizer_config
+    elif (folder / TOKENIZER_JSON).is_file():
+        tokenizer = Tokenizer(folder / TOKENIZER_JSON, bos_id=bos_id, eos_id=eos_id)
+        keep, config = {name for name in HF_TOKENIZER_FILES if (folder / name).is_file()}, json_tokenizer_config
+    else:
         return []
-    tokens = special_tokens(sp_path)
+    tokens = special_tokens(tokenizer)
     contents = {
-        "tokenizer_config.json": tokenizer_config(tokens, max_length),
+        "tokenizer_config.json": config(tokens, max_length),
         "special_tokens_map.json": {name: piece for name, (_i, piece) in tokens.items()},
         "generation_config.json": {"bos_token_id": tokens["bos_token"][0], "eos_token_id": tokens["eos_token"][0]},
     }
     written = []
     for name in HF_TOKENIZER_FILES:
-        path = folder / name
-        path.write_text(json.dumps(contents[name], indent=2, ensure_ascii=False) + "\n")
-        written.append(path)
+        if name not in keep:
+            path = folder / name
+            path.write_text(json.dumps(contents[name], indent=2, ensure_ascii=False) + "\n")
+            written.append(path)
     return written
-

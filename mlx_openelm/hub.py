@@ -22,13 +22,21 @@ from typing import Callable, Optional, Sequence, Union
 from .errors import CheckpointError, OpenELMError, TokenizerError
 
 TOKENIZER_FILE = "tokenizer.model"  # Llama-2 SentencePiece model
+TOKENIZER_JSON = "tokenizer.json"  # a Hugging Face tokenizers file (mlx-community folders, byte-level BPE models)
+# The tokenizer files a folder may hold, in the order they are preferred: OpenELM's own
+# SentencePiece model wins where a folder holds both (mlx-community's carry Llama-2's as both).
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_JSON)
+# What names a tokenizer.json's special tokens, and travels with it.
+TOKENIZER_JSON_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
 # An ungated mirror of meta-llama/Llama-2-7b-hf (whose tokenizer OpenELM uses); only its
 # tokenizer.model is ever fetched.
 DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"
 TOKENIZER_REPO_ENV = "MLX_OPENELM_TOKENIZER_REPO"
 # What `chat` and `generate` run when no model is given (about 1 GB, fetched once).
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
-MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", TOKENIZER_FILE)
+MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
+                  *TOKENIZER_JSON_COMPANIONS)
+TOKENIZER_PATTERNS = (*TOKENIZER_FILES, *TOKENIZER_JSON_COMPANIONS)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TRUE = {"1", "on", "yes", "true"}
@@ -144,12 +152,21 @@ def resolve_model_path(reference: Optional[PathLike] = None) -> Path:
     raise CheckpointError(f"{reference}: model folder not found (nor a Hugging Face repo id like owner/name)")
 
 
-def _tokenizer_from_repo(repo_id: str) -> Path:
-    folder = download(repo_id, [TOKENIZER_FILE], TokenizerError, files=[TOKENIZER_FILE],
-                      alternative=f"pass --tokenizer with a local {TOKENIZER_FILE}")
-    path = folder / TOKENIZER_FILE
-    if not path.is_file():
-        raise TokenizerError(f"{repo_id} holds no {TOKENIZER_FILE}")
+def find_tokenizer(folder: PathLike) -> Optional[Path]:
+    """The tokenizer file in `folder` (tokenizer.model before tokenizer.json), or None."""
+    for name in TOKENIZER_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def _tokenizer_from_repo(repo_id: str, patterns: Sequence[str] = TOKENIZER_PATTERNS) -> Path:
+    wanted = [name for name in TOKENIZER_FILES if name in patterns]
+    folder = download(repo_id, patterns, TokenizerError, files=wanted,
+                      alternative="pass --tokenizer with a local tokenizer.model or tokenizer.json")
+    path = find_tokenizer(folder)
+    if path is None:
+        raise TokenizerError(f"{repo_id} holds no {' or '.join(wanted)}")
     return path
 
 
@@ -164,41 +181,45 @@ def resolve_tokenizer(
     tokenizer: Optional[PathLike] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> Path:
-    """The tokenizer.model file to use for `model_folder`.
+    """The tokenizer file (tokenizer.model or tokenizer.json) to use for `model_folder`.
 
-    `tokenizer` (a file, a folder holding tokenizer.model, or a repo id) wins; else the
-    model folder's own tokenizer.model; else the default tokenizer repo's (from the cache
-    offline, downloaded online); else a `TokenizerError` saying what to pass.
+    `tokenizer` (a file, a folder holding one, or a repo id) wins; else the model folder's
+    own; else the default tokenizer repo's tokenizer.model (from the cache offline,
+    downloaded online); else a `TokenizerError` saying what to pass. A folder holding both
+    files gives its tokenizer.model (`TOKENIZER_FILES` is the order).
     """
     if tokenizer is not None:
-        if not str(tokenizer).strip():  # Path('') is the current folder, whose tokenizer.model would be taken
-            raise TokenizerError("the tokenizer path is empty: give a tokenizer.model file, its folder or a repo id")
+        if not str(tokenizer).strip():  # Path('') is the current folder, whose tokenizer would be taken
+            raise TokenizerError("the tokenizer path is empty: give a tokenizer.model or tokenizer.json file, "
+                                 "its folder or a repo id")
         path = Path(tokenizer).expanduser()
         if path.is_dir():  # a local folder is never read as a repo id, even if named like one
-            if (path / TOKENIZER_FILE).is_file():
-                return path / TOKENIZER_FILE
-            raise TokenizerError(f"{tokenizer}: no {TOKENIZER_FILE} in this folder")
+            found = find_tokenizer(path)
+            if found is not None:
+                return found
+            raise TokenizerError(f"{tokenizer}: no {' or '.join(TOKENIZER_FILES)} in this folder")
         if path.is_file():
             return path
         if looks_like_repo_id(tokenizer):
             return _tokenizer_from_repo(str(tokenizer))
         raise TokenizerError(f"{tokenizer}: tokenizer file not found")
-    if model_folder is not None and (Path(model_folder) / TOKENIZER_FILE).is_file():
-        return Path(model_folder) / TOKENIZER_FILE
+    found = find_tokenizer(model_folder) if model_folder is not None else None
+    if found is not None:
+        return found
     repo = default_tokenizer_repo()
     reason = f"the fallback is off ({TOKENIZER_REPO_ENV} is empty)"
     if repo is not None:
         try:
-            path = _tokenizer_from_repo(repo)
+            path = _tokenizer_from_repo(repo, [TOKENIZER_FILE])  # Llama-2's: its tokenizer.model is all we need
         except OpenELMError as e:
             reason = f"the default tokenizer repo could not be used: {e}"
         else:
             if log is not None:
-                log(f"No {TOKENIZER_FILE} in {model_folder}; using the Llama-2 tokenizer from {repo}")
+                log(f"No tokenizer in {model_folder}; using the Llama-2 tokenizer from {repo}")
             return path
     raise TokenizerError(
-        f"no {TOKENIZER_FILE} in {model_folder}. Apple's OpenELM checkpoints ship without a tokenizer: "
-        f"pass the Llama-2 SentencePiece tokenizer with --tokenizer (a tokenizer.model file, a folder holding "
-        f"it, or a Hugging Face repo id such as {DEFAULT_TOKENIZER_REPO}), or copy it into the model folder "
+        f"no {' or '.join(TOKENIZER_FILES)} in {model_folder}. Apple's OpenELM checkpoints ship without a "
+        f"tokenizer: pass the Llama-2 SentencePiece tokenizer with --tokenizer (a tokenizer.model file, a folder "
+        f"holding it, or a Hugging Face repo id such as {DEFAULT_TOKENIZER_REPO}), or copy it into the model folder "
         f"({reason})"
     )

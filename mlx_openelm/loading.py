@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .config import ModelArgs, read_config, same_vocabulary
+from .config import KEYS, ModelArgs, read_config, same_vocabulary
 from .errors import CheckpointError, ConfigError, OpenELMWarning
 from .model import Model
 from .quantization import apply_quantization, read_quantization
@@ -300,23 +300,36 @@ def load(
     log: Optional[Callable[[str], None]] = None,
     adapter_path: Union[str, Path, None] = None,
 ) -> tuple[Model, Tokenizer]:
-    """Load a model and its SentencePiece tokenizer; returns `(model, tokenizer)`.
+    """Load a model and its tokenizer; returns `(model, tokenizer)`.
 
     `path` is a model folder or a Hugging Face repo id (see `mlx_openelm.hub`; None: the
-    default, ``apple/OpenELM-270M-Instruct``). The
-    tokenizer is `tokenizer` (a `tokenizer.model` file, a folder holding one, or a repo
-    id), else the model folder's own `tokenizer.model`, else the default Llama-2
-    tokenizer repo; when none is found the error says what to pass. `log` receives
-    one-line notices (which tokenizer was picked). `adapter_path`: a LoRA/DoRA adapter folder
-    (ours or mlx-lm's) to add to the model, as in `load_model`.
+    default, ``apple/OpenELM-270M-Instruct``). The tokenizer is `tokenizer` (a
+    `tokenizer.model` or `tokenizer.json` file, a folder holding one, or a repo id), else
+    the model folder's own (tokenizer.model first), else the default Llama-2 tokenizer
+    repo; when none is found the error says what to pass. A tokenizer.json gets its BOS
+    and EOS from config.json (`special_token_ids`). `log` receives one-line notices
+    (which tokenizer was picked). `adapter_path`: a LoRA/DoRA adapter folder (ours or
+    mlx-lm's) to add to the model, as in `load_model`.
     """
     folder = check_model_folder(resolve_model_path(path))
-    read_config(folder / "config.json")  # a folder that is no model is said before any tokenizer question
+    config = read_config(folder / "config.json")  # a folder that is no model is said before any tokenizer question
     tokenizer_path = resolve_tokenizer(folder, tokenizer, log=log)
-    tok = Tokenizer(tokenizer_path)
+    tok = Tokenizer(tokenizer_path, **special_token_ids(config))
     model = load_model(folder, dtype=dtype, adapter_path=adapter_path)
     check_tokenizer_fits(tok, model.args.vocab_size)
     return model, tok
+
+
+def special_token_ids(config: Mapping[str, Any]) -> dict[str, int]:
+    """``{"bos_id": ..., "eos_id": ...}`` from a config.json dict: its ``bos_token_id`` and
+    ``eos_token_id``, or their defaults (1 and 2, Apple's) where absent. A value that is not
+    an id is left to `ModelArgs`, which names the key when the model is built."""
+    ids = {}
+    for option, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id")):
+        value = config.get(key, KEYS[key].default) if isinstance(config, Mapping) else KEYS[key].default
+        ids[option] = value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+            else KEYS[key].default
+    return ids
 
 
 def check_tokenizer_fits(tok: Tokenizer, vocab_size: int) -> None:

@@ -261,7 +261,7 @@ def token_text(tokenizer, token: int) -> tuple[str, list[int]]:
     raw = tokenizer.piece_bytes(token)
     if raw or not 0 <= token < tokenizer.vocab_size:
         return raw.decode("utf-8", errors="replace"), list(raw)
-    return tokenizer.sp.id_to_piece(token), []
+    return tokenizer.piece(token), []
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:

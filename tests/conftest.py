@@ -6,7 +6,14 @@ import copy
 
 import pytest
 
-from synthetic import TINY_CONFIG, UNTIED_CONFIG, random_weights, train_tokenizer, write_hf_checkpoint
+from synthetic import (
+    TINY_CONFIG,
+    UNTIED_CONFIG,
+    random_weights,
+    train_byte_level_tokenizer,
+    train_tokenizer,
+    write_hf_checkpoint,
+)
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +26,13 @@ def tokenizer_path(tmp_path_factory):
 def small_tokenizer_path(tmp_path_factory):
     """Fewer pieces (320) than the tiny models' vocabulary: the wrong tokenizer for them."""
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model", vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json_path(tmp_path_factory):
+    """A byte-level BPE tokenizer.json like SmolLM2's (BOS 1 <|im_start|>, EOS 2 <|im_end|>, no
+    post-processor), with as many tokens as the tiny models' vocabulary (384)."""
+    return train_byte_level_tokenizer(tmp_path_factory.mktemp("tokenizer-json") / "tokenizer.json")
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +50,19 @@ def hf_checkpoint(tmp_path_factory, tiny_weights, tokenizer_path):
     """fp32, one model.safetensors, tied head, q/k norm, a vestigial classifier, tokenizer inside."""
     folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny"
     return write_hf_checkpoint(folder, TINY_CONFIG, tiny_weights, tokenizer=tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def json_checkpoint(tmp_path_factory, tiny_weights, tokenizer_json_path):
+    """`hf_checkpoint`'s model with a tokenizer.json inside instead of a tokenizer.model."""
+    folder = tmp_path_factory.mktemp("ckpt") / "OpenELM-tiny-json"
+    return write_hf_checkpoint(folder, TINY_CONFIG, tiny_weights, tokenizer=tokenizer_json_path)
+
+
+@pytest.fixture(scope="session", params=["tokenizer.model", "tokenizer.json"])
+def any_checkpoint(request):
+    """The tiny model folder once with each tokenizer format (SentencePiece, then tokenizer.json)."""
+    return request.getfixturevalue("hf_checkpoint" if request.param == "tokenizer.model" else "json_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -108,7 +108,8 @@ def write_hf_checkpoint(
     shards: int = 1,
     tokenizer: Optional[Path] = None,
 ) -> Path:
-    """Write `config.json` and safetensors (one file, or `shards` files plus an index)."""
+    """Write `config.json` and safetensors (one file, or `shards` files plus an index), and a copy
+    of `tokenizer` (a tokenizer.model or tokenizer.json, under its own name)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}, indent=2))
@@ -140,7 +141,7 @@ def write_hf_checkpoint(
         }
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     if tokenizer is not None:
-        (folder / "tokenizer.model").write_bytes(Path(tokenizer).read_bytes())
+        (folder / Path(tokenizer).name).write_bytes(Path(tokenizer).read_bytes())  # tokenizer.model or .json
     return folder
 
 
@@ -183,4 +184,24 @@ def train_tokenizer(path: Path, vocab_size: int = 384) -> Path:
         minloglevel=2,
     )
     Path(path).write_bytes(buffer.getvalue())
+    return Path(path)
+
+
+# SmolLM2's first special tokens, at its ids: BOS 1 is <|im_start|>, EOS 2 is <|im_end|>.
+BYTE_LEVEL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def train_byte_level_tokenizer(path: Path, vocab_size: int = 384) -> Path:
+    """A small byte-level BPE tokenizer.json like SmolLM2's: GPT-2's byte alphabet, the special
+    tokens above, no normalizer and no post-processor (nothing adds BOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=BYTE_LEVEL_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(TOKENIZER_TEXT * 20, trainer)
+    assert tokenizer.get_vocab_size() == vocab_size, "TOKENIZER_TEXT too short for this many merges"
+    tokenizer.save(str(path))
     return Path(path)

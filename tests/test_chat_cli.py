@@ -10,7 +10,7 @@ import sys
 from click.testing import CliRunner
 from test_chat import CountingModel
 
-from mlx_openelm import make_logits_processors
+from mlx_openelm import load, make_logits_processors
 from mlx_openelm.chat import ChatSession
 from mlx_openelm.chat_cli import run_repl
 from mlx_openelm.cli import main
@@ -39,9 +39,9 @@ def _cli(args, **kwargs):
     return CliRunner().invoke(main, args, catch_exceptions=False, **kwargs)
 
 
-def test_chat_command_two_turns_reset_and_end_of_input(hf_checkpoint, loaded):
-    model, tokenizer = loaded
-    result = _cli(["chat", "--model", str(hf_checkpoint), "-m", "6", "--system", "Be brief."],
+def test_chat_command_two_turns_reset_and_end_of_input(any_checkpoint):
+    model, tokenizer = load(any_checkpoint, dtype="float32")
+    result = _cli(["chat", "--model", str(any_checkpoint), "-m", "6", "--system", "Be brief."],
                   input="Hello there\nTell me more\n/help\n/reset\nHello there\n")
     assert result.exit_code == 0, result.output
     session = ChatSession(model, tokenizer, system="Be brief.")

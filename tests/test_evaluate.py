@@ -148,12 +148,12 @@ def text_file(tmp_path_factory):
     return path
 
 
-def test_cli_json_matches_the_library(hf_checkpoint, other_checkpoint, text_file):
-    result = _run(["--model", str(hf_checkpoint), "--text", str(text_file), "--context", "24", "--stride", "8",
+def test_cli_json_matches_the_library(any_checkpoint, other_checkpoint, text_file):
+    result = _run(["--model", str(any_checkpoint), "--text", str(text_file), "--context", "24", "--stride", "8",
                    "--reference", str(other_checkpoint), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    model, tokenizer = load(hf_checkpoint, dtype="float32")
+    model, tokenizer = load(any_checkpoint, dtype="float32")
     expected = evaluate_text(model, tokenizer, text_file.read_text(), context=24, stride=8,
                              reference=load_model(other_checkpoint, dtype=mx.float32))
     assert data["perplexity"] == pytest.approx(expected.perplexity, rel=1e-6)

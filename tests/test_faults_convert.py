@@ -327,10 +327,10 @@ def test_force_never_replaces_something_that_is_not_a_folder(user_files, kind):
 def test_a_tokenizer_that_cannot_be_read_is_refused_before_any_work_naming_the_users_file(user_files):
     root, src = user_files
     before = snapshot(root)
-    bad = src / "config.json"  # not a SentencePiece model
+    bad = src / "config.json"  # JSON, so read as a tokenizer.json, but not one
     with pytest.raises(TokenizerError) as info:
         convert(src, root / "out", tokenizer=bad, evaluate=False)
-    assert str(info.value).startswith(f"{bad}: not a SentencePiece model")  # not a file in the temp folder
+    assert str(info.value).startswith(f"{bad}: not a tokenizer.json")  # not a file in the temp folder
     assert snapshot(root) == before and temp_folders(root) == []
 
 

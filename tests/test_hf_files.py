@@ -104,3 +104,58 @@ def test_mlx_lm_chat_runs_on_a_converted_folder(hf_checkpoint, tmp_path):
                             input="hi\nq\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "tok/s" in result.stdout and "bye" in result.stdout and "Traceback" not in result.stderr  # one reply
+
+
+# ---- a tokenizer.json model ---------------------------------------------------------------
+
+def test_converting_a_tokenizer_json_folder_gives_a_folder_everyone_opens(json_checkpoint, tmp_path):
+    """The tokenizer.json is copied as it is; the files written beside it name the model's BOS/EOS
+    and the chat template, so transformers, mlx-lm and we produce the same ids."""
+    transformers = pytest.importorskip("transformers")
+    mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
+    from mlx_openelm import load
+    from mlx_openelm.convert import convert
+
+    out = tmp_path / "converted"
+    report = convert(json_checkpoint, out, dtype="float32", evaluate=False)
+    assert report.tokenizer == str(json_checkpoint / "tokenizer.json") and not (out / "tokenizer.model").exists()
+    assert (out / "tokenizer.json").read_bytes() == (json_checkpoint / "tokenizer.json").read_bytes()
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["tokenizer_class"], config["bos_token"], config["eos_token"]) == (
+        "PreTrainedTokenizerFast", "<|im_start|>", "<|im_end|>")
+    assert json.loads((out / "generation_config.json").read_text()) == {"bos_token_id": 1, "eos_token_id": 2}
+    _model, ours = load(out)
+    hf = transformers.AutoTokenizer.from_pretrained(str(out))
+    _mlx_model, wrapper = mlx_lm_utils.load(str(out))
+    for messages in CONVERSATIONS:
+        expected = ours.apply_chat_template(messages)
+        assert hf_template_ids(hf, messages, True) == expected == hf_template_ids(wrapper, messages, True), messages
+    assert 2 in wrapper.eos_token_ids
+    text = "Héllo wörld 🎉"
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode(text, add_bos=False)
+
+
+def test_a_tokenizer_json_keeps_the_files_that_came_with_it(json_checkpoint, tmp_path):
+    from mlx_openelm.convert import convert
+
+    source = tmp_path / "source"
+    shutil.copytree(json_checkpoint, source)
+    theirs = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+              "chat_template": "{{ 'their own template' }}"}
+    (source / "tokenizer_config.json").write_text(json.dumps(theirs))
+    out = tmp_path / "converted"
+    convert(source, out, dtype="float32", evaluate=False)
+    assert json.loads((out / "tokenizer_config.json").read_text()) == theirs
+    assert json.loads((out / "special_tokens_map.json").read_text()) == {"bos_token": "<|im_start|>",
+                                                                         "eos_token": "<|im_end|>"}
+
+
+def test_convert_tokenizer_option_takes_a_tokenizer_json(sharded_checkpoint, tokenizer_json_path, tmp_path):
+    from mlx_openelm import load
+    from mlx_openelm.convert import convert
+
+    out = tmp_path / "converted"
+    convert(sharded_checkpoint, out, dtype="float32", evaluate=False, tokenizer=tokenizer_json_path)
+    assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
+    _model, tok = load(out)
+    assert tok.path == out / "tokenizer.json" and tok.encode("Once")[0] == 1

@@ -108,7 +108,7 @@ def test_a_local_folder_without_a_tokenizer_is_named_never_looked_up(hf_cache, t
     (tmp_path / "someone" / "llama-tok").mkdir(parents=True)
     with pytest.raises(TokenizerError) as info:
         resolve_tokenizer(cached_model, "someone/llama-tok")
-    assert str(info.value) == "someone/llama-tok: no tokenizer.model in this folder"
+    assert str(info.value) == "someone/llama-tok: no tokenizer.model or tokenizer.json in this folder"
 
 
 def test_tokenizer_from_the_model_folder(hf_checkpoint):

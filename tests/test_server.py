@@ -359,6 +359,26 @@ def test_speculative_server_gives_the_greedy_text_and_reuses_both_caches(hf_chec
     assert "stopped" in "".join(s.log)
 
 
+def test_a_tokenizer_json_model_serves_chat_completions_and_logprobs(json_checkpoint):
+    local_json = load(json_checkpoint, dtype="float32")
+    s = start_server(json_checkpoint, "--max-tokens", "10")
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        ids = local_json[1].apply_chat_template(CHAT)
+        want = expected(local_json, ids, 10)
+        chunks = list(client.chat.completions.create(model="x", messages=CHAT, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+        reply = client.chat.completions.create(model="x", messages=CHAT, logprobs=True, top_logprobs=2)
+        assert reply.choices[0].message.content == want and reply.usage.prompt_tokens == len(ids)
+        content = reply.choices[0].logprobs.content  # each token's bytes, byte-level pieces as they are
+        assert bytes(b for entry in content for b in entry.bytes).decode(errors="replace") == want
+        text = client.completions.create(model="x", prompt="The quick brown fox", max_tokens=6)
+        assert text.choices[0].text == expected(local_json, local_json[1].encode("The quick brown fox"), 6)
+    finally:
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(timeout=20) == 0
+
+
 def test_prompt_cache_copies_the_longest_prefix_and_supersedes_older_turns(local):
     import mlx.core as mx
 

@@ -1,0 +1,209 @@
+"""A Hugging Face ``tokenizer.json`` (read with the `tokenizers` library) and its streaming
+detokenizers: exact byte by byte for byte-level BPE (GPT-2 style, as SmolLM2's), by
+re-decoding for any other decoder (a converted Llama-2 tokenizer's, for example)."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import TokenizerError
+from .common import PathLike, Tokenizer, register_backend
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama-2's <0x0A>)
+
+# Files beside a tokenizer.json that name its special tokens (tried in this order).
+SPECIAL_TOKEN_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def is_tokenizer_json(path: Path) -> bool:
+    """A `.json` name, or content that starts like JSON (a SentencePiece model is binary protobuf)."""
+    if path.suffix.lower() == ".json":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).lstrip()[:1] == b"{"
+    except OSError:
+        return False
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves,
+    the others (controls, space, ...) for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def _read_tokenizer_json(path: Path) -> tuple[Any, dict]:
+    """The `tokenizers.Tokenizer` and the parsed JSON of `path`, with one-line errors naming it."""
+    from tokenizers import Tokenizer as Backend
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{path}: not a tokenizer.json (not UTF-8 text)") from None
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise TokenizerError(f"{path}: not a tokenizer.json (not valid JSON: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise TokenizerError(f"{path}: not a tokenizer.json (JSON without the 'model' object a Hugging Face "
+                             "tokenizer file holds)")
+    try:
+        backend = Backend.from_str(text)
+    except Exception as e:  # the library raises a bare Exception with the serde error
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerError(f"{path}: not a tokenizer.json the tokenizers library can read ({reason})") from None
+    return backend, data
+
+
+def _named_special_ids(path: Path, backend) -> dict[str, int]:
+    """BOS/EOS ids named by the tokenizer_config.json or special_tokens_map.json beside `path`."""
+    for name in SPECIAL_TOKEN_FILES:
+        try:
+            config = json.loads((path.parent / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if not isinstance(config, dict):
+            continue
+        found = {}
+        for key in ("bos_token", "eos_token"):
+            token = config.get(key)
+            content = token.get("content") if isinstance(token, dict) else token
+            token_id = backend.token_to_id(content) if isinstance(content, str) else None
+            if token_id is not None:
+                found[key] = token_id
+        if len(found) == 2:
+            return found
+    return {}
+
+
+@register_backend(is_tokenizer_json)
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizer.json``, with OpenELM's conventions.
+
+    Text is encoded without the file's post-processor (BOS is prepended once, here, never
+    twice) and with special-token text kept as text, as SentencePiece does. A tokenizer.json
+    does not say which token is BOS or EOS: they are `bos_id`/`eos_id` when given (the
+    loader passes the model config's ``bos_token_id``/``eos_token_id``), else the
+    ``bos_token``/``eos_token`` of a tokenizer_config.json or special_tokens_map.json beside it.
+    """
+
+    def __init__(self, path: PathLike, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
+        self.path = Path(path)
+        self.backend, data = _read_tokenizer_json(self.path)
+        self.backend.encode_special_tokens = True  # a "<|im_end|>" typed in a prompt is text
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        self._size = max(vocab.values(), default=-1) + 1
+        self._special = {t["id"] for t in data.get("added_tokens") or () if isinstance(t, dict) and t.get("special")}
+        if bos_id is None or eos_id is None:
+            named = _named_special_ids(self.path, self.backend)
+            if not named:
+                raise TokenizerError(
+                    f"{self.path}: a tokenizer.json does not say which tokens are BOS and EOS, and no "
+                    f"{' or '.join(SPECIAL_TOKEN_FILES)} beside it names them: pass bos_id and eos_id "
+                    "(loading a model folder takes them from its config.json)")
+            bos_id = named["bos_token"] if bos_id is None else bos_id
+            eos_id = named["eos_token"] if eos_id is None else eos_id
+        self.bos_id, self.eos_id = int(bos_id), int(eos_id)
+        self.check_special_ids()
+        decoder = data.get("decoder")
+        self.byte_level = isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
+        self._piece_bytes = self._byte_table() if self.byte_level else None
+        # Tokens that may still change the text before them: byte-fallback pieces (a run of them
+        # decodes as a whole) and the special tokens that decoding skips inside such a run.
+        self.unsettled = self._special | {i for t, i in vocab.items() if _BYTE_PIECE.fullmatch(t)}
+
+    def _byte_table(self) -> list[bytes]:
+        """Each id's bytes as the ByteLevel decoder makes them: each character's byte, or, for a
+        token with a character outside the alphabet (an added token), its own UTF-8."""
+        alphabet = byte_level_alphabet()
+        table = []
+        for token in range(self._size):
+            text = self.backend.id_to_token(token)
+            if text is None or token in self._special:
+                table.append(b"")
+            elif all(c in alphabet for c in text):
+                table.append(bytes(alphabet[c] for c in text))
+            else:
+                table.append(text.encode())
+        return table
+
+    @property
+    def vocab_size(self) -> int:
+        return self._size
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    def piece(self, token: int) -> str:
+        return self.backend.id_to_token(token) or ""
+
+    def piece_bytes(self, token: int) -> bytes:
+        if not 0 <= token < self._size or token in self._special:
+            return b""
+        if self._piece_bytes is not None:
+            return self._piece_bytes[token]
+        return self.decode_ids([token]).encode()
+
+    def detokenizer(self):
+        return ByteLevelDetokenizer(self) if self.byte_level else RedecodingDetokenizer(self)
+
+
+class ByteLevelDetokenizer:
+    """Byte-level BPE text as tokens arrive: their bytes through an incremental UTF-8 decoder,
+    which holds back a character's first bytes until its last arrives and replaces invalid
+    bytes as the library's lossy decoding does, so the pieces join to `decode`'s text."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self._bytes = tokenizer.piece_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def add_token(self, token: int) -> str:
+        return self._utf8.decode(self._bytes(int(token)))
+
+    def finalize(self) -> str:
+        return self._utf8.decode(b"", final=True)
+
+
+class RedecodingDetokenizer:
+    """Any other decoder: decode everything up to the last token that settles the text and emit
+    what is new. A trailing run of byte-fallback tokens is held back (the run decodes as a whole,
+    so its last byte can change its first), and so is a trailing U+FFFD. Each step decodes the
+    whole sequence, which is small next to a model step."""
+
+    def __init__(self, tokenizer: HFTokenizer):
+        self._decode = tokenizer.decode
+        self._unsettled = tokenizer.unsettled
+        self._size = tokenizer.vocab_size
+        self._ids: list[int] = []
+        self._sent = 0  # characters of the text already returned
+
+    def add_token(self, token: int) -> str:
+        self._ids.append(int(token))
+        end = len(self._ids)
+        while end and (self._ids[end - 1] in self._unsettled or not 0 <= self._ids[end - 1] < self._size):
+            end -= 1
+        text = self._decode(self._ids[:end]).rstrip("\ufffd")
+        new, self._sent = text[self._sent:], max(self._sent, len(text))
+        return new
+
+    def finalize(self) -> str:
+        text = self._decode(self._ids)
+        new, self._sent = text[self._sent:], len(text)
+        return new
