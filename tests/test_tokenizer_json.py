@@ -11,20 +11,14 @@ import warnings
 import pytest
 
 from mlx_openelm import load
-from mlx_openelm.errors import OpenELMWarning, TokenizerError
+from mlx_openelm.errors import CheckpointError, OpenELMWarning, TokenizerError
 from mlx_openelm.hub import resolve_tokenizer
 from mlx_openelm.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 from synthetic import TOKENIZER_TEXT, cache_repo, train_byte_level_tokenizer
+from test_tokenizer import SAMPLES as SENTENCEPIECE_SAMPLES
 
-SAMPLES = [
-    "Once upon a time there was a little robot who loved apples.",
-    "Héllo wörld! Ça va? 日本語のテキスト。 Emoji 🎉🚀 are fun.",
-    "  leading spaces and\ttabs\nnewlines   here",
-    "🎉",
-    " x",
-    "",
-]
+SAMPLES = [*SENTENCEPIECE_SAMPLES, ""]  # the same texts as the SentencePiece tests, and nothing
 BOS, EOS = 1, 2
 
 
@@ -238,7 +232,7 @@ def test_tokenizer_option_takes_a_json_file_its_folder_or_a_repo_id(sharded_chec
         assert isinstance(tok, HFTokenizer) and tok.encode("Once") == [BOS] + tok.encode("Once", add_bos=False)
 
 
-def test_vocabulary_size_checks_work_for_tokenizer_json(sharded_checkpoint, tmp_path):
+def test_vocabulary_size_checks_work_for_tokenizer_json(sharded_checkpoint, tokenizer_json_path, tmp_path):
     small = train_byte_level_tokenizer(tmp_path / "small.json", vocab_size=320)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -247,15 +241,11 @@ def test_vocabulary_size_checks_work_for_tokenizer_json(sharded_checkpoint, tmp_
                in str(w.message) for w in caught)
     from tokenizers import Tokenizer as Backend
 
-    backend = Backend.from_file(str(tokenizer_json_path_for(tmp_path)))
+    backend = Backend.from_file(str(tokenizer_json_path))
     backend.add_tokens([f"<extra{i}>" for i in range(8)])
     backend.save(str(tmp_path / "large.json"))
-    with pytest.raises(Exception, match=r"large.json: tokenizer has 392 pieces but the model's vocab_size is 384"):
+    with pytest.raises(CheckpointError, match=r"large.json: tokenizer has 392 pieces but the model's vocab_size is 384"):
         load(sharded_checkpoint, tokenizer=tmp_path / "large.json")
-
-
-def tokenizer_json_path_for(tmp_path):
-    return train_byte_level_tokenizer(tmp_path / "base.json")
 
 
 def test_eval_texts_and_prompts_with_tokenizer_json(json_checkpoint):
