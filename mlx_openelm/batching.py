@@ -1,7 +1,8 @@
 """Batched decoding: requests that decode at the same time share one model call per token.
 
-Each request is prefilled alone (in its own `KVCache`, as `generate_step` does), then
-joins a `Batch` as a row. A row's keys and values sit in one `BatchKVCache` per layer,
+Each request's prompt is read alone (in its own `KVCache`, as `generate_step` does), at
+most `prefill_chunk` tokens per `Batch.step` so that the decoding rows keep getting a
+token every step, then it joins the `Batch` as a row. A row's keys and values sit in one `BatchKVCache` per layer,
 left-padded so that every row ends at the same column; a boolean mask keeps each row's
 queries off its padding, and each row's RoPE positions are its own (RoPE is relative,
 so a row computes what it would alone, up to float round-off). Every `Batch.step` feeds
@@ -24,9 +25,21 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from .cache import KVCache
+from .errors import OptionError
 from .generation import GenerationStep, prefill, token_budget
 from .model import Model
 from .sampling import LogitsProcessor, Sampler, to_logprobs
+
+
+PREFILL_CHUNK = 256  # prompt tokens read per step while other rows decode (0: a whole prompt at once)
+PREFILL_STEP = 512  # the most prompt tokens in one model call (bounds the attention scores' memory)
+
+
+def validate_prefill_chunk(value: int) -> int:
+    """`prefill_chunk` as given, or an `OptionError` naming it (an integer >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionError(f"prefill_chunk must be an integer >= 0 (0: whole prompts at once), got {value!r}")
+    return value
 
 
 def _pad_left(x: mx.array, n: int) -> mx.array:
@@ -123,18 +136,24 @@ class BatchKVCache:
 class Row:
     """One request in a `Batch`; iterating it yields the `GenerationStep`s the batch computes for it.
 
-    Each `Batch.step` leaves exactly one step to take; the iteration ends after `limit` steps.
+    Once its prompt is read, each `Batch.step` leaves exactly one step to take (see `ready`);
+    the iteration ends after `limit` steps.
     """
 
-    def __init__(self, token: mx.array, history: mx.array, sampler: Sampler,
+    def __init__(self, prompt: mx.array, cache: Sequence[KVCache], history: mx.array, sampler: Sampler,
                  processors: Sequence[LogitsProcessor], limit: int):
-        self.token = token  # (1,) the next token to feed
+        self.prompt, self.cache, self.read = prompt, list(cache), 0  # while waiting: its own cache, tokens read
+        self.token = prompt[-1:]  # (1,) the next token to feed (the prompt's last, once the rest is read)
         self.history = history  # the tokens the logits processors see (each fed token is appended)
         self.sampler, self.processors, self.limit = sampler, list(processors), limit
         self.produced = 0
         self.current: Optional[GenerationStep] = None
         self.error: Optional[Exception] = None  # why this row failed; it steps no further
 
+    @property
+    def ready(self) -> bool:
+        """Whether reading the row now gives a step, its end, or its error (not: its prompt is still being read)."""
+        return self.error is not None or self.current is not None or self.produced >= self.limit
 
     def __iter__(self):
         return self
@@ -159,36 +178,63 @@ class Row:
 class Batch:
     """The rows decoding together on `model`; see the module docstring."""
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
+        self.prefill_chunk = validate_prefill_chunk(prefill_chunk)
         args = model.args
         self.caches = [BatchKVCache(kv, args.head_dim, args.max_context_length) for kv in args.num_kv_heads]
         self.rows: list[Row] = []
+        self.waiting: list[Row] = []  # rows whose prompts are being read, oldest first
 
     def add(self, prompt: Sequence[int], cache: Sequence[KVCache], sampler: Sampler,
-            processors: Sequence[LogitsProcessor], max_tokens: int, cached_ids: Sequence[int] = (),
-            prefill_step_size: int = 512) -> Row:
-        """Prefill `prompt` after what `cache` holds (in `cache`, alone), then join the batch.
+            processors: Sequence[LogitsProcessor], max_tokens: int, cached_ids: Sequence[int] = ()) -> Row:
+        """Queue a row for `prompt`, read after what `cache` holds (in `cache`, alone) by the next
+        steps, at most `prefill_chunk` prompt tokens a step; then it joins the batch.
 
         `cached_ids` are the tokens `cache` already holds: the logits processors see them, as
-        with `generate_step`'s `cached_ids`.
-        The row's first token comes with the next `step`. Raises `ContextLengthError` when
-        the prompt does not fit; a row with no token to generate never joins.
+        with `generate_step`'s `cached_ids`. The row's first token comes with the step that reads
+        the end of its prompt. Raises `ContextLengthError` when the prompt does not fit; a row
+        with no token to generate never joins.
         """
         prompt = mx.array(prompt, dtype=mx.uint32)
         limit = token_budget(self.model, cache, prompt.size, max_tokens)
-        tail = prefill(self.model, prompt, cache, prefill_step_size) if limit else prompt[-1:]
         history = mx.array([*cached_ids, *prompt[: prompt.size - 1].tolist()], dtype=mx.uint32)
-        row = Row(tail, history, sampler, processors, limit)
+        row = Row(prompt, cache, history, sampler, processors, limit)
         if limit:
-            self._join(row, cache)
+            self.waiting.append(row)
         return row
+
+    def __contains__(self, row: Row) -> bool:
+        return row in self.rows or row in self.waiting
 
     def remove(self, row: Row) -> list[KVCache]:
         """Take `row` out; return its layer caches (prompt and the tokens fed so far), unpadded."""
+        if row in self.waiting:
+            self.waiting.remove(row)
+            return row.cache
         i = self.rows.index(row)
         del self.rows[i]
         return [c.remove(i, keep=row.error is None) for c in self.caches]
+
+    def _read_prompts(self) -> None:
+        """Read up to `prefill_chunk` prompt tokens of the waiting rows, oldest first; rows whose
+        prompt is read (all but its last token, which the step feeds) join the batch."""
+        budget = self.prefill_chunk or self.model.args.max_context_length
+        while self.waiting and budget:
+            row = self.waiting[0]
+            n = min(budget, row.prompt.size - 1 - row.read)
+            try:
+                if n:
+                    prefill(self.model, row.prompt[row.read : row.read + n + 1], row.cache, PREFILL_STEP)
+            except Exception as e:  # noqa: BLE001 - this row's own failure
+                row.error = e
+                self.waiting.pop(0)
+                continue
+            row.read += n
+            budget -= n
+            if row.read == row.prompt.size - 1:
+                self._join(self.waiting.pop(0), row.cache)
+                row.cache = []
 
     def _join(self, row: Row, cache: Sequence[KVCache]) -> None:
         for batch_cache, layer_cache in zip(self.caches, cache):
@@ -196,8 +242,10 @@ class Batch:
         self.rows.append(row)
 
     def step(self) -> None:
-        """One model call for every row: each row's next `GenerationStep` becomes ready to take
-        (or, for a row that failed, its error: see the module docstring)."""
+        """Read the next chunk of the waiting prompts, then one model call for every row: each
+        row's next `GenerationStep` becomes ready to take (or, for a row that failed, its error:
+        see the module docstring)."""
+        self._read_prompts()
         if not self.rows:
             return
         lengths = [c.length for c in self.caches]

@@ -2,13 +2,15 @@
 
 MLX arrays and streams are not meant to be used from many threads at once, so HTTP
 threads never touch the model: they `submit` a `GenerationSpec` and read `Step`s
-from the job's queue. A new job is prefilled alone, then joins the `Batch` of
-decoding jobs (`batching`): each worker turn is one model call that gives every
-active job its next token, so requests that arrive together are served together
-and fairly. With speculative decoding (a draft model or prompt lookup) each job
-keeps its own generator instead and the worker steps them round-robin. Finished
-jobs leave their KV cache in a small `PromptCache`, from which a later prompt that
-shares a prefix (the next turn of a chat) starts instead of re-reading it.
+from the job's queue. A new job's prompt is read alone, `prefill_chunk` tokens a
+turn, then it joins the `Batch` of decoding jobs (`batching`): each worker turn is
+one model call that gives every active job its next token, so requests that arrive
+together are served together and fairly, and a long prompt does not stall the others.
+With speculative decoding (a draft model or prompt lookup) each job keeps its own
+generator instead (its prompt read in its first turn) and the worker steps them
+round-robin. Finished jobs leave their KV cache in a small `PromptCache`, from which
+a later prompt that shares a prefix (the next turn of a chat) starts instead of
+re-reading it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from .batching import Batch, Row
+from .batching import PREFILL_CHUNK, Batch, Row
 from .cache import KVCache
 from .generation import (GenerationResponse, common_prefix_length, reusable_prefix_length, stream_generate,
                          stream_responses, wired_limit)
@@ -125,13 +127,14 @@ class Scheduler:
     only sets a flag, so it is safe in a signal handler.
     """
 
-    def __init__(self, model, tokenizer, prompt_cache_size: int = 4, generation_kwargs: Optional[dict] = None):
+    def __init__(self, model, tokenizer, prompt_cache_size: int = 4, generation_kwargs: Optional[dict] = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.tokenizer = tokenizer
         self.generation_kwargs = dict(generation_kwargs or {})  # speculative decoding options
         self.draft_model = self.generation_kwargs.get("draft_model")
         speculative = self.draft_model is not None or self.generation_kwargs.get("prompt_lookup")
-        self.batch = None if speculative else Batch(model)
+        self.batch = None if speculative else Batch(model, prefill_chunk)
         self.prompt_cache = PromptCache(self._new_cache, prompt_cache_size)
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.active: list[Job] = []
@@ -238,7 +241,7 @@ class Scheduler:
         A failure stays with the rows it belongs to (`batching`): their jobs fail when `_step`
         reads them, and the others go on.
         """
-        if self.batch is None or not self.batch.rows:
+        if self.batch is None or not (self.batch.rows or self.batch.waiting):
             return
         self.stats["largest_batch"] = max(self.stats["largest_batch"], len(self.batch.rows))
         try:
@@ -258,6 +261,8 @@ class Scheduler:
         if job.cancelled.is_set():
             self.stats["cancelled"] += 1
             self._end(job, None)
+            return
+        if job.row is not None and not job.row.ready:  # its prompt is still being read
             return
         try:
             response = next(job.steps, None)
@@ -291,7 +296,7 @@ class Scheduler:
         if job.steps is not None:
             job.steps.close()
         if job.row is not None:
-            if job.row in self.batch.rows:
+            if job.row in self.batch:  # decoding, or its prompt still being read
                 job.cache = self.batch.remove(job.row)
             job.row = None
         if failure is not None:

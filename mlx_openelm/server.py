@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 from . import server_api as api
+from .batching import PREFILL_CHUNK
 from .scheduler import Failure, Job, Scheduler, Step
 
 log = logging.getLogger("mlx_openelm.server")
@@ -38,7 +39,7 @@ class ServerApp:
 
     def __init__(self, model, tokenizer, model_id: str, defaults: api.SamplingDefaults = api.SamplingDefaults(),
                  api_key: Optional[str] = None, max_request_bytes: int = 1 << 20, prompt_cache_size: int = 4,
-                 generation_kwargs: Optional[dict] = None):
+                 generation_kwargs: Optional[dict] = None, prefill_chunk: int = PREFILL_CHUNK):
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.defaults = defaults
@@ -47,7 +48,7 @@ class ServerApp:
         self.context = model.args.max_context_length
         self.vocab_size = model.args.vocab_size
         self.created = int(time.time())
-        self.scheduler = Scheduler(model, tokenizer, prompt_cache_size, generation_kwargs)
+        self.scheduler = Scheduler(model, tokenizer, prompt_cache_size, generation_kwargs, prefill_chunk)
         self._in_flight = 0
         self._idle = threading.Condition()
 

@@ -41,13 +41,15 @@ def _model_id(model_ref) -> str:
               help="Larger request bodies get 413.")
 @click.option("--prompt-cache-size", type=click.IntRange(min=0), default=4, show_default=True,
               help="KV caches of recent requests kept for prompts that extend them (0: off).")
+@click.option("--prefill-chunk", type=int, default=256, show_default=True,
+              help="Prompt tokens read per worker turn while other requests decode (0: a whole prompt at once).")
 @sampling_options
 @speculative_options
 @click.option("--quiet", "-q", is_flag=True, help="No loading message and no per-request log lines.")
 @user_errors
 def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_id, max_request_bytes,
-                  prompt_cache_size, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed, draft_path,
-                  num_draft_tokens, prompt_lookup, quiet):
+                  prompt_cache_size, prefill_chunk, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
+                  draft_path, num_draft_tokens, prompt_lookup, quiet):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     The sampling options are the defaults for requests that leave those fields out.
@@ -55,12 +57,14 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     """
     import logging
 
+    from .batching import validate_prefill_chunk
     from .server import ServerApp, exposure_warning, make_server, serve
     from .server_api import SamplingDefaults
 
     if max_tokens < 1:
         raise click.BadParameter("must be at least 1 for a server", param_hint="--max-tokens")
     make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed=None)  # refuses NaN before serving
+    validate_prefill_chunk(prefill_chunk)  # before loading, as above
     defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
     try:  # bind before loading, so a taken port fails at once
@@ -78,7 +82,8 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
         raise
     httpd.app = app = ServerApp(model, tokenizer, model_id or _model_id(model_path), defaults=defaults,
                                 api_key=api_key, max_request_bytes=max_request_bytes,
-                                prompt_cache_size=prompt_cache_size, generation_kwargs=speculative)
+                                prompt_cache_size=prompt_cache_size, generation_kwargs=speculative,
+                                prefill_chunk=prefill_chunk)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     bound_host, bound_port = httpd.server_address[:2]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from mlx_openelm import generate_step, load, make_cache, make_logits_processors, make_sampler
-from mlx_openelm.batching import Batch, BatchKVCache
+from mlx_openelm.batching import PREFILL_CHUNK, Batch, BatchKVCache
 from mlx_openelm.cache import KVCache
+from mlx_openelm.errors import OptionError
 
 PROMPTS = [
     [1, 40, 7, 250, 33, 12, 90],
@@ -71,9 +72,10 @@ def alone(model, request: Request):
     return [s.token for s in steps], [np.array(s.logprobs) for s in steps]
 
 
-def together(model, requests: list[Request]) -> None:
-    """Decode `requests` in one batch, each joining at its step and leaving when done or cancelled."""
-    batch, rows = Batch(model), {}
+def together(model, requests: list[Request], prefill_chunk: int = 256) -> list[list[int]]:
+    """Decode `requests` in one batch, each joining at its step and leaving when done or cancelled;
+    return, for each step, which requests got a token."""
+    batch, rows, served = Batch(model, prefill_chunk), {}, []
     step = 0
     while step == 0 or rows:
         for i, r in enumerate(requests):
@@ -81,7 +83,10 @@ def together(model, requests: list[Request]) -> None:
                 rows[i] = batch.add(r.prompt, make_cache(model), r.batch_sampler(),
                                     make_logits_processors(r.penalty), r.max_tokens)
         batch.step()
+        served.append([i for i, row in rows.items() if row.ready])
         for i, row in list(rows.items()):
+            if not row.ready:  # its prompt is still being read
+                continue
             try:
                 s = next(row)
             except InjectedFault as e:
@@ -96,6 +101,7 @@ def together(model, requests: list[Request]) -> None:
                 del rows[i]
         step += 1
         assert step < 200
+    return served
 
 
 def assert_same_as_alone(model, requests):
@@ -171,6 +177,54 @@ def test_a_failing_model_call_is_retried_row_by_row_and_fails_only_its_row(model
         assert r.tokens == tokens
         np.testing.assert_allclose(np.stack(r.logprobs), np.stack(logprobs), atol=1e-4)
     assert (1, 1) in poisoned.calls and (len(requests), 1) in poisoned.calls  # it did run rows alone
+
+
+LONG = [1] + [(37 * i) % 380 + 3 for i in range(120)]
+
+
+@pytest.mark.parametrize("chunk", [16, 50, 0])
+def test_a_long_prompt_is_read_in_chunks_while_the_others_decode(model, chunk):
+    """The long prompt's rows read `chunk` tokens a step (0: all at once); every decoding row gets a
+    token every step meanwhile, and every row decodes what it would alone."""
+    requests = [Request(PROMPTS[0], max_tokens=16), Request(LONG, max_tokens=6, join=2, penalty=1.2),
+                Request(PROMPTS[3], max_tokens=10, join=2), Request(LONG[:40], max_tokens=4, join=3)]
+    served = together(model, requests, prefill_chunk=chunk)
+    assert_same_as_alone(model, requests)
+    steps_to_read = -(-(len(LONG) - 1) // chunk) if chunk else 1
+    first_token = next(s for s, got in enumerate(served) if 1 in got)
+    assert first_token == 2 + steps_to_read - 1
+    assert all(0 in got for got in served[:16])  # the first row never waits
+    # the short prompt queued behind the long one waits for it (oldest first, `chunk` tokens a step in
+    # all), then takes what is left of the budget of the long one's last step
+    assert next(s for s, got in enumerate(served) if 2 in got) == first_token
+
+
+def test_a_prompt_read_in_chunks_hands_back_what_it_read_when_cancelled(model):
+    batch = Batch(model, prefill_chunk=32)
+    row = batch.add(LONG, make_cache(model), make_sampler(), [], max_tokens=4)
+    batch.step()
+    batch.step()
+    assert not row.ready and batch.rows == []
+    cache = batch.remove(row)
+    assert batch.waiting == [] and cache[0].offset == 64
+    reference = make_cache(model)
+    model(mx.array(LONG[:64])[None], cache=reference)
+    np.testing.assert_allclose(np.array(cache[0].state[0]), np.array(reference[0].state[0]), atol=1e-5)
+
+
+def test_a_failure_while_reading_one_prompt_fails_that_row_alone(model):
+    requests = [Request(PROMPTS[0], max_tokens=8), Request(LONG, max_tokens=4, join=1)]
+    poisoned = PoisonedModel(model, LONG[70])  # read by the long row's third chunk
+    assert LONG[70] not in PROMPTS[0] + alone(model, requests[0])[0]
+    together(poisoned, requests, prefill_chunk=32)
+    assert requests[1].tokens == [] and isinstance(requests[1].error, InjectedFault)
+    assert requests[0].error is None and requests[0].tokens == alone(model, requests[0])[0]
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "8"])
+def test_prefill_chunk_is_a_non_negative_integer(model, value):
+    with pytest.raises(OptionError, match="prefill_chunk"):
+        Batch(model, prefill_chunk=value)
 
 
 def test_a_leaving_row_hands_back_its_unpadded_cache(model):
@@ -265,3 +319,10 @@ def test_a_row_from_a_reused_cache_penalises_the_cached_tokens_too(model):
     without = [s.token for s in generate_step(rest, model, max_tokens=8, cache=prefilled(),
                                               logits_processors=processors)]
     assert without != want  # the prefix's tokens matter here
+
+
+def test_serve_prefill_chunk_default_is_the_batch_default():
+    from mlx_openelm.server_cli import serve_command
+
+    option = next(p for p in serve_command.params if p.name == "prefill_chunk")
+    assert option.default == PREFILL_CHUNK

@@ -1,5 +1,6 @@
-"""Failure isolation through a real `mlx-openelm serve`: a fault injected into one request's sampler
-fails that request alone (a 500, or an error event mid-stream); the requests batched with it finish
+"""The worker's scheduling through a real `mlx-openelm serve`: a long prompt read in chunks while other
+requests decode gives the answers each would have alone; a fault injected into one request's sampler
+fails that request alone (a 500, or an error event mid-stream), the requests batched with it finish
 with the tokens they would have had alone, and the server keeps serving."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from mlx_openelm import load  # noqa: E402
+from mlx_openelm import load, make_logits_processors, stream_generate  # noqa: E402
 from test_server import expected, health, start_server  # noqa: E402
 
 FAULTY_SEED = 666  # a request with this seed gets a sampler that raises after FAULT_AFTER tokens
@@ -41,16 +42,43 @@ main()
 
 @pytest.fixture(scope="module")
 def server(hf_checkpoint):
-    s = start_server(hf_checkpoint, "--max-tokens", "24", "--prompt-cache-size", "0", python=("-c", LAUNCH))
+    s = start_server(hf_checkpoint, "--max-tokens", "24", "--prompt-cache-size", "0", "--prefill-chunk", "64",
+                     python=("-c", LAUNCH))
     yield s
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(timeout=20) == 0, "".join(s.log)
 
 
-def test_a_fault_in_one_request_fails_it_alone_and_the_server_keeps_serving(server, hf_checkpoint):
-    local = load(hf_checkpoint, dtype="float32")
+@pytest.fixture(scope="module")
+def local(hf_checkpoint):
+    return load(hf_checkpoint, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_a_long_prompt_read_in_chunks_while_others_decode_changes_no_answer(client, local):
+    model, tokenizer = local
+    long_ids = [1] + [(31 * j) % 380 + 3 for j in range(599)]  # 10 chunks of 64
+    steps = list(stream_generate(model, tokenizer, long_ids, max_tokens=8, logits_processors=make_logits_processors(1.2)))
+    stream = iter(client.completions.create(model="tiny", prompt="Once", max_tokens=300, stream=True))
+    streamed = next(stream).choices[0].text  # decoding while the long prompt is read
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda ids: client.completions.create(model="tiny", prompt=ids, max_tokens=8,
+                                                                      logprobs=1),
+                                [long_ids, long_ids[:300]]))
+    streamed += "".join(c.choices[0].text for c in stream)
+    assert streamed == expected(local, tokenizer.encode("Once"), max_tokens=300)
+    assert answers[0].choices[0].text == "".join(s.text for s in steps)
+    assert answers[0].choices[0].logprobs.token_logprobs == pytest.approx(
+        [s.logprobs[s.token].item() for s in steps], abs=1e-4)
+    assert answers[1].choices[0].text == expected(local, long_ids[:300], max_tokens=8)
+
+
+def test_a_fault_in_one_request_fails_it_alone_and_the_server_keeps_serving(server, client, local):
     tokenizer = local[1]
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
     long = iter(client.completions.create(model="tiny", prompt="Once", max_tokens=300, stream=True))
     long_text = next(long).choices[0].text  # decoding while the faulty requests join the batch and fail
 
