@@ -255,3 +255,21 @@ def test_eval_texts_and_prompts_with_tokenizer_json(json_checkpoint):
     text = " ".join(TOKENIZER_TEXT)
     result = evaluate_text(model, tok, text, context=32, stride=16)
     assert result.tokens == len(tok.encode(text)) - 1 and result.bytes == len(text.encode())
+
+
+def test_a_model_repo_with_tokenizer_json_generates_offline(json_checkpoint, tmp_path, monkeypatch):
+    """A repo id (as mlx-community's) whose snapshot holds a tokenizer.json and no tokenizer.model."""
+    from click.testing import CliRunner
+
+    from mlx_openelm import generate, make_logits_processors
+    from mlx_openelm.cli import main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    cache_repo(cache, "someone/OpenELM-tiny-json", {p.name: p for p in json_checkpoint.iterdir()})
+    result = CliRunner().invoke(main, ["generate", "--model", "someone/OpenELM-tiny-json", "-p", "Héllo 🎉",
+                                       "-m", "8", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    model, tok = load(json_checkpoint)
+    assert result.stdout == generate(model, tok, "Héllo 🎉", max_tokens=8,
+                                     logits_processors=make_logits_processors(1.2)) + "\n"

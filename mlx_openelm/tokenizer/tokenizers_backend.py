@@ -7,6 +7,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
@@ -105,8 +106,7 @@ class HFTokenizer(Tokenizer):
         self.path = Path(path)
         self.backend, data = _read_tokenizer_json(self.path)
         self.backend.encode_special_tokens = True  # a "<|im_end|>" typed in a prompt is text
-        vocab = self.backend.get_vocab(with_added_tokens=True)
-        self._size = max(vocab.values(), default=-1) + 1
+        self._size = self.backend.get_vocab_size(with_added_tokens=True)
         self._special = {t["id"] for t in data.get("added_tokens") or () if isinstance(t, dict) and t.get("special")}
         if bos_id is None or eos_id is None:
             named = _named_special_ids(self.path, self.backend)
@@ -121,25 +121,28 @@ class HFTokenizer(Tokenizer):
         self.check_special_ids()
         decoder = data.get("decoder")
         self.byte_level = isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
-        self._piece_bytes = self._byte_table() if self.byte_level else None
-        # Tokens that may still change the text before them: byte-fallback pieces (a run of them
-        # decodes as a whole) and the special tokens that decoding skips inside such a run.
-        self.unsettled = self._special | {i for t, i in vocab.items() if _BYTE_PIECE.fullmatch(t)}
 
-    def _byte_table(self) -> list[bytes]:
+    @cached_property
+    def _piece_bytes(self) -> list[bytes]:
         """Each id's bytes as the ByteLevel decoder makes them: each character's byte, or, for a
-        token with a character outside the alphabet (an added token), its own UTF-8."""
+        token with a character outside the alphabet (an added token), its own UTF-8. Built on
+        first use (streaming, logprobs): 49152 tokens take a few tenths of a second."""
         alphabet = byte_level_alphabet()
-        table = []
-        for token in range(self._size):
-            text = self.backend.id_to_token(token)
-            if text is None or token in self._special:
-                table.append(b"")
-            elif all(c in alphabet for c in text):
-                table.append(bytes(alphabet[c] for c in text))
-            else:
-                table.append(text.encode())
+        to_bytes = str.maketrans({c: chr(b) for c, b in alphabet.items()})
+        outside = re.compile("[^" + re.escape("".join(alphabet)) + "]")
+        table = [b""] * self._size
+        for text, token in self.backend.get_vocab(with_added_tokens=True).items():
+            if token not in self._special:
+                table[token] = text.encode() if outside.search(text) else text.translate(to_bytes).encode("latin-1")
         return table
+
+    @cached_property
+    def unsettled(self) -> frozenset[int]:
+        """Tokens that may still change the text before them (for `RedecodingDetokenizer`):
+        byte-fallback pieces (a run of them decodes as a whole) and the special tokens that
+        decoding skips inside such a run."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        return frozenset(self._special | {i for t, i in vocab.items() if _BYTE_PIECE.fullmatch(t)})
 
     @property
     def vocab_size(self) -> int:
@@ -157,7 +160,7 @@ class HFTokenizer(Tokenizer):
     def piece_bytes(self, token: int) -> bytes:
         if not 0 <= token < self._size or token in self._special:
             return b""
-        if self._piece_bytes is not None:
+        if self.byte_level:
             return self._piece_bytes[token]
         return self.decode_ids([token]).encode()
 
