@@ -166,8 +166,13 @@ def test_special_ids_come_from_the_files_beside_it_unless_given(tokenizer_json_p
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": {"content": "<|endoftext|>"}, "eos_token": "<|im_end|>"}))
     assert (Tokenizer(tmp_path / "tokenizer.json").bos_id, Tokenizer(tmp_path / "tokenizer.json").eos_id) == (0, 2)
-    given = Tokenizer(tmp_path / "tokenizer.json", bos_id=1, eos_id=0)
-    assert (given.bos_id, given.eos_id) == (1, 0)
+    with pytest.warns(OpenELMWarning, match=r"special_tokens_map.json: its bos_token is '<\|endoftext\|>' \(id 0\) "
+                                             r"but the model's is id 1 \('<\|im_start\|>'\); using the model's"):
+        given = Tokenizer(tmp_path / "tokenizer.json", bos_id=1, eos_id=2)
+    assert (given.bos_id, given.eos_id) == (1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Tokenizer(tmp_path / "tokenizer.json", bos_id=0, eos_id=2).bos_id == 0  # agreeing: no warning
     with pytest.raises(TokenizerError, match=r"tokenizer.json: the EOS id 384 is not in the tokenizer's 384 tokens"):
         Tokenizer(tmp_path / "tokenizer.json", bos_id=1, eos_id=384)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import warnings
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import TokenizerError
+from ..errors import OpenELMWarning, TokenizerError
 from .common import PathLike, Tokenizer, register_backend
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama-2's <0x0A>)
@@ -70,8 +71,9 @@ def _read_tokenizer_json(path: Path) -> tuple[Any, dict]:
     return backend, data
 
 
-def _named_special_ids(path: Path, backend) -> dict[str, int]:
-    """BOS/EOS ids named by the tokenizer_config.json or special_tokens_map.json beside `path`."""
+def _named_special_ids(path: Path, backend) -> tuple[Optional[Path], dict[str, int]]:
+    """The first tokenizer_config.json or special_tokens_map.json beside `path` that names
+    both BOS and EOS, and their ids; `(None, {})` when none does."""
     for name in SPECIAL_TOKEN_FILES:
         try:
             config = json.loads((path.parent / name).read_text(encoding="utf-8"))
@@ -87,8 +89,8 @@ def _named_special_ids(path: Path, backend) -> dict[str, int]:
             if token_id is not None:
                 found[key] = token_id
         if len(found) == 2:
-            return found
-    return {}
+            return path.parent / name, found
+    return None, {}
 
 
 @register_backend(is_tokenizer_json)
@@ -108,17 +110,7 @@ class HFTokenizer(Tokenizer):
         self.backend.encode_special_tokens = True  # a "<|im_end|>" typed in a prompt is text
         self._size = self.backend.get_vocab_size(with_added_tokens=True)
         self._special = {t["id"] for t in data.get("added_tokens") or () if isinstance(t, dict) and t.get("special")}
-        if bos_id is None or eos_id is None:
-            named = _named_special_ids(self.path, self.backend)
-            if not named:
-                raise TokenizerError(
-                    f"{self.path}: a tokenizer.json does not say which tokens are BOS and EOS, and no "
-                    f"{' or '.join(SPECIAL_TOKEN_FILES)} beside it names them: pass bos_id and eos_id "
-                    "(loading a model folder takes them from its config.json)")
-            bos_id = named["bos_token"] if bos_id is None else bos_id
-            eos_id = named["eos_token"] if eos_id is None else eos_id
-        self.bos_id, self.eos_id = int(bos_id), int(eos_id)
-        self.check_special_ids()
+        self._set_special_ids(bos_id, eos_id)
         decoder = data.get("decoder")
         self.byte_level = isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
 
@@ -135,6 +127,25 @@ class HFTokenizer(Tokenizer):
             if token not in self._special:
                 table[token] = text.encode() if outside.search(text) else text.translate(to_bytes).encode("latin-1")
         return table
+
+    def _set_special_ids(self, bos_id: Optional[int], eos_id: Optional[int]) -> None:
+        """BOS/EOS: the ids given, else those the files beside the tokenizer name; a file naming
+        other ids than the given ones gets a warning (the given ones, the model's, are used)."""
+        source, named = _named_special_ids(self.path, self.backend)
+        if (bos_id is None or eos_id is None) and not named:
+            raise TokenizerError(
+                f"{self.path}: a tokenizer.json does not say which tokens are BOS and EOS, and no "
+                f"{' or '.join(SPECIAL_TOKEN_FILES)} beside it names them: pass bos_id and eos_id "
+                "(loading a model folder takes them from its config.json)")
+        chosen = {"bos_token": named["bos_token"] if bos_id is None else int(bos_id),
+                  "eos_token": named["eos_token"] if eos_id is None else int(eos_id)}
+        self.bos_id, self.eos_id = chosen["bos_token"], chosen["eos_token"]
+        self.check_special_ids()
+        for key, token in chosen.items():
+            if key in named and named[key] != token:
+                warnings.warn(f"{source}: its {key} is {self.piece(named[key])!r} (id {named[key]}) but the "
+                              f"model's is id {token} ({self.piece(token)!r}); using the model's",
+                              OpenELMWarning, stacklevel=4)
 
     @cached_property
     def unsettled(self) -> frozenset[int]:
