@@ -8,6 +8,7 @@ from typing import TextIO
 import click
 
 from .cli_common import (
+    adapter_option,
     clean_prompt,
     echo_stream,
     format_speculative,
@@ -146,6 +147,7 @@ def _tolerant_stdin() -> None:
 
 @click.command("chat")
 @model_options
+@adapter_option
 @click.option("--system", "-s", default=None, help="System prompt (kept when old turns are dropped).")
 @sampling_options
 @speculative_options
@@ -153,7 +155,7 @@ def _tolerant_stdin() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No loading message or statistics lines.")
 @user_errors
 def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, top_k, top_p, min_p,
-                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet):
+                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, adapter_path):
     """Chat with an OpenELM-Instruct model in the terminal (or through a pipe, one message a line).
 
     Replies stream to stdout; statistics and notices go to stderr. Commands: /reset,
@@ -164,7 +166,7 @@ def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, to
     if system is not None:
         system = clean_prompt(system, "--system")
     kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet, adapter_path=adapter_path)
     speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     draft = speculative.pop("draft_model", None)
     session = ChatSession(model, tokenizer, system=system, notify=note, draft_model=draft)

@@ -215,6 +215,13 @@ def model_options(fn):
     ], fn)
 
 
+def adapter_option(fn):
+    """`--adapter-path`: a fine-tuned adapter (ours or mlx-lm's) added to the model as it loads."""
+    return click.option("--adapter-path", "adapter_path", default=None, type=click.Path(), metavar="DIR",
+                        help="Adapter folder from `mlx-openelm lora` or mlx-lm (adapter_config.json + "
+                             "adapters.safetensors) to apply to the model.")(fn)
+
+
 def speculative_options(fn):
     """`--draft-model`, `--num-draft-tokens` and `--prompt-lookup` (speculative decoding)."""
     return _apply([
@@ -276,8 +283,9 @@ def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, 
     return kwargs
 
 
-def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False):
-    """Resolve `--model` / `--tokenizer` (paths or Hugging Face repo ids; no model: the default) and load both."""
+def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False, adapter_path=None):
+    """Resolve `--model` / `--tokenizer` (paths or Hugging Face repo ids; no model: the default) and load both,
+    with the `--adapter-path` adapter if one is given."""
     from .loading import load
 
     def log(message: str) -> None:
@@ -290,7 +298,10 @@ def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = Fals
         log(f"Loading {DEFAULT_MODEL} (the default; choose another with --model) ...")
     else:
         log(f"Loading {model_ref} ...")
-    return load(model_ref, tokenizer=tokenizer_ref, dtype=dtype, log=log)
+    model, tokenizer = load(model_ref, tokenizer=tokenizer_ref, dtype=dtype, log=log, adapter_path=adapter_path)
+    if adapter_path is not None:
+        log(f"Adapter {adapter_path} applied")
+    return model, tokenizer
 
 
 # ---- output -----------------------------------------------------------------------

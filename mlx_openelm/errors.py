@@ -32,3 +32,16 @@ class PromptError(OpenELMError, ValueError):
 
 class OptionError(OpenELMError, ValueError):
     """An option or argument out of its range: a command-line flag or an API keyword."""
+
+
+class DataError(OpenELMError, ValueError):
+    """Training data that cannot be used (fine-tuning's JSONL files); the message names the file and line."""
+
+
+class TrainingInterrupted(OpenELMError):
+    """Fine-tuning stopped by Ctrl-C or a signal, after saving the adapters trained so far."""
+
+    def __init__(self, message: str, iteration: int, path):
+        super().__init__(message)
+        self.iteration = iteration
+        self.path = path

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .cli_common import load_model_and_tokenizer, model_options, note, user_errors
+from .cli_common import adapter_option, load_model_and_tokenizer, model_options, note, user_errors
 
 
 def format_result(result: dict) -> str:
@@ -45,6 +45,7 @@ def read_text(path: str) -> str:
 
 @click.command("eval")
 @model_options
+@adapter_option
 @click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Plain UTF-8 text file to score.")
 @click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
@@ -57,7 +58,7 @@ def read_text(path: str) -> str:
                    "(e.g. the float original of a quantized --model).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
-def eval_command(model_path, tokenizer_path, dtype, text_path, context, stride, reference_path, as_json):
+def eval_command(model_path, tokenizer_path, dtype, text_path, context, stride, reference_path, as_json, adapter_path):
     """Perplexity of a model on a text (sliding window), bits per byte, and optionally its
     divergence from a reference model on the same text.
 
@@ -72,7 +73,7 @@ def eval_command(model_path, tokenizer_path, dtype, text_path, context, stride, 
     from .loading import load_model
 
     text = read_text(text_path)
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json, adapter_path=adapter_path)
     reference = None
     if reference_path is not None:
         if not as_json:

@@ -7,6 +7,7 @@ import json
 import click
 
 from .cli_common import (
+    adapter_option,
     clean_prompt,
     echo_stream,
     format_finish,
@@ -41,6 +42,7 @@ def _json_fields(last) -> dict:
 
 @click.command("generate")
 @model_options
+@adapter_option
 @click.option("--prompt", "-p", required=True, help="Prompt text, or '-' to read it from stdin.")
 @click.option("--chat", "--chat-template", "chat", is_flag=True,
               help="Wrap the prompt in OpenELM-Instruct's chat format (a user turn, then the assistant's).")
@@ -52,7 +54,7 @@ def _json_fields(last) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and statistics) at the end.")
 @user_errors
 def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, max_tokens, temp, top_k, top_p,
-                     min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, as_json):
+                     min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, as_json, adapter_path):
     """Generate text from a prompt, streaming it to stdout (statistics go to stderr)."""
     from .generation import stream_generate
 
@@ -63,7 +65,7 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, ma
     if system is not None:
         system = clean_prompt(system, "--system")
     kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json, adapter_path=adapter_path)
     speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet or as_json)
     kwargs.update(speculative)
     if chat or system is not None:

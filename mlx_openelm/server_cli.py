@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from .cli_common import (
+    adapter_option,
     load_model_and_tokenizer,
     load_speculative,
     make_generation_kwargs,
@@ -30,6 +31,7 @@ def _model_id(model_ref) -> str:
 
 @click.command("serve")
 @model_options
+@adapter_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (anything but localhost is reachable from your network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
@@ -49,7 +51,7 @@ def _model_id(model_ref) -> str:
 @user_errors
 def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_id, max_request_bytes,
                   prompt_cache_size, prefill_chunk, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
-                  draft_path, num_draft_tokens, prompt_lookup, quiet):
+                  draft_path, num_draft_tokens, prompt_lookup, quiet, adapter_path):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     The sampling options are the defaults for requests that leave those fields out.
@@ -75,7 +77,8 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     if warning:
         click.echo(f"warning: {warning}", err=True)
     try:
-        model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet)
+        model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet,
+                                                    adapter_path=adapter_path)
         speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     except BaseException:
         httpd.server_close()

@@ -68,9 +68,16 @@ def load_adapters(model: nn.Module, adapter_path: Union[str, Path]) -> AdapterCo
     folder = Path(adapter_path)
     config = read_adapter_config(folder, len(model.layers))
     apply_adapters(model, config)
-    weights = read_adapter_file(folder / ADAPTERS_FILE)
+    load_adapter_weights(model, folder / ADAPTERS_FILE, config)
+    model.eval()
+    return config
+
+
+def load_adapter_weights(model: nn.Module, path: Path, config: AdapterConfig) -> None:
+    """Load an adapter file into a model that has `config`'s adapter applied, after checking that the
+    file holds exactly its parameters with their shapes (a CheckpointError names the first that is not)."""
+    weights = read_adapter_file(path)
     expected = adapter_weights(model)
-    path = folder / ADAPTERS_FILE
     for name, array in weights.items():
         if name not in expected:
             raise CheckpointError(f"{path}: tensor '{name}' is not a parameter of this adapter "
@@ -82,12 +89,10 @@ def load_adapters(model: nn.Module, adapter_path: Union[str, Path]) -> AdapterCo
     if missing:
         raise CheckpointError(f"{path}: tensor '{missing[0]}' is missing"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    if config.fine_tune_type == "full":  # whole layers: back to the model's compute dtype
-        weights = {name: array.astype(expected[name].dtype) for name, array in weights.items()}
+    # full fine-tuning stores whole layers: back to the model's compute dtype (adapters stay float32)
+    weights = {name: array.astype(expected[name].dtype) for name, array in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
-    model.eval()
-    return config
 
 
 def read_adapter_file(path: Path) -> dict[str, mx.array]:
