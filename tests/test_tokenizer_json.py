@@ -216,6 +216,19 @@ def test_a_folder_with_tokenizer_json_loads_it_with_the_configs_ids(json_checkpo
     assert (tok.bos_id, tok.eos_id) == (model.args.bos_token_id, model.args.eos_token_id) == (BOS, EOS)
 
 
+def test_bos_and_eos_follow_the_model_config(json_checkpoint, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(json_checkpoint, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "bos_token_id": 2, "eos_token_id": 0}))
+    _model, tok = load(folder)
+    assert (tok.bos_id, tok.eos_id) == (2, 0) and tok.encode("hi")[0] == 2
+    del config["bos_token_id"], config["eos_token_id"]
+    (folder / "config.json").write_text(json.dumps(config))
+    _model, tok = load(folder)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)  # Apple's defaults, as ModelArgs has them
+
+
 def test_a_folder_with_both_files_uses_tokenizer_model(hf_checkpoint, tokenizer_json_path, tmp_path):
     folder = tmp_path / "both"
     shutil.copytree(hf_checkpoint, folder)

@@ -124,7 +124,7 @@ class HFTokenizer(Tokenizer):
         outside = re.compile("[^" + re.escape("".join(alphabet)) + "]")
         table = [b""] * self._size
         for text, token in self.backend.get_vocab(with_added_tokens=True).items():
-            if token not in self._special:
+            if token not in self._special and token < self._size:  # (a hole in the ids shortens the count)
                 table[token] = text.encode() if outside.search(text) else text.translate(to_bytes).encode("latin-1")
         return table
 
