@@ -6,7 +6,7 @@ Runs the real server (`mlx_openelm.server`) in this process on a random-weight m
 a published shape (generation on the main thread, HTTP in a thread, as `serve` does),
 then for each client count starts that many streaming `/v1/completions` requests at
 once (token-id prompts, greedy, fixed length) and reports generated tokens per second
-of wall time over all of them. The tokenizer only decodes (any SentencePiece file).
+of wall time over all of them. The tokenizer only decodes (any tokenizer.model or tokenizer.json).
 """
 
 from __future__ import annotations
