@@ -141,6 +141,10 @@ def test_other_decoders_stream_exactly_by_re_decoding(tokenizer_path, tmp_path):
     for _ in range(1000):
         ids = random_ids(tok, rng, past=2)
         assert "".join(stream(tok, ids)) == tok.decode(ids), ids
+    spaces = [i for i in range(tok.vocab_size) if tok.piece(i).startswith("\u2581")]
+    for _ in range(200):  # longer, with many word starts: the window moves along
+        ids = [rng.choice(spaces) if rng.random() < 0.5 else rng.randrange(tok.vocab_size) for _ in range(60)]
+        assert "".join(stream(tok, ids)) == tok.decode(ids), ids
 
 
 def test_chat_template_equals_transformers_rendering_the_same_template(tokenizer, hf):

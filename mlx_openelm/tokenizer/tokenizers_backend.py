@@ -196,28 +196,37 @@ class ByteLevelDetokenizer:
 
 
 class RedecodingDetokenizer:
-    """Any other decoder: decode everything up to the last token that settles the text and emit
-    what is new. A trailing run of byte-fallback tokens is held back (the run decodes as a whole,
-    so its last byte can change its first), and so is a trailing U+FFFD. Each step decodes the
-    whole sequence, which is small next to a model step."""
+    """Any other decoder: re-decode a short window and emit what is new. The window starts at
+    the last token already printed, which takes the decoder's start-of-text rules (Llama-2's
+    strip of the first space) for the new tokens, so each step decodes a few tokens, not the
+    whole sequence. A trailing run of byte-fallback tokens (decoded as a whole: its last byte
+    can change its first) or a trailing U+FFFD is held back until settled."""
 
     def __init__(self, tokenizer: HFTokenizer):
         self._decode = tokenizer.decode
         self._unsettled = tokenizer.unsettled
         self._size = tokenizer.vocab_size
-        self._ids: list[int] = []
-        self._sent = 0  # characters of the text already returned
+        self._window: list[int] = []  # a printed context token (after the first step), then the rest
+        self._sent = 0  # characters of the window's text already returned
+
+    def _settles(self, token: int) -> bool:
+        return token not in self._unsettled and 0 <= token < self._size
 
     def add_token(self, token: int) -> str:
-        self._ids.append(int(token))
-        end = len(self._ids)
-        while end and (self._ids[end - 1] in self._unsettled or not 0 <= self._ids[end - 1] < self._size):
+        window = self._window
+        window.append(int(token))
+        end = len(window)
+        while end and not self._settles(window[end - 1]):
             end -= 1
-        text = self._decode(self._ids[:end]).rstrip("\ufffd")
-        new, self._sent = text[self._sent:], max(self._sent, len(text))
+        text = self._decode(window[:end])
+        settled = text.rstrip("\ufffd")
+        new, self._sent = settled[self._sent:], max(self._sent, len(settled))
+        if end == len(window) and settled == text:  # all printed: the last token becomes the context
+            self._window = [window[-1]]
+            self._sent = len(self._decode(self._window))
         return new
 
     def finalize(self) -> str:
-        text = self._decode(self._ids)
+        text = self._decode(self._window)
         new, self._sent = text[self._sent:], len(text)
         return new
