@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_openelm.config import RMS_NORM_EPS, ModelArgs
+from mlx_openelm.config import ModelArgs
 from mlx_openelm.generation import generate_step
 from mlx_openelm.quantization import Quantization, apply_quantization, check_bits, check_group_size
 from mlx_openelm.model import Model, make_cache
@@ -235,7 +235,6 @@ def mlx_lm_model(model: Model):
     """
     lm_openelm, _, _ = import_mlx_lm()
     config = model.args.to_dict()
-    config["rms_norm_eps"] = RMS_NORM_EPS
     lm = lm_openelm.Model(lm_openelm.ModelArgs.from_dict(config))
     specs = {}
     for path, module in model.named_modules():

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from .errors import ConfigError, OpenELMWarning
 
-RMS_NORM_EPS = 1e-6  # fixed in Apple's code; no config key
+RMS_NORM_EPS = 1e-6  # fixed in Apple's code; the optional `rms_norm_eps` key overrides it
 
 # OpenELM uses Llama-2's 32000-piece tokenizer; CoreNet checkpoints pad the embedding to 32128 rows
 # that no token id reaches. A model of either size works with that one tokenizer.
@@ -86,6 +86,7 @@ KEYS: dict[str, Key] = {
     "normalize_qk_projections": Key(bool, True),
     "share_input_output_layers": Key(bool, True),
     "rope_freq_constant": Key(float, 10000.0, low=0, high=1e12, low_open=True),
+    "rms_norm_eps": Key(float, RMS_NORM_EPS, low=0, high=1.0, low_open=True),
     "rope_max_length": Key(int, 4096, high=2**24),
     "max_context_length": Key(int, 2048, high=2**24),
     "bos_token_id": Key(int, 1, low=0, high=2**21 - 1),  # and below vocab_size
@@ -132,6 +133,7 @@ class ModelArgs:
     normalize_qk_projections: bool = True
     share_input_output_layers: bool = True
     rope_freq_constant: float = 10000.0
+    rms_norm_eps: float = RMS_NORM_EPS
     rope_max_length: int = 4096
     max_context_length: int = 2048
     num_gqa_groups: int = 4
@@ -221,6 +223,7 @@ class ModelArgs:
             "normalize_qk_projections": self.normalize_qk_projections,
             "share_input_output_layers": self.share_input_output_layers,
             "rope_freq_constant": self.rope_freq_constant,
+            "rms_norm_eps": self.rms_norm_eps,
             "rope_max_length": self.rope_max_length,
             "max_context_length": self.max_context_length,
             "num_gqa_groups": self.num_gqa_groups,

@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import KVCache
-from .config import RMS_NORM_EPS, ModelArgs
+from .config import ModelArgs
 from .errors import ContextLengthError
 
 
@@ -27,8 +27,8 @@ class Attention(nn.Module):
         self.scale = args.head_dim**-0.5
         self.qkv_proj = nn.Linear(args.model_dim, args.qkv_out_dims[layer], bias=False)
         if args.normalize_qk_projections:
-            self.q_norm = nn.RMSNorm(args.head_dim, eps=RMS_NORM_EPS)
-            self.k_norm = nn.RMSNorm(args.head_dim, eps=RMS_NORM_EPS)
+            self.q_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(args.head_dim, eps=args.rms_norm_eps)
         self.out_proj = nn.Linear(self.num_query_heads * args.head_dim, args.model_dim, bias=False)
 
     def __call__(self, x: mx.array, mask, cache: Optional[KVCache]) -> mx.array:
@@ -70,9 +70,9 @@ class FeedForward(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(args.model_dim, eps=RMS_NORM_EPS)
+        self.attn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
         self.attn = Attention(args, layer)
-        self.ffn_norm = nn.RMSNorm(args.model_dim, eps=RMS_NORM_EPS)
+        self.ffn_norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
         self.ffn = FeedForward(args, layer)
 
     def __call__(self, x: mx.array, mask, cache: Optional[KVCache]) -> mx.array:
@@ -87,7 +87,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.token_embeddings = nn.Embedding(args.vocab_size, args.model_dim)
         self.layers = [DecoderLayer(args, i) for i in range(args.num_transformer_layers)]
-        self.norm = nn.RMSNorm(args.model_dim, eps=RMS_NORM_EPS)
+        self.norm = nn.RMSNorm(args.model_dim, eps=args.rms_norm_eps)
 
 
 class Model(nn.Module):

@@ -197,6 +197,15 @@ def test_json_literals_nan_and_infinity_are_refused(tmp_path):
         ModelArgs.from_file(tmp_path)
 
 
+def test_rms_norm_eps_is_optional_and_checked():
+    assert ModelArgs.from_dict(TINY_CONFIG).rms_norm_eps == 1e-6  # Apple's fixed value
+    assert ModelArgs.from_dict({**TINY_CONFIG, "rms_norm_eps": 1e-5}).rms_norm_eps == 1e-5
+    with pytest.raises(ConfigError, match=r"'rms_norm_eps' must be positive, got 0.0"):
+        ModelArgs.from_dict({**TINY_CONFIG, "rms_norm_eps": 0})
+    with pytest.raises(ConfigError, match=r"'rms_norm_eps' is 2.0, over the limit of 1"):
+        ModelArgs.from_dict({**TINY_CONFIG, "rms_norm_eps": 2.0})
+
+
 def test_unknown_keys_are_reported_not_silently_dropped():
     with pytest.warns(OpenELMWarning, match=r"ignoring unknown config keys \['mystery_knob'\]"):
         ModelArgs.from_dict({**TINY_CONFIG, "mystery_knob": 3})

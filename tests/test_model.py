@@ -49,6 +49,18 @@ def test_non_glu_ffn_matches_reference(tmp_path):
     np.testing.assert_allclose(np.array(model(mx.array(tokens)[None]))[0], expected, atol=ATOL, rtol=1e-5)
 
 
+def test_rms_norm_eps_key_matches_reference(tmp_path):
+    """A config's optional rms_norm_eps (Llama-style models: 1e-5) reaches every norm; a large one shows."""
+    config = {**TINY_CONFIG, "rms_norm_eps": 0.5}
+    weights = random_weights(config, seed=6)
+    model = load_model(write_hf_checkpoint(tmp_path / "eps", config, weights), dtype="float32")
+    tokens = _tokens(11, seed=7)
+    expected = reference.forward(weights, config, tokens)
+    np.testing.assert_allclose(np.array(model(mx.array(tokens)[None]))[0], expected, atol=ATOL, rtol=1e-5)
+    default_eps = reference.forward(weights, TINY_CONFIG, tokens)
+    assert np.abs(expected - default_eps).max() > 100 * ATOL  # the key changed the computation
+
+
 def test_batch_rows_are_independent(model):
     tokens = np.stack([_tokens(12, seed=1), _tokens(12, seed=2)])
     batched = np.array(model(mx.array(tokens)))
