@@ -238,6 +238,24 @@ def check_replaceable(target: Path) -> None:
         raise ConfigError(f"--mlx-path: {target} exists and is not a folder; --force only replaces a folder")
 
 
+@contextmanager
+def installing(target: Path, force: bool) -> Iterator[Path]:
+    """A temporary folder beside `target` to write the output into; installed at `target` when the
+    block completes, removed (with any parent folders made for it) when it fails or is interrupted."""
+    created_parents, tmp = make_parents(target.parent), None
+    try:
+        with signals_deferred():
+            remove_stale_temp_folders(target)
+            tmp = make_temp_folder(target)
+        yield tmp
+        with signals_deferred(finishing=True):
+            install(tmp, target, force)
+            tmp, created_parents = None, []
+    except BaseException:
+        discard(tmp, created_parents)
+        raise
+
+
 def install(tmp: Path, target: Path, force: bool) -> None:
     """Rename the finished `tmp` to `target`. Without `force` an existing target is never
     touched; with it the old one is moved aside and deleted only once the new one is in place."""

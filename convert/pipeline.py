@@ -27,9 +27,7 @@ from mlx_openelm.tokenizer import Tokenizer
 
 from .calibration import OPTION as CALIBRATION_OPTION
 from .calibration import CalibrationText, FoldedSource, calibration_text, channel_scales
-from .install import (
-    check_replaceable, discard, install, make_parents, make_temp_folder, remove_stale_temp_folders, signals_deferred,
-)
+from .install import check_replaceable, installing
 from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
 from .quantize import convert_tensor
 from .report import ConvertReport, layer_bits, peak_memory_mb
@@ -108,11 +106,7 @@ def convert(
     plan = plan_quantization(source.shapes(), default_bits, group_size, recipe, method) if default_bits else None
     calibration = _calibration(source, calibration_text, tok, plan)
 
-    created_parents, tmp = make_parents(target.parent), None
-    try:
-        with signals_deferred():
-            remove_stale_temp_folders(target)
-            tmp = make_temp_folder(target)
+    with installing(target, force) as tmp:
         # a source reads each tensor once: calibration and the quality check open their own
         report = (_write_model(source, tmp, out_dtype, plan, max_bytes, progress) if calibration is None else
                   _write_calibrated(source, open_sources(references, preset, config), calibration, tmp, out_dtype,
@@ -121,12 +115,6 @@ def convert(
         report.method = method if plan else None
         _finish_folder(tmp, report, args, out_dtype, plan, tok,
                        open_sources(references, preset, config) if evaluate else None)
-        with signals_deferred(finishing=True):
-            install(tmp, target, force)
-            tmp, created_parents = None, []
-    except BaseException:
-        discard(tmp, created_parents)
-        raise
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = peak_memory_mb()
     return report

@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "mlx_openelm.evaluate_cli:eval_command",
     "serve": "mlx_openelm.server_cli:serve_command",
     "lora": "mlx_openelm.tuning.cli:lora_command",
+    "fuse": "mlx_openelm.tuning.cli:fuse_command",
 }
 
 
@@ -36,7 +37,7 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mlx-openelm")
 def main():
-    """Run Apple's OpenELM models with MLX: generate, chat, serve, convert, eval, bench, lora (fine-tune)."""
+    """Run Apple's OpenELM models with MLX: generate, chat, serve, convert, eval, bench, lora (fine-tune), fuse."""
 
 
 if __name__ == "__main__":

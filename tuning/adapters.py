@@ -40,6 +40,9 @@ def apply_adapters(model: nn.Module, config: AdapterConfig) -> nn.Module:
     for index in config.layer_indices(len(layers)):
         layer = layers[index]
         if config.fine_tune_type == "full":
+            if any(isinstance(m, nn.QuantizedLinear) for _, m in layer.named_modules()):
+                raise ConfigError("fine_tune_type full: the model is quantized; train lora or dora on it (QLoRA), "
+                                  "or fully fine-tune a float model (convert --dequantize writes one)")
             layer.unfreeze()
             continue
         wrapper = ADAPTER_CLASSES[config.fine_tune_type]

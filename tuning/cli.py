@@ -179,3 +179,34 @@ def run_training(model_path, tokenizer_path, dtype, data_path, lora: dict, setti
     if as_json:
         summary["events"] = events
     return summary
+
+
+@click.command("fuse")
+@click.option("--model", "model_path", required=True, help="The base model folder (float or quantized) or repo id.")
+@click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(),
+              help="The adapter folder (ours or mlx-lm's).")
+@click.option("--save-path", "--mlx-path", "save_path", default="fused_model", show_default=True, type=click.Path(),
+              help="Output folder (written to a temporary folder and renamed into place).")
+@click.option("--dequantize", is_flag=True, help="Write a quantized base back in float instead of re-quantizing.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@user_errors
+def fuse_command(model_path, adapter_path, save_path, dequantize, force, as_json):
+    """Merge an adapter into the model's weights: a normal model folder for every command and mlx-lm.
+
+    A quantized base is dequantized, merged and re-quantized at each layer's own bits with the
+    converter's quantizer (or written in float with --dequantize)."""
+    from mlx_openelm.tuning.fuse import fuse
+
+    report = fuse(model_path, adapter_path, save_path, dequantize=dequantize, force=force)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    rows = [("output", report["output"]), ("layers fused", str(report["fused_layers"])),
+            ("weights", report["dtype"] + (" (dequantized)" if report["dequantized"] else ""))]
+    if report["requantized_layers"]:
+        rows.append(("re-quantized", f"{report['requantized_layers']} layers ({report['method']}), worst relative "
+                                     f"error {report['max_requantization_error']:.4f}"))
+    rows.append(("time", f"{report['seconds']:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    click.echo("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
