@@ -24,7 +24,7 @@ def stream_completion(port: int, prompt: list[int], max_tokens: int) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     body = {"prompt": prompt, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True},
             "repetition_penalty": 1.0}
-    connection.request("POST", "/v1/completions", body=json.dumps(body))
+    connection.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
     response = connection.getresponse()
     tokens = 0
     for line in response:

@@ -4,13 +4,13 @@
 server's settings; `make_server` binds a `ThreadingHTTPServer` whose handler threads
 parse requests (`server_api`), hand them to the scheduler and write its tokens back,
 as one JSON body or as server-sent events. Endpoints: `GET /v1/models`, `GET /health`,
-`POST /v1/chat/completions`, `POST /v1/completions`.
+`POST /v1/chat/completions`, `POST /v1/completions`. Every request passes the Host and
+Origin checks (`server_access`) and every connection the bounds of `server_limits`.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import itertools
 import json
 import logging
@@ -19,14 +19,14 @@ import select
 import socket
 import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 from . import server_api as api
 from .batching import PREFILL_CHUNK
 from .scheduler import Failure, Job, Scheduler, Step
+from .server_access import AccessPolicy, is_json_content_type, is_loopback
+from .server_limits import BoundedHTTPServer, BoundedRequestHandler, ServerLimits
 
 log = logging.getLogger("mlx_openelm.server")
 
@@ -49,28 +49,14 @@ class ServerApp:
         self.vocab_size = model.args.vocab_size
         self.created = int(time.time())
         self.scheduler = Scheduler(model, tokenizer, prompt_cache_size, generation_kwargs, prefill_chunk)
-        self._in_flight = 0
-        self._idle = threading.Condition()
 
     def stop(self) -> None:
         """Make `serve` return (safe in a signal handler): running requests are cancelled."""
         self.scheduler.stop()
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no handler is answering a generation request (False on timeout)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-
-    @contextmanager
-    def in_flight(self):
-        with self._idle:
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
+    def budget(self, request: api.ParsedRequest) -> int:
+        """The most tokens `request` can generate: its max_tokens, within the room its prompt leaves."""
+        return max(0, min(request.spec.max_tokens, self.context - len(request.spec.prompt)))
 
     def parse(self, route: str, body) -> api.ParsedRequest:
         if route == "chat":
@@ -85,34 +71,29 @@ class ServerApp:
         return api.completion_logprobs(self.tokenizer, steps, offsets)
 
 
-class OpenAIServer(ThreadingHTTPServer):
-    daemon_threads = True  # a stuck client never blocks shutdown
+class OpenAIServer(BoundedHTTPServer):
+    """The bound HTTP server: `app` answers, `access` says who may ask, `limits` bound what they hold."""
 
-    def __init__(self, address, app: Optional[ServerApp]):
-        # An IPv6 address (--host ::1) needs an IPv6 socket; http.server's default family is IPv4 only.
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, Handler)
-        self.app = app
+    def __init__(self, address, app: Optional[ServerApp], limits: ServerLimits, access: AccessPolicy):
+        super().__init__(address, Handler, limits)
+        self.app, self.access = app, access
 
 
-def make_server(app: Optional[ServerApp], host: str = "127.0.0.1", port: int = 8080) -> OpenAIServer:
+def make_server(app: Optional[ServerApp], host: str = "127.0.0.1", port: int = 8080,
+                limits: ServerLimits = ServerLimits(), access: Optional[AccessPolicy] = None) -> OpenAIServer:
     """Bind (port 0: any free port, see `server.server_address`); then `serve` it.
 
     `app` may be set later (`server.app = ...`, before `serve`): binding first lets a
-    taken port fail before a model is loaded.
+    taken port fail before a model is loaded. `access` defaults to the Host and Origin
+    rules for `host` alone.
     """
-    return OpenAIServer((host, port), app)
+    return OpenAIServer((host, port), app, limits, access or AccessPolicy(bound_host=host))
 
 
 def exposure_warning(host: str, api_key: Optional[str]) -> Optional[str]:
     """What to warn about when listening on `host`: None for loopback addresses (127.0.0.0/8, ::1,
     localhost), which only this machine reaches; any other address or name may be reachable."""
-    name = host.strip("[]").lower()
-    try:
-        loopback = ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        loopback = name == "localhost" or name.endswith(".localhost")
-    if loopback:
+    if is_loopback(host):
         return None
     return (f"listening on {host}: anyone who can reach this machine can use the model"
             + ("" if api_key else " (set --api-key to require a key)"))
@@ -131,7 +112,7 @@ def serve(httpd: OpenAIServer, drain_seconds: float = 5.0) -> None:
         httpd.app.scheduler.run()
     finally:
         httpd.app.scheduler.stop()
-        httpd.app.wait_idle(drain_seconds)
+        httpd.in_flight.wait_idle(drain_seconds)
         httpd.shutdown()
         httpd.server_close()
 
@@ -148,10 +129,17 @@ ROUTES = {
 }
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(BoundedRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mlx-openelm"
+    disable_nagle_algorithm = True  # each streamed token goes out at once
     server: OpenAIServer
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (bad request line, HTTP version...) in OpenAI's JSON, not HTML."""
+        self.close_connection = True
+        self._headers_sent = self._body_read = False
+        self._send_error(api.APIError(code, explain or message or "bad request"))
 
     def do_GET(self):
         self._dispatch("GET")
@@ -162,7 +150,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_other(self):  # any other method: OpenAI's JSON 404, not http.server's HTML 501
         self._dispatch(self.command)
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_other
+    do_PUT = do_DELETE = do_PATCH = do_other
+
+    def do_OPTIONS(self):  # a browser's CORS preflight, answered for an allowed Origin
+        self._dispatch("OPTIONS")
 
     def log_message(self, format, *args):
         log.info("%s %s", self.address_string(), format % args)
@@ -171,7 +162,10 @@ class Handler(BaseHTTPRequestHandler):
         self._body_read = self._headers_sent = False
         app = self.server.app
         try:
+            self._check_access()
             path = urlsplit(self.path).path.rstrip("/")
+            if method == "OPTIONS" and self.headers.get("Origin") and any(p == path for _, p in ROUTES):
+                return self._preflight()
             route = ROUTES.get((method, path))
             if route is None:
                 raise api.APIError(404, f"Invalid URL ({method} {self.path})", code="unknown_url")
@@ -190,6 +184,28 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("request failed: %s %s", method, self.path)
             self._send_error(api.APIError(500, "internal server error", kind="server_error"))
 
+    def _check_access(self) -> None:
+        access = self.server.access
+        refusal = access.host_refusal(self.headers.get("Host")) or access.origin_refusal(self.headers.get("Origin"))
+        if refusal:
+            raise api.APIError(*refusal, code="forbidden" if refusal[0] == 403 else None)
+
+    def _preflight(self) -> None:
+        self.send_response(204)
+        self._send_cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+        self._headers_sent = True
+
+    def _send_cors_headers(self) -> None:
+        origin = self.headers.get("Origin") if self.headers is not None else None
+        if origin and self.server.access.origin_allowed(origin):  # _check_access let only allowed ones through
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+
     def _authorize(self, key: Optional[str]) -> None:
         if key is None:
             return
@@ -199,6 +215,10 @@ class Handler(BaseHTTPRequestHandler):
                                code="invalid_api_key")
 
     def _read_json(self, limit: int):
+        content_type = self.headers.get("Content-Type")
+        if not is_json_content_type(content_type):
+            raise api.APIError(415, f"the request body must be JSON sent as 'Content-Type: application/json' "
+                                    f"(got {content_type!r})", code="unsupported_media_type")
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise api.APIError(411, "chunked request bodies are not supported: send a Content-Length")
         try:
@@ -207,13 +227,17 @@ class Handler(BaseHTTPRequestHandler):
             raise api.APIError(411, "a Content-Length header is required") from None
         if length < 0:
             raise api.APIError(400, f"Content-Length must be a number of bytes, got {length}")
-        if length > limit:
-            if length <= DRAIN_LIMIT:
-                self._drain(length)
-            raise api.APIError(413, f"the request body has {length} bytes, over this server's limit of {limit} "
-                                    "(--max-request-bytes)", code="request_too_large")
-        raw = self.rfile.read(length)
-        self._body_read = True
+        try:
+            with self.reader.within(self.server.limits.read_timeout):
+                if length > limit:
+                    if length <= DRAIN_LIMIT:
+                        self._drain(length)
+                    raise api.APIError(413, f"the request body has {length} bytes, over this server's limit of "
+                                            f"{limit} (--max-request-bytes)", code="request_too_large")
+                raw = self.rfile.read(length)
+        except TimeoutError:
+            raise api.APIError(408, "the request body did not arrive in time (--read-timeout)") from None
+        self._body_read = len(raw) == length
         try:
             return json.loads(raw)
         except (ValueError, RecursionError) as e:  # undecodable bytes, bad JSON, a 5000-digit number, deep nesting
@@ -230,7 +254,7 @@ class Handler(BaseHTTPRequestHandler):
     # ---- generation ---------------------------------------------------------------------
 
     def _generate(self, app: ServerApp, request: api.ParsedRequest) -> None:
-        with app.in_flight():
+        with self.server.in_flight.admit(app.budget(request)):
             self._run_job(app, request)
 
     def _run_job(self, app: ServerApp, request: api.ParsedRequest) -> None:
@@ -320,6 +344,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Connection", "close")  # the stream's end is the connection's end
+        self._send_cors_headers()
         self.end_headers()
         self._headers_sent = True
         self.close_connection = True
@@ -327,11 +352,14 @@ class Handler(BaseHTTPRequestHandler):
     def _send_event(self, body: dict) -> None:
         self._write(b"data: " + json.dumps(body).encode() + b"\n\n")
 
-    def _send_json(self, status: int, body: dict) -> None:
+    def _send_json(self, status: int, body: dict, headers: Optional[dict] = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self._send_cors_headers()
         if not self._body_read and self.command == "POST":
             self.send_header("Connection", "close")  # an unread body would be taken for the next request
             self.close_connection = True
@@ -344,7 +372,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         try:
-            self._send_json(error.status, error.body())
+            self._send_json(error.status, error.body(), getattr(error, "headers", None))
         except ClientGone:
             self.close_connection = True
 

@@ -18,6 +18,41 @@ from .cli_common import (
     speculative_options,
     user_errors,
 )
+from .server_limits import ServerLimits
+
+LIMITS = ServerLimits()
+
+
+def bound_options(fn):
+    """`serve`'s access rules and resource bounds (the bounds are `ServerLimits` fields, by name)."""
+    options = [
+        click.option("--allowed-hosts", multiple=True, metavar="NAMES",
+                     help="Also answer requests whose Host header is one of these names or addresses "
+                          "(comma-separated or repeated; '*': any Host, which lets DNS-rebinding pages in). "
+                          "Always allowed: localhost, loopback addresses and the --host address."),
+        click.option("--allowed-origins", multiple=True, metavar="ORIGINS",
+                     help="Also answer (with CORS headers) web pages from these origins, e.g. "
+                          "http://localhost:3000 or https://app.example (comma-separated or repeated; "
+                          "'*': every web site the user opens may use the server). Always allowed: pages "
+                          "served from loopback addresses."),
+        click.option("--read-timeout", type=float, default=LIMITS.read_timeout, show_default=True,
+                     help="Seconds a client has to send a request's line and headers, then its body; "
+                          "also how long an idle kept-alive connection stays open."),
+        click.option("--max-connections", type=int, default=LIMITS.max_connections, show_default=True,
+                     help="Open connections at once (one thread each); more get 503 with Retry-After."),
+        click.option("--max-requests", type=int, default=LIMITS.max_requests, show_default=True,
+                     help="Generation requests queued or running at once; more get 503 with Retry-After."),
+        click.option("--max-tokens-in-flight", type=int, default=LIMITS.max_tokens_in_flight, show_default=True,
+                     help="Sum of the running requests' max_tokens (each within its context room); past it "
+                          "503 with Retry-After, or 400 for a request over it alone."),
+        click.option("--max-header-bytes", type=int, default=LIMITS.max_header_bytes, show_default=True,
+                     help="Request line and headers, in bytes (256-65536); more get 414 or 431."),
+        click.option("--max-headers", type=int, default=LIMITS.max_headers, show_default=True,
+                     help="Header lines per request (1-100); more get 431."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 def _model_id(model_ref) -> str:
     """What /v1/models calls the model: a folder's name, or the repo id."""
@@ -47,11 +82,13 @@ def _model_id(model_ref) -> str:
               help="Prompt tokens read per worker turn while other requests decode (0: a whole prompt at once).")
 @sampling_options
 @speculative_options
+@bound_options
 @click.option("--quiet", "-q", is_flag=True, help="No loading message and no per-request log lines.")
 @user_errors
 def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_id, max_request_bytes,
                   prompt_cache_size, prefill_chunk, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
-                  draft_path, num_draft_tokens, prompt_lookup, quiet, adapter_path):
+                  draft_path, num_draft_tokens, prompt_lookup, allowed_hosts, allowed_origins, quiet, adapter_path,
+                  **limits):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
     The sampling options are the defaults for requests that leave those fields out.
@@ -61,6 +98,7 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
 
     from .batching import validate_prefill_chunk
     from .server import ServerApp, exposure_warning, make_server, serve
+    from .server_access import AccessPolicy, parse_allowed_hosts, parse_allowed_origins
     from .server_api import SamplingDefaults
 
     if max_tokens < 1:
@@ -69,8 +107,10 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     validate_prefill_chunk(prefill_chunk)  # before loading, as above
     defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
+    access = AccessPolicy(host, parse_allowed_hosts(allowed_hosts), parse_allowed_origins(allowed_origins))
+    bounds = ServerLimits(**limits)
     try:  # bind before loading, so a taken port fails at once
-        httpd = make_server(None, host, port)
+        httpd = make_server(None, host, port, bounds, access)
     except OSError as e:
         raise click.ClickException(f"--host/--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
     warning = exposure_warning(host, api_key)

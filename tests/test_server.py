@@ -28,6 +28,7 @@ from mlx_openelm import generate, load, make_logits_processors, make_sampler, st
 KEY = "test-key"
 MAX_TOKENS = 24  # the server's default --max-tokens in these tests
 LIMIT = 64 * 1024  # --max-request-bytes
+JSON = {"Content-Type": "application/json"}  # what the server requires of a body
 
 
 @dataclass
@@ -51,7 +52,7 @@ def start_server(checkpoint, *extra, python=("-m", "mlx_openelm.cli")) -> Server
     deadline = time.monotonic() + 60
     for line in proc.stderr:
         log.append(line)
-        match = re.search(r"Serving .* on http://127\.0\.0\.1:(\d+)/v1", line)
+        match = re.search(r"Serving .* on http://\S+:(\d+)/v1", line)
         if match:
             break
         assert time.monotonic() < deadline, "".join(log)
@@ -258,7 +259,7 @@ def test_concurrent_requests_decode_in_one_batch_and_each_gets_its_own_answer(se
 def test_disconnect_cancels_the_generation(server, client, stream):
     before = health(server)
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    connection.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+    connection.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {KEY}", **JSON},
                        body=json.dumps({"prompt": "Once", "max_tokens": 2000, "stream": stream}))
     if stream:
         response = connection.getresponse()
@@ -330,7 +331,7 @@ def test_client_sees_typed_errors(server, client):
 def test_sigterm_mid_stream_exits_cleanly(hf_checkpoint):
     s = start_server(hf_checkpoint, "--max-tokens", "2000")
     connection = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
-    connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "Once", "stream": True}))
+    connection.request("POST", "/v1/completions", body=json.dumps({"prompt": "Once", "stream": True}), headers=JSON)
     response = connection.getresponse()
     assert response.readline().startswith(b"data: ")
     s.proc.send_signal(signal.SIGTERM)
@@ -552,7 +553,7 @@ def test_an_ipv6_loopback_host_binds():
 
 def test_the_event_stream_is_data_lines_ending_with_done(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    connection.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+    connection.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}", **JSON},
                        body=json.dumps({"messages": CHAT, "max_tokens": 3, "stream": True, "tool_choice": "none"}))
     response = connection.getresponse()
     assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
