@@ -295,3 +295,40 @@ def test_a_model_repo_with_tokenizer_json_generates_offline(json_checkpoint, tmp
     model, tok = load(json_checkpoint)
     assert result.stdout == generate(model, tok, "Héllo 🎉", max_tokens=8,
                                      logits_processors=make_logits_processors(1.2)) + "\n"
+
+
+# ---- the trained test model's tokenizer.json (SmolLM2's byte-level BPE, 49152 tokens) ------
+
+def test_the_trained_models_tokenizer_matches_transformers_on_real_text(trained_model_path):
+    transformers = pytest.importorskip("transformers")
+    from mlx_openelm.loading import special_token_ids
+
+    from trained import real_text
+
+    path = resolve_tokenizer(trained_model_path)
+    config = json.loads((trained_model_path / "config.json").read_text())
+    tok = Tokenizer(path, **special_token_ids(config))  # as `load` opens it
+    assert path.name == "tokenizer.json" and tok.byte_level and tok.vocab_size == 49152
+    assert (tok.piece(tok.bos_id), tok.piece(tok.eos_id)) == ("<|im_start|>", "<|im_end|>")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+    text = real_text()[:20000]
+    ids = tok.encode(text)
+    assert ids == [1] + hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert "".join(stream(tok, ids)) == tok.decode(ids) == text
+    rng = random.Random(3)
+    for _ in range(1000):
+        ids = random_ids(tok, rng)
+        assert "".join(stream(tok, ids)) == tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), ids
+
+
+def test_generate_on_the_trained_model_answers_in_english(trained_model_path):
+    """The command line end to end on real weights and their tokenizer.json (2 greedy tokens)."""
+    from click.testing import CliRunner
+
+    from mlx_openelm.cli import main
+
+    result = CliRunner().invoke(main, ["generate", "--model", str(trained_model_path), "-p",
+                                       "The capital of France is", "-m", "2", "--repetition-penalty", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["text"].startswith(" Paris") and data["prompt_tokens"] == 6  # BOS + 5 words
