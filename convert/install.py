@@ -6,8 +6,9 @@ claims the target atomically (`renameat2(RENAME_NOREPLACE)` on Linux, `renamex_n
 on macOS, else an exclusive `mkdir` of the target and a rename onto that empty folder),
 so a folder that appears at the target while converting is never replaced without
 --force, and of two runs racing for one target exactly one wins. Signals are deferred
-while the temp folder is created, installed and removed, so an interrupt cannot leave it
-behind; `handle_signals` makes SIGTERM and SIGHUP interrupt a conversion like Ctrl-C does.
+while the temp folder is created, installed and removed, and `installing` runs the
+removal again when an interrupt lands as it starts, so an interrupt cannot leave it behind;
+`handle_signals` makes SIGTERM and SIGHUP interrupt a conversion like Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
 import shutil
 import signal
@@ -63,7 +65,10 @@ def _handler(signum, _frame):
     # decided here, not by a signal mask (which is per thread and MLX runs its own threads).
     if _STATE.fired:
         return
-    if _STATE.depth:
+    if _STATE.depth or sys.exc_info()[1] is not None:
+        # Deferred within a block that must not be cut, and while a failure is being handled: its
+        # way to `installing`'s cleanup passes through `with` exits (contextlib's __exit__) where an
+        # interrupt would cut it. Raised when the next deferral (the cleanup's own) ends.
         _STATE.pending = _STATE.pending or signum
         return
     _STATE.interrupt(signum)
@@ -78,10 +83,10 @@ def signals_deferred(finishing: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
+        if finishing:  # before the deferral ends, so that no moment is left for a signal to raise
+            _STATE.fired = True
         _STATE.depth -= 1
-    if finishing:
-        _STATE.fired = True
-    elif _STATE.depth == 0 and _STATE.pending is not None and not _STATE.fired:
+    if _STATE.depth == 0 and _STATE.pending is not None and not _STATE.fired:
         _STATE.interrupt(_STATE.pending)
 
 
@@ -155,13 +160,10 @@ def remove_stale_temp_folders(target: Path) -> list[Path]:
 
 
 def discard(tmp: Optional[Path], created_parents: list[Path]) -> None:
-    """Remove the temp folder and the parents this run created; signals wait meanwhile."""
-    try:
-        with signals_deferred():
-            _remove(tmp, created_parents)
-    except Interrupted:
-        _remove(tmp, created_parents)  # it came just before the deferral; now all are ignored
-        raise
+    """Remove the temp folder and the parents this run created; signals wait meanwhile.
+    Idempotent: call it again when it raises `KeyboardInterrupt` (see `installing`)."""
+    with signals_deferred():
+        _remove(tmp, created_parents)
 
 
 def _remove(tmp: Optional[Path], created_parents: list[Path]) -> None:
@@ -195,8 +197,10 @@ def make_parents(folder: Path) -> list[Path]:
 
 # ---- installing -----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _libc_rename_noreplace():
-    """renameat2(RENAME_NOREPLACE) (Linux) or renamex_np(RENAME_EXCL) (macOS), or None."""
+    """renameat2(RENAME_NOREPLACE) (Linux) or renamex_np(RENAME_EXCL) (macOS), or None.
+    Looked up once (finding libc runs `ldconfig` on Linux)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     except OSError:
@@ -241,19 +245,32 @@ def check_replaceable(target: Path) -> None:
 @contextmanager
 def installing(target: Path, force: bool) -> Iterator[Path]:
     """A temporary folder beside `target` to write the output into; installed at `target` when the
-    block completes, removed (with any parent folders made for it) when it fails or is interrupted."""
-    created_parents, tmp = make_parents(target.parent), None
+    block completes, removed (with any parent folders made for it) when it fails or is interrupted,
+    whatever moment the signal lands."""
+    created_parents, tmp = [], None
     try:
         with signals_deferred():
+            created_parents = make_parents(target.parent)
             remove_stale_temp_folders(target)
             tmp = make_temp_folder(target)
         yield tmp
         with signals_deferred(finishing=True):
             install(tmp, target, force)
             tmp, created_parents = None, []
-    except BaseException:
-        discard(tmp, created_parents)
-        raise
+    except BaseException as failure:
+        # A signal already on its way lands at the next call, which may be `discard` itself, before
+        # its signals wait: a Ctrl-C while MLX compiled a kernel on first use also kills the compiler,
+        # so MLX raises before Python runs the handler. `handle_signals`' handler then waits (a
+        # failure is being handled); Python's own raises KeyboardInterrupt there: caught in this
+        # frame (not in a helper, which it would cut at its start), the cleanup runs again and the
+        # interrupt is what is raised.
+        while True:
+            try:
+                discard(tmp, created_parents)
+                break
+            except KeyboardInterrupt as interrupt:
+                failure = interrupt
+        raise failure
 
 
 def install(tmp: Path, target: Path, force: bool) -> None:

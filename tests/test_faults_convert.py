@@ -7,7 +7,9 @@ file the user had is byte-identical afterwards, and that no temporary folder rem
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import json
 import os
 import resource
@@ -164,6 +166,153 @@ def test_a_second_signal_does_not_interrupt_the_cleanup(tmp_path, slow_source):
     err = run.stderr.read()
     assert code == 1 and "interrupted" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+class SignalAt:
+    """A trace function that sends this process SIGINT at its `at`-th moment (None: never), counting
+    each call and line from the conversion's first step on the output (`make_parents`) on.
+    `moments` lists each moment's (event: call, resume or line; file; function). Python runs a pending signal's handler at
+    function entries (calls) and loop ends; sent from here, the handler runs as the trace function
+    returns, so at the moment's own place: lines are a finer grid than Python's."""
+
+    def __init__(self, at=None):
+        self.at, self.moments, self.armed = at, [], False
+
+    def __call__(self, frame, event, arg):
+        self.armed = self.armed or frame.f_code.co_name == "make_parents"
+        if not self.armed:
+            return None  # no line events in this frame
+        if event in ("call", "line"):
+            if len(self.moments) == self.at:
+                signal.raise_signal(signal.SIGINT)
+            if event == "call" and frame.f_code.co_flags & inspect.CO_GENERATOR:
+                event = "resume"  # a generator resumed (a throw into it, say: where Python runs no handler)
+            self.moments.append((event, Path(frame.f_code.co_filename).name, frame.f_code.co_name))
+        return self
+
+
+def convert_with_signal(src: Path, out: Path, at, handlers: str) -> tuple[str, SignalAt]:
+    """`convert` with SIGINT sent at moment `at`, as the CLI runs it (`handlers="cli"`: within
+    `handle_signals`, SIGINT raises `Interrupted`) or as a library call in a program that left
+    Python's own handler (`"python"`: KeyboardInterrupt); returns how it ended: "done",
+    "interrupted" or "failed" (a RuntimeError)."""
+    from mlx_openelm.convert.install import handle_signals
+
+    tracer = SignalAt(at)
+    try:
+        with handle_signals() if handlers == "cli" else contextlib.nullcontext():
+            sys.settrace(tracer)
+            try:
+                convert(src, out, evaluate=False)
+            finally:
+                sys.settrace(None)
+    except KeyboardInterrupt:  # Interrupted too
+        return "interrupted", tracer
+    except RuntimeError:
+        return "failed", tracer
+    return "done", tracer
+
+
+@pytest.mark.parametrize("work, handlers", [("succeeds", "cli"), ("fails", "cli"), ("fails", "python")])
+def test_a_signal_at_any_moment_leaves_no_temporary_folder(user_files, monkeypatch, work, handlers):
+    """The conversion's own work stubbed (a file written, then config.json or a RuntimeError, as a
+    C call failing with a signal on its way does), so that the signal can be sent at each moment of
+    what handles the output: the temp folder's creation, the install, the cleanup after an interrupt
+    or a failure. With the CLI's handlers: every moment in pipeline.py, install.py and contextlib and
+    every 50th elsewhere (pathlib, tempfile, ctypes...), and after a failure every moment. With
+    Python's own handler (nothing is deferred then), after a failure every call: where Python runs it."""
+    root, src = user_files
+    source = pipeline.open_sources([src], None, None)  # opened once: a run then takes milliseconds
+    monkeypatch.setattr(pipeline, "open_sources", lambda *args: source)
+
+    def write_model(source, folder, *args):
+        (folder / "model.safetensors").write_bytes(b"weights")
+        return pipeline.ConvertReport(str(folder), [str(src)], "hf", "float16", None, None, None, 0, 16.0, 7, 1,
+                                      {}, {}, 0.0, "")
+
+    def finish_folder(folder, *args):
+        if work == "fails":
+            raise RuntimeError("the work failed")
+        (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(pipeline, "_write_model", write_model)
+    monkeypatch.setattr(pipeline, "_finish_folder", finish_folder)
+    for calibration in ("a", "b"):  # the second run's moments: caches are warm from then on
+        ending, tracer = convert_with_signal(src, root / calibration / "out", None, handlers)
+    assert ending == ("done" if work == "succeeds" else "failed")
+    failure = [m[1:] for m in tracer.moments].index(("test_faults_convert.py", "finish_folder"))
+
+    def chosen(i, event, file):
+        if work == "fails":
+            return i >= failure and (handlers == "cli" or event == "call")
+        return file in ("pipeline.py", "install.py", "contextlib.py") or i % 50 == 0
+
+    moments = [i for i, (event, file, _) in enumerate(tracer.moments) if chosen(i, event, file)]
+    assert len(moments) > 20
+    endings = set()
+    for at in moments:
+        out = root / str(at) / "out"  # one name for every run: the same moments (fnmatch caches its pattern)
+        ending, _ = convert_with_signal(src, out, at, handlers)
+        endings.add(ending)
+        assert temp_folders(root) == [], tracer.moments[at]
+        if ending == "done":  # the signal came during the install: the work is done, reported as done
+            assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        else:  # and the folder holding it, which the conversion created, is gone too
+            assert not out.parent.exists(), tracer.moments[at]
+    # after a failure an interrupt that comes once the cleanup is done may go unraised: the failure is
+    if work == "succeeds":
+        assert endings == {"done", "interrupted"}
+    else:
+        assert "interrupted" in endings <= {"interrupted", "failed"}
+
+
+def start_cold(src: Path, out: Path, cache: Path) -> subprocess.Popen:
+    """A conversion in its own process group (so a signal to the group is a terminal's Ctrl-C) with an
+    empty MLX kernel cache (MLX finds it under TMPDIR), so the first use of a kernel compiles it."""
+    cache.mkdir()
+    return subprocess.Popen([*CLI, "--hf-path", str(src), "--mlx-path", str(out), "--bits", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(cache)}, start_new_session=True)
+
+
+def compiling(pid: int) -> bool:
+    """Whether `pid` has a child compiling a kernel: `sh -c "g++ ... -shared ..."`, which MLX's CPU
+    backend runs with popen (Linux's /proc)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                if b"-shared" in (stat.parent / "cmdline").read_bytes():
+                    return True
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return False
+
+
+def test_ctrl_c_at_the_very_start_leaves_nothing(user_files):
+    root, src = user_files
+    run = start_cold(src, root / "out", root / "cache")
+    os.killpg(run.pid, signal.SIGINT)  # before Python has even set its handlers, or just after
+    assert run.wait(timeout=60) in (1, -signal.SIGINT), run.stderr.read()
+    assert temp_folders(root) == [] and not (root / "out").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="MLX's CPU backend compiles with a child process; "
+                    "seen through /proc")
+def test_ctrl_c_while_mlx_compiles_a_kernel_cold_leaves_nothing(user_files):
+    """The Ctrl-C also kills the compiler MLX runs, so MLX raises (its kernel is missing) before
+    Python runs the signal handler, which then lands just as the cleanup starts: that cleanup must
+    still finish. (A Ctrl-C while MLX only checks for the compiler, with system(), is ignored by
+    this process, as system() does, and the conversion completes.)"""
+    root, src = user_files
+    run = start_cold(src, root / "out", root / "cache")
+    deadline = time.monotonic() + 60
+    while not compiling(run.pid):
+        assert run.poll() is None and time.monotonic() < deadline, run.stderr.read()
+        time.sleep(0.002)
+    os.killpg(run.pid, signal.SIGINT)
+    code, err = run.wait(timeout=60), run.stderr.read()
+    assert code == 1 and "Error: interrupted (SIGINT)" in err and "Traceback" not in err, err
+    assert temp_folders(root) == [] and not (root / "out").exists()
 
 
 def test_a_killed_runs_temp_folder_is_no_model_and_is_cleaned_up_later(tmp_path, slow_source):
