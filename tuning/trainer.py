@@ -1,12 +1,12 @@
 """Training an adapter: the masked loss, the learning-rate schedule, the loop, evaluation.
 
 The loss is the mean cross-entropy over the target tokens of a batch (the data's mask: prompt
-and padding positions weigh zero). Decoder
-layers before the first trainable one run outside the gradient (`stop_gradient`: no backward
-through them); `grad_checkpoint` recomputes each trained layer's activations in the backward
-pass instead of keeping them (per layer instance: no class is patched). The step is not
-compiled (see `Trainer._step_function`). Ctrl-C (any
-KeyboardInterrupt) saves the adapters trained so far and raises `TrainingInterrupted`.
+and padding positions weigh zero, and the output head runs only at the targets). Decoder layers
+before the first trainable one run outside the gradient (`stop_gradient`: no backward through
+them); `grad_checkpoint` recomputes each trained layer's activations in the backward pass instead
+of keeping them (per layer instance: no class is patched). The step is not compiled (see
+`Trainer._step_function`). Ctrl-C (any KeyboardInterrupt) saves the adapters trained so far and
+raises `TrainingInterrupted`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_openelm.errors import OptionError, TrainingInterrupted
@@ -97,8 +98,8 @@ def _checkpointed(layer: nn.Module, h: mx.array) -> mx.array:
     return mx.checkpoint(run)(layer.trainable_parameters(), h)
 
 
-def forward(model: nn.Module, inputs: mx.array, grad_checkpoint: bool = False) -> mx.array:
-    """The model's logits for (B, L) `inputs`, run for training (see the module docstring)."""
+def hidden_states(model: nn.Module, inputs: mx.array, grad_checkpoint: bool = False) -> mx.array:
+    """The last layer's (B, L, model_dim) output for `inputs`, run for training (see the module docstring)."""
     first = _first_trained_layer(model)
     h = model.embed(inputs)
     for i in range(len(model.layers)):
@@ -108,13 +109,19 @@ def forward(model: nn.Module, inputs: mx.array, grad_checkpoint: bool = False) -
             h = _checkpointed(model.layers[i], h)
         else:
             h = model.run_layer(i, h)
-    return model.head(h)
+    return h
 
 
 def masked_loss(model, inputs: mx.array, targets: mx.array, weights: mx.array, grad_checkpoint: bool = False):
-    """(mean cross-entropy over the weighted targets, number of targets)."""
-    logits = forward(model, inputs, grad_checkpoint).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, targets) * weights
+    """(mean cross-entropy over the weighted targets, number of targets).
+
+    The output head (the vocabulary-wide matmul, a large part of a small model's step) runs only at
+    the positions that are targets: prompts and padding cost no head, forward or backward."""
+    h = hidden_states(model, inputs, grad_checkpoint)
+    flat_weights = weights.reshape(-1)
+    positions = mx.array(np.flatnonzero(np.array(flat_weights)).astype(np.int32))
+    logits = model.head(h.reshape(-1, h.shape[-1])[positions]).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets.reshape(-1)[positions]) * flat_weights[positions]
     count = weights.sum()
     return ce.sum() / count, count
 
