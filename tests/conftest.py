@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 
@@ -125,3 +127,14 @@ def trained_model_path():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"the trained test model is not available ({type(e).__name__}: {e})")
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """The real `mlx-openelm` process: `run_cli(*args, input=None, timeout=600)` runs it (arguments
+    str()-ed, text in and out, the test's environment: offline) and returns the CompletedProcess."""
+    def run(*args, input: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "mlx_openelm.cli", *map(str, args)], input=input,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    return run

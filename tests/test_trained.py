@@ -7,8 +7,10 @@ short forward passes (module fixtures) of real English text.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import signal
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -29,11 +31,16 @@ def model(trained_model_path):
 
 
 @pytest.fixture(scope="module")
-def encode(trained_model_path):
+def hf_tokenizer(trained_model_path):
+    """The `tokenizers` library's own reading of the folder's tokenizer.json (not the product's)."""
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(trained_model_path / "tokenizer.json"))
-    return lambda text: [1] + tokenizer.encode(text, add_special_tokens=False).ids  # BOS first
+    return Tokenizer.from_file(str(trained_model_path / "tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def encode(hf_tokenizer):
+    return lambda text: [1] + hf_tokenizer.encode(text, add_special_tokens=False).ids  # BOS first
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +132,93 @@ def test_greedy_with_a_4_bit_self_draft_is_plain_greedy_and_accepts_most(trained
     # measured 50% over 48 tokens (4-bit top-1 agreement on real text: 68%); random weights: about 5%
     accepted, drafted = steps[-1].accepted_tokens, steps[-1].drafted_tokens
     assert drafted and accepted / drafted >= 0.3, (accepted, drafted)
+
+
+# ---- the product's commands on the trained folder (real subprocesses; a few tokens each) ----
+
+PROMPT = "The capital of France is"
+QUESTION = "What is the capital of France?"
+NEW_TOKENS = 8
+
+
+def _json_output(proc) -> dict:
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def greedy_text(model, encode, hf_tokenizer):
+    """The library's greedy continuation of PROMPT (no repetition penalty), decoded by `tokenizers`."""
+    return hf_tokenizer.decode([s.token for s in generate_step(encode(PROMPT), model, max_tokens=NEW_TOKENS)])
+
+
+@pytest.fixture(scope="module")
+def converted_4bit(run_cli, trained_model_path, tmp_path_factory):
+    """`convert -q` of the trained folder (the default method, group 64), without the KL check."""
+    folder = tmp_path_factory.mktemp("trained-q4") / "q4"
+    report = _json_output(run_cli("convert", "--hf-path", trained_model_path, "--mlx-path", folder, "-q",
+                                  "--no-eval", "--json"))
+    return folder, report
+
+
+def test_generate_command_continues_with_the_librarys_greedy_tokens(run_cli, trained_model_path, encode,
+                                                                    greedy_text):
+    out = _json_output(run_cli("generate", "--model", trained_model_path, "-p", PROMPT, "-m", NEW_TOKENS,
+                               "--repetition-penalty", 1, "--json"))
+    assert out["text"] == greedy_text and out["generation_tokens"] == NEW_TOKENS
+    assert out["prompt_tokens"] == len(encode(PROMPT))  # the folder's tokenizer.json, BOS once
+    assert greedy_text.startswith(" Paris"), greedy_text  # a trained model knows it; a random one does not
+
+
+@pytest.mark.parametrize("proposals", ["draft", "lookup"])
+def test_speculative_generate_commands_give_the_plain_greedy_text(run_cli, trained_model_path, converted_4bit,
+                                                                  greedy_text, proposals):
+    how = ["--draft-model", converted_4bit[0], "--num-draft-tokens", 3] if proposals == "draft" else \
+        ["--prompt-lookup", 4]
+    out = _json_output(run_cli("generate", "--model", trained_model_path, "-p", PROMPT, "-m", NEW_TOKENS,
+                               "--repetition-penalty", 1, "--json", *how))
+    assert out["text"] == greedy_text
+    assert out["drafted_tokens"] > 0 and 0 < out["target_passes_per_token"] <= 1
+
+
+def test_convert_4_bit_then_eval_against_the_float_folder(run_cli, trained_model_path, converted_4bit, words,
+                                                          tmp_path):
+    folder, report = converted_4bit
+    assert 4.4 < report["bits_per_weight"] < 4.6, report
+    text = tmp_path / "held-out.txt"
+    text.write_text(" ".join(words[:24]))
+    out = _json_output(run_cli("eval", "--model", folder, "--text", text, "--context", 64,
+                               "--reference", trained_model_path, "--json"))
+    # measured on these 39 tokens: perplexity 224 (float) -> 313 (4-bit), KL 0.47, top-1 agreement 61.5%;
+    # a random 49152-token model is near 49152, a broken quantization near 0% agreement
+    assert out["reference_perplexity"] < 1000, out
+    assert out["perplexity"] < 2 * out["reference_perplexity"] and out["top1_agreement"] >= 0.45, out
+    assert out["kl_mean"] < 1.0, out
+
+
+def test_chat_command_answers_in_the_instruct_format(run_cli, trained_model_path, model):
+    from mlx_openelm.chat import ChatSession
+    from mlx_openelm.tokenizer import Tokenizer
+
+    proc = run_cli("chat", "--model", trained_model_path, "-m", NEW_TOKENS, "--repetition-penalty", 1, "-q",
+                   input=QUESTION + "\n")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    session = ChatSession(model, Tokenizer(trained_model_path / "tokenizer.json", bos_id=1, eos_id=2))
+    expected = "".join(r.text for r in session.send(QUESTION, max_tokens=NEW_TOKENS))
+    assert proc.stdout == expected + "\n"
+    assert "Paris" in expected, expected  # OpenELM-Instruct's template, not SmolLM2's ChatML: it still answers
+
+
+def test_serve_answers_the_openai_client(trained_model_path):
+    openai = pytest.importorskip("openai")
+    from test_server import start_server
+
+    server = start_server(trained_model_path, "--max-tokens", str(NEW_TOKENS), "--repetition-penalty", "1")
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": QUESTION}])
+    finally:
+        server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0, "".join(server.log)
+    assert "Paris" in reply.choices[0].message.content, reply
