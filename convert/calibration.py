@@ -8,8 +8,11 @@ of each group's range. For each such pair we try s = mean|x|**alpha for a few al
 keep the one whose quantized linear reproduces the float output best on the calibration
 activations; alpha = 0 (s = 1, the uncalibrated weights) is always a candidate and wins
 ties, so a pair changes only where scaling measurably helps. The q/k norms, out_proj,
-proj_2 and the embedding/head have no preceding per-channel scale to fold into and are
-quantized as the method does without calibration.
+proj_2 and the embedding/head have no preceding per-channel scale to fold into.
+
+The same run measures every quantized linear's input (and the head's: the final norm's output)
+and gives the optimal quantizer its importance, the mean square of each input channel
+(`importance.py`), in place of the data-free estimate (see the README for what each part gains).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mlx_openelm.model import Model
 from mlx_openelm.quantization import DEFAULT_METHOD, MODE, QuantizationPlan
 from mlx_openelm.tokenizer import Tokenizer
 
+from .importance import NORM_INPUTS, head_weight_name, normalised
 from .quality import load_module
 from .quantizers import quantize
 from .sources import Source
@@ -38,7 +42,8 @@ MAX_TOKENS = 512  # enough for per-channel means; keeps calibration to seconds o
 ERROR_ROWS = 256  # activation rows the output error is measured on
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # (norm, linear reading its output) within a decoder layer
-FOLDS = (("attn_norm", "attn.qkv_proj"), ("ffn_norm", "ffn.proj_1"))
+FOLDS = NORM_INPUTS
+RECORDED = ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")  # each layer's linears
 
 
 @dataclass(frozen=True)
@@ -97,27 +102,33 @@ class _Recorder:
         return self.linear(x)
 
 
-def channel_scales(
+@dataclass
+class Calibration:
+    """What calibration found: the per-channel `scales` folded into norm/linear pairs (by linear
+    path, only where some alpha > 0 won) and the measured `importance` of every quantized weight's
+    input columns (mean square activation, divided by s**2 where s is folded in; by weight name)."""
+
+    scales: dict[str, mx.array]
+    importance: dict[str, mx.array]
+
+
+def calibrate(
     source: Source, plan: QuantizationPlan, tokens: Sequence[int], dtype: mx.Dtype,
     alphas: Optional[Sequence[float]] = None, progress: Optional[Callable[[int, int], None]] = None,
-) -> dict[str, mx.array]:
-    """Per-input-channel scales to fold, by layer path prefix ('transformer.layers.3.attn.qkv_proj'):
-    only for the pairs where some alpha > 0 beats the unscaled weights.
-
-    Runs the float model (float32) one layer at a time over `tokens`, as the quality check does.
-    `alphas` defaults to ALPHAS; `progress(done, total)` is called after each layer.
-    """
+) -> Calibration:
+    """Scales to fold and importances, from the float model (float32) run one layer at a time over
+    `tokens`, as the quality check does. `alphas` defaults to ALPHAS; `progress(done, total)` is
+    called after each layer."""
     alphas = ALPHAS if alphas is None else alphas
-    args = source.args
-    model = Model(args)
+    model = Model(source.args)
     load_module(model.transformer.token_embeddings, "transformer.token_embeddings.", source.get)
     h = model.embed(mx.array([list(tokens)]))
-    scales = {}
+    found = Calibration({}, {})
     for i, layer in enumerate(model.layers):
         skeleton = layer.parameters()
         load_module(layer, f"transformer.layers.{i}.", source.get)
         recorders = {}
-        for _, linear_name in FOLDS:
+        for linear_name in RECORDED:
             parent, attr = linear_name.split(".")
             recorders[linear_name] = _Recorder(getattr(layer, parent)[attr])
             getattr(layer, parent)[attr] = recorders[linear_name]
@@ -126,19 +137,37 @@ def channel_scales(
         for linear_name, recorder in recorders.items():
             parent, attr = linear_name.split(".")
             getattr(layer, parent)[attr] = recorder.linear
-            path = f"transformer.layers.{i}.{linear_name}"
-            spec = plan.spec(path)
-            if spec is None:
-                continue
-            norm = getattr(layer, dict((lin, nrm) for nrm, lin in FOLDS)[linear_name]).weight
-            s = best_scale(recorder.linear.weight, recorder.input[0], spec, plan.quantization.method, dtype, alphas,
-                           norm)
-            if s is not None:
-                scales[path] = s
+            _calibrate_linear(found, f"transformer.layers.{i}.{linear_name}", layer, recorder, plan, dtype, alphas)
         layer.update(skeleton)  # release this layer's weights
         if progress is not None:
             progress(i + 1, len(model.layers))
-    return scales
+    load_module(model.transformer.norm, "transformer.norm.", source.get)
+    found.importance[head_weight_name(source.args)] = mean_square(model.transformer.norm(h)[0])
+    return found
+
+
+def _calibrate_linear(found: Calibration, path: str, layer, recorder: "_Recorder", plan: QuantizationPlan,
+                      dtype: mx.Dtype, alphas: Sequence[float]) -> None:
+    spec = plan.spec(path)
+    if spec is None:
+        return
+    x = recorder.input[0]
+    importance = mean_square(x)
+    linear_name = path.split(".", 3)[3]
+    norm_name = dict((lin, nrm) for nrm, lin in FOLDS).get(linear_name)
+    if norm_name is not None:
+        s = best_scale(recorder.linear.weight, x, spec, plan.quantization.method, dtype, alphas,
+                       getattr(layer, norm_name).weight)
+        if s is not None:
+            found.scales[path] = s
+            importance = importance / mx.square(s)  # W s reads x / s
+    found.importance[f"{path}.weight"] = normalised(importance)
+
+
+def mean_square(x: mx.array) -> mx.array:
+    """Mean of x**2 per channel (last axis) over the other axes, float32."""
+    x = x.astype(mx.float32).reshape(-1, x.shape[-1])
+    return mx.mean(mx.square(x), axis=0)
 
 
 def best_scale(weight: mx.array, x: mx.array, spec: tuple[int, int], method: Optional[str], dtype: mx.Dtype,
@@ -148,6 +177,7 @@ def best_scale(weight: mx.array, x: mx.array, spec: tuple[int, int], method: Opt
     A candidate that would take the folded `norm` weight beyond `dtype`'s range is skipped."""
     bits, group_size = spec
     stat = mx.mean(mx.abs(x.astype(mx.float32)), axis=0)
+    square_mean = mean_square(x)
     picks = np.linspace(0, x.shape[0] - 1, min(ERROR_ROWS, x.shape[0])).astype(np.int32)
     # the error matmuls in numpy: MLX's CPU matmul is ~20x slower here and they dominate the search
     rows = np.array(x[mx.array(picks)].astype(mx.float32))
@@ -158,7 +188,8 @@ def best_scale(weight: mx.array, x: mx.array, spec: tuple[int, int], method: Opt
         if s is not None and norm is not None and not mx.isfinite(fold_norm(norm, s).astype(dtype)).all().item():
             continue
         scaled = weight if s is None else fold_linear(weight, s)
-        wq, q_scales, q_biases = quantize(scaled, bits, group_size, method or DEFAULT_METHOD, dtype)
+        wq, q_scales, q_biases = quantize(scaled, bits, group_size, method or DEFAULT_METHOD, dtype,
+                                          normalised(square_mean if s is None else square_mean / mx.square(s)))
         approx = mx.dequantize(wq, q_scales.astype(mx.float32), q_biases.astype(mx.float32),
                                group_size=group_size, bits=bits, mode=MODE)
         if s is not None:

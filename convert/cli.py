@@ -115,14 +115,16 @@ class ProgressBar:
               help="Per-layer bits 'mixed-LOW-HIGH' (e.g. mixed-3-6, mixed-4-8): HIGH bits for the sensitive "
                    "layers (the embedding/output head and the first eighth of the decoder layers), LOW for the rest.")
 @click.option("--quant-method", "method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
-              help="optimal: per group, the scale and bias that minimise the reconstruction error; minmax: "
-                   "the group's min/max (mlx-lm's output bit for bit). Same format and size either way.")
+              help="optimal: per group, the scale and bias that minimise the reconstruction error, each input "
+                   "column weighted by its estimated share of the output error; minmax: the group's min/max "
+                   "(mlx-lm's output bit for bit). Same format and size either way.")
 @click.option("--tokenizer", default=None,
               help="tokenizer.model or tokenizer.json to copy into the output (default: the input's own).")
 @click.option("--calibration-text", "calibration_text", default=None, metavar="FILE",
-              help="Plain UTF-8 text: activation-aware quantization. Per-channel scales chosen on its activations "
-                   "(first 512 tokens) are folded into each attn_norm/qkv_proj and ffn_norm/proj_1 pair, which "
-                   "keeps the float model's function exact. Needs a tokenizer.")
+              help="Plain UTF-8 text: activation-aware quantization. Its activations (first 512 tokens) weigh each "
+                   "input column's error in every layer, and per-channel scales chosen on them are folded into each "
+                   "attn_norm/qkv_proj and ffn_norm/proj_1 pair (the float model's function is unchanged). "
+                   "Needs a tokenizer.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Split model.safetensors above this size.")
 @click.option("--force", is_flag=True, help="Replace an existing --mlx-path (only once the new one is complete).")
 @click.option("--no-eval", is_flag=True,

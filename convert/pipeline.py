@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -26,7 +26,8 @@ from mlx_openelm.quantization import DEFAULT_METHOD, QuantizationPlan, check_opt
 from mlx_openelm.tokenizer import Tokenizer
 
 from .calibration import OPTION as CALIBRATION_OPTION
-from .calibration import CalibrationText, FoldedSource, calibration_text, channel_scales
+from .calibration import CalibrationText, FoldedSource, calibrate, calibration_text
+from .importance import norm_importance
 from .install import check_replaceable, installing
 from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
 from .quantize import convert_tensor
@@ -108,9 +109,10 @@ def convert(
 
     with installing(target, force) as tmp:
         # a source reads each tensor once: calibration and the quality check open their own
-        report = (_write_model(source, tmp, out_dtype, plan, max_bytes, progress) if calibration is None else
-                  _write_calibrated(source, open_sources(references, preset, config), calibration, tmp, out_dtype,
-                                    plan, max_bytes, progress))
+        scratch = (lambda: open_sources(references, preset, config))
+        report = (_write_model(source, tmp, out_dtype, plan, max_bytes, progress, _importance(scratch, plan))
+                  if calibration is None else
+                  _write_calibrated(source, scratch(), calibration, tmp, out_dtype, plan, max_bytes, progress))
         report.output, report.bits, report.recipe = str(target), default_bits, recipe
         report.method = method if plan else None
         _finish_folder(tmp, report, args, out_dtype, plan, tok,
@@ -146,15 +148,25 @@ def _finish_folder(folder: Path, report: ConvertReport, args: ModelArgs, dtype: 
     write_config(folder, out_config)
 
 
+def _importance(scratch: Callable[[], Source], plan: Optional[QuantizationPlan]) -> dict[str, mx.array]:
+    """The data-free importance of input columns (from the RMSNorm weights, read from a
+    `scratch()` source) for the optimal method; none for min/max or no quantization."""
+    if plan is None or (plan.quantization.method or DEFAULT_METHOD) != "optimal":
+        return {}
+    source = scratch()
+    return norm_importance(source.args, source.get)
+
+
 def _write_calibrated(source: Source, scratch: Source, calibration: CalibrationText, folder: Path,
                       dtype: mx.Dtype, plan: QuantizationPlan, max_bytes: int, progress: Optional[Progress]
                       ) -> ConvertReport:
     """`_write_model` with calibration's per-channel scales (found running `scratch`) folded in."""
-    scales = channel_scales(scratch, plan, calibration.tokens, dtype, progress=_stage(source, progress))
+    found = calibrate(scratch, plan, calibration.tokens, dtype, progress=_stage(source, progress))
     plan.quantization = replace(plan.quantization, calibration=calibration.config_entry())
-    report = _write_model(FoldedSource(source, scales), folder, dtype, plan, max_bytes, progress)
+    importance = found.importance if (plan.quantization.method or DEFAULT_METHOD) == "optimal" else {}
+    report = _write_model(FoldedSource(source, found.scales), folder, dtype, plan, max_bytes, progress, importance)
     report.inputs = [str(s.path) for s in leaves(source)]
-    report.calibration = {**calibration.config_entry(), "folded_layers": len(scales)}
+    report.calibration = {**calibration.config_entry(), "folded_layers": len(found.scales)}
     return report
 
 
@@ -235,8 +247,9 @@ def _check_inputs(source: Source, target: Path, force: bool, dequantize: bool, b
 
 
 def _write_model(source: Source, folder: Path, dtype: mx.Dtype, plan: Optional[QuantizationPlan],
-                 max_bytes: int, progress: Optional[Progress]) -> ConvertReport:
-    """Convert every tensor into shards in `folder`; the report of what was written."""
+                 max_bytes: int, progress: Optional[Progress], importance: Mapping[str, mx.array]) -> ConvertReport:
+    """Convert every tensor into shards in `folder` (`importance`: of each weight's input columns,
+    by name); the report of what was written."""
     writer = ShardWriter(folder, max_bytes, metadata={"format": "mlx"})
     names = source.names()
     shapes = source.shapes()
@@ -246,7 +259,7 @@ def _write_model(source: Source, folder: Path, dtype: mx.Dtype, plan: Optional[Q
     for i, name in enumerate(names):
         if progress is not None:
             progress(ConvertProgress(i, len(names), done, total, name))
-        tensors, rel = convert_tensor(name, source.get(name), dtype, plan, source=str(source.path))
+        tensors, rel = convert_tensor(name, source.get(name), dtype, plan, str(source.path), importance.get(name))
         if rel >= worst:
             worst, worst_name = rel, name
         stored_bits += sum(a.nbytes for a in tensors.values()) * 8

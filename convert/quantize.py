@@ -18,9 +18,11 @@ ERROR_BLOCK_ELEMENTS = 1 << 18  # rows whose error is computed together (~1 MB o
 
 def convert_tensor(
     name: str, weight: Union[np.ndarray, mx.array], dtype: mx.Dtype, plan: Optional[QuantizationPlan],
-    source: str = "input",
+    source: str = "input", importance: Optional[mx.array] = None,
 ) -> tuple[dict[str, mx.array], float]:
     """Cast or quantize one float tensor: the output tensors by name, and their relative error.
+
+    `importance`: the weight of each input column's error for the optimal method (importance.py).
 
     The relative error is ||w' - w|| / ||w|| with w the input tensor (float32/64) and w'
     what the output represents (the dequantized weight, or the cast one). A tensor holding
@@ -41,7 +43,7 @@ def convert_tensor(
     else:
         bits, group_size = spec
         method = plan.quantization.method or DEFAULT_METHOD
-        wq, scales, biases = quantize(w32, bits, group_size, method, dtype)
+        wq, scales, biases = quantize(w32, bits, group_size, method, dtype, importance)
         prefix = name[: -len("weight")]
         tensors = {name: wq, prefix + "scales": scales, prefix + "biases": biases}
         # in float32, as the runtime computes on CPU (load_model widens scales and biases)

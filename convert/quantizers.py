@@ -6,13 +6,15 @@ with one scale s and one bias b, and read back as s * q + b (`mx.dequantize`,
 
 - "minmax": `mx.quantize` (b = min, s = (max - min) / (2**bits - 1)), bit for bit what
   mlx-lm writes.
-- "optimal": minimise the group's squared reconstruction error, data-free. Several
-  clipping candidates (the min/max range shrunk at either end), each followed by a
-  least-squares refit of s and b for its codes (as llama.cpp's k-quants do); the
-  best one is polished by one more round of optimal codes (round to nearest) and
-  optimal s and b (least squares). s and b are rounded to the stored dtype before the final
-  codes are chosen, and any group where min/max does at least as well keeps min/max's
-  result, so the error is never worse than min/max's, group by group.
+- "optimal": minimise the group's squared reconstruction error, each input column's term
+  weighted by its importance (`importance.py`: the mean square of the activations it
+  multiplies, estimated from the RMSNorm before the layer or measured on a calibration text;
+  uniform when unknown). Several clipping candidates (the min/max range shrunk at either
+  end), each followed by a weighted least-squares refit of s and b for its codes (as
+  llama.cpp's k-quants do); the best one is polished by one more round of optimal codes
+  (round to nearest) and optimal s and b. s and b are rounded to the stored dtype before the
+  final codes are chosen, and any group where min/max does at least as well (in the same
+  weighted error) keeps min/max's result, so it is never worse than min/max's, group by group.
 """
 
 from __future__ import annotations
@@ -40,12 +42,16 @@ Quantized = tuple[mx.array, mx.array, mx.array]  # (packed uint32 codes, scales,
 
 
 def quantize(
-    weight: mx.array, bits: int, group_size: int, method: str = DEFAULT_METHOD, dtype: Optional[mx.Dtype] = None
+    weight: mx.array, bits: int, group_size: int, method: str = DEFAULT_METHOD, dtype: Optional[mx.Dtype] = None,
+    importance: Optional[mx.array] = None,
 ) -> Quantized:
     """Quantize a 2-D float `weight` (rows, cols) along its rows, in MLX's affine format.
 
     `dtype` is the dtype of the stored scales and biases (default: the weight's own);
     minmax quantizes `weight.astype(dtype)` exactly as `mx.quantize` (and mlx-lm) do.
+    `importance` (optimal only): a non-negative weight per input column (cols,), e.g. the mean
+    square of the activations that column multiplies; the squared error is weighted by it, so
+    the error lands where it moves the layer's output least. None: every column alike.
     """
     if method not in METHODS:
         raise OptionError(f"unknown quantization method {method!r}; choose one of {', '.join(METHODS)}")
@@ -53,25 +59,29 @@ def quantize(
     if method == "minmax":
         return mx.quantize(weight.astype(dtype), group_size=group_size, bits=bits, mode="affine")
     rows, cols = weight.shape
+    if importance is not None:
+        importance = importance.astype(mx.float32).reshape(1, cols // group_size, group_size)
     step = max(1, CHUNK_ELEMENTS // cols)
-    parts = [_quantize_optimal(weight[i : i + step], bits, group_size, dtype) for i in range(0, rows, step)]
+    parts = [_quantize_optimal(weight[i : i + step], bits, group_size, dtype, importance)
+             for i in range(0, rows, step)]
     if len(parts) == 1:
         return parts[0]
     return tuple(mx.concatenate([p[k] for p in parts], axis=0) for k in range(3))
 
 
-def _quantize_optimal(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> Quantized:
+def _quantize_optimal(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype,
+                      importance: Optional[mx.array] = None) -> Quantized:
     rows, cols = weight.shape
     w = weight.astype(mx.float32).reshape(rows, cols // group_size, group_size)
-    scales, biases = fit_scales_biases(w, bits)
+    scales, biases = fit_scales_biases(w, bits, importance)
     scales, biases = scales.astype(dtype), biases.astype(dtype)
-    codes, error = _codes_and_error(w, scales.astype(mx.float32), biases.astype(mx.float32), bits)
+    codes, error = _codes_and_error(w, scales.astype(mx.float32), biases.astype(mx.float32), bits, importance)
 
     # Keep min/max's result wherever it is at least as good (after rounding both to `dtype`).
     mm_packed, mm_scales, mm_biases = mx.quantize(weight.astype(dtype), group_size=group_size, bits=bits)
     mm = mx.dequantize(mm_packed, mm_scales.astype(mx.float32), mm_biases.astype(mx.float32),
                        group_size=group_size, bits=bits).reshape(w.shape)
-    mm_error = mx.sum(mx.square(mm - w), axis=-1)
+    mm_error = _weighted_sum(mx.square(mm - w), importance)
     ours = error < mm_error  # False where either is NaN: min/max then
     packed = pack_codes(codes.reshape(rows, cols), bits).reshape(rows, cols // group_size, -1)
     mm_packed = mm_packed.reshape(packed.shape)
@@ -82,9 +92,14 @@ def _quantize_optimal(weight: mx.array, bits: int, group_size: int, dtype: mx.Dt
     return packed, scales, biases
 
 
-def fit_scales_biases(w: mx.array, bits: int) -> tuple[mx.array, mx.array]:
-    """Per-group (scale, bias) in float32 minimising sum((s * q + b - w)**2) with q the
-    nearest codes; `w` has groups along its last axis. Returns arrays of w.shape[:-1]."""
+def _weighted_sum(x: mx.array, importance: Optional[mx.array]) -> mx.array:
+    return mx.sum(x if importance is None else x * importance, axis=-1)
+
+
+def fit_scales_biases(w: mx.array, bits: int, importance: Optional[mx.array] = None) -> tuple[mx.array, mx.array]:
+    """Per-group (scale, bias) in float32 minimising sum(c * (s * q + b - w)**2) with q the
+    nearest codes and c the `importance` (broadcast to w; None: 1); `w` has groups along its
+    last axis. Returns arrays of w.shape[:-1]."""
     levels = 2**bits - 1
     size = w.shape[-1]
     low = mx.min(w, axis=-1, keepdims=True)
@@ -95,18 +110,21 @@ def fit_scales_biases(w: mx.array, bits: int) -> tuple[mx.array, mx.array]:
     # as sums along them). Each group's fit maps back exactly: w ~ low + step * (s * q + b).
     groups = w.shape[:-1]
     u = (w - low).reshape(-1, size).T * (1 / step.reshape(1, -1))  # (size, all groups)
-    sum_u = mx.sum(u, axis=0, keepdims=True)
-    sum_uu = mx.sum(u * u, axis=0, keepdims=True)
+    c = None if importance is None else mx.broadcast_to(importance, w.shape).reshape(-1, size).T
+    cu = u if c is None else c * u
+    sums = (mx.sum(cu, axis=0, keepdims=True), mx.sum(cu * u, axis=0, keepdims=True),
+            size if c is None else mx.sum(c, axis=0, keepdims=True))
 
-    best = (mx.full(sum_u.shape, float("inf")), mx.ones(sum_u.shape), mx.zeros(sum_u.shape))  # error, s, b
+    shape = sums[0].shape
+    best = (mx.full(shape, float("inf")), mx.ones(shape), mx.zeros(shape))  # error, s, b
     for clip_low, clip_high in CANDIDATES:
         factor = levels / (levels - clip_low - clip_high)
         codes = _candidate_codes(u, factor, clip_low * factor, levels, clip_high > 0)
-        best = _keep_better(best, _least_squares(u, codes, sum_u, sum_uu, size, axis=0))
+        best = _keep_better(best, _least_squares(u, codes, *sums, c))
     for _ in range(POLISH_STEPS):
         _, scale, bias = best
         codes = _round_clip(u * (1 / scale), -bias / scale, levels)
-        best = _keep_better(best, _least_squares(u, codes, sum_u, sum_uu, size, axis=0))
+        best = _keep_better(best, _least_squares(u, codes, *sums, c))
     _, scale, bias = best
     scale, bias = scale.reshape(groups), bias.reshape(groups)
     return step[..., 0] * scale, low[..., 0] + step[..., 0] * bias
@@ -151,12 +169,14 @@ def _keep_better(best, candidate):
     return kept
 
 
-def _least_squares(w, codes, sum_w, sum_ww, size, axis=-1):
-    """The (scale, bias) of the least-squares line w ~ scale * codes + bias over `axis`, and
-    its error (from the sums, so no second pass over w). Degenerate codes (all equal): inf."""
-    sum_q = mx.sum(codes, axis=axis, keepdims=True)
-    sum_qq = mx.sum(codes * codes, axis=axis, keepdims=True)
-    sum_qw = mx.sum(codes * w, axis=axis, keepdims=True)
+def _least_squares(w, codes, sum_w, sum_ww, size, c=None):
+    """The (scale, bias) of the least-squares line w ~ scale * codes + bias down axis 0 (each
+    term weighted by `c`: `sum_w`, `sum_ww` and `size` are then the weighted sums of w, w**2
+    and 1), and its error (from the sums, so no second pass over w). Degenerate codes: inf."""
+    cq = codes if c is None else c * codes
+    sum_q = mx.sum(cq, axis=0, keepdims=True)
+    sum_qq = mx.sum(cq * codes, axis=0, keepdims=True)
+    sum_qw = mx.sum(cq * w, axis=0, keepdims=True)
     det = size * sum_qq - sum_q * sum_q
     valid = det > 0
     scale = (size * sum_qw - sum_q * sum_w) / mx.where(valid, det, 1)
@@ -165,13 +185,13 @@ def _least_squares(w, codes, sum_w, sum_ww, size, axis=-1):
     return scale, bias, mx.where(valid & (scale > 0), error, float("inf"))
 
 
-def _codes_and_error(w, scales, biases, bits):
+def _codes_and_error(w, scales, biases, bits, importance=None):
     """The nearest codes for per-group `scales`, `biases` (a zero scale: codes 0) and each
-    group's squared error."""
+    group's squared error (weighted by `importance`)."""
     scales, biases = scales[..., None], biases[..., None]
     inverse = mx.where(scales == 0, 0, 1 / mx.where(scales == 0, 1, scales))
     codes = _round_clip(w * inverse, -biases * inverse, 2**bits - 1)
-    error = mx.sum(mx.square(codes * scales + biases - w), axis=-1)
+    error = _weighted_sum(mx.square(codes * scales + biases - w), importance)
     return codes.astype(mx.uint32), error
 
 

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from mlx_openelm.cli import main
 from mlx_openelm.convert import calibration, convert
-from mlx_openelm.convert.calibration import FoldedSource, best_scale, channel_scales
+from mlx_openelm.convert.calibration import FoldedSource, best_scale, calibrate, calibration_text
+from mlx_openelm.convert.quantizers import quantize
 from mlx_openelm.convert.quality import eval_tokens, reference_logits
 from mlx_openelm.convert.sources import open_source
 from mlx_openelm.loading import load_model, read_weights
@@ -47,7 +48,7 @@ def test_folding_keeps_the_float_model(outlier_checkpoint, tokenizer_path):
     source = open_source(outlier_checkpoint)
     plan = plan_quantization(source.shapes(), 4, 32)
     tokens = Tokenizer(tokenizer_path).encode(" ".join(TOKENIZER_TEXT))[:64]
-    scales = channel_scales(open_source(outlier_checkpoint), plan, tokens, mx.float32, alphas=(0.5,))
+    scales = calibrate(open_source(outlier_checkpoint), plan, tokens, mx.float32, alphas=(0.5,)).scales
     assert len(scales) == 2 * TINY_CONFIG["num_transformer_layers"]  # every qkv_proj and proj_1
     folded = FoldedSource(open_source(outlier_checkpoint), scales)
     name = "transformer.layers.1.attn_norm.weight"
@@ -60,7 +61,10 @@ def test_folding_keeps_the_float_model(outlier_checkpoint, tokenizer_path):
 
 @pytest.mark.parametrize("method", ["optimal", "minmax"])
 def test_alpha_zero_is_the_uncalibrated_conversion_bit_for_bit(outlier_checkpoint, text_file, tmp_path,
-                                                              monkeypatch, method):
+                                                              tokenizer_path, monkeypatch, method):
+    """With alpha = 0 only, nothing is folded: min/max gives the plain conversion bit for bit; optimal
+    gives the plain quantizer's output for the importances calibration measured (the mean square of
+    each linear's input), bit for bit."""
     plain = convert(outlier_checkpoint, tmp_path / "plain", bits=4, group_size=32, method=method, evaluate=False)
     monkeypatch.setattr(calibration, "ALPHAS", (0.0,))
     report = convert(outlier_checkpoint, tmp_path / "alpha0", bits=4, group_size=32, method=method,
@@ -68,8 +72,31 @@ def test_alpha_zero_is_the_uncalibrated_conversion_bit_for_bit(outlier_checkpoin
     assert report.calibration["folded_layers"] == 0 and plain.calibration is None
     ours, theirs = read_weights(tmp_path / "alpha0"), read_weights(tmp_path / "plain")
     assert set(ours) == set(theirs)
+    source = open_source(outlier_checkpoint)
+    found = calibrate(open_source(outlier_checkpoint), plan_quantization(source.shapes(), 4, 32, method=method),
+                      calibration_text(text_file, Tokenizer(tokenizer_path), source.args).tokens,
+                      mx.float16, alphas=(0.0,))
+    expected = dict(theirs)
+    if method == "optimal":
+        assert len(found.importance) == 4 * TINY_CONFIG["num_transformer_layers"] + 1  # every linear and the head
+        for name, importance in found.importance.items():
+            prefix = name[: -len("weight")]
+            packed, scales, biases = quantize(source.get(name), 4, 32, "optimal", mx.float16, importance)
+            expected.update({prefix + "weight": packed, prefix + "scales": scales, prefix + "biases": biases})
     for name, array in ours.items():
-        assert array.dtype == theirs[name].dtype and mx.array_equal(array, theirs[name]).item(), name
+        assert array.dtype == expected[name].dtype and mx.array_equal(array, expected[name]).item(), name
+
+
+def test_measured_importance_finds_the_outlier_channels(outlier_checkpoint, tokenizer_path):
+    source = open_source(outlier_checkpoint)
+    tokens = Tokenizer(tokenizer_path).encode(" ".join(TOKENIZER_TEXT))[:64]
+    found = calibrate(source, plan_quantization(source.shapes(), 4, 32), tokens, mx.float32, alphas=(0.0,))
+    for i in range(TINY_CONFIG["num_transformer_layers"]):
+        for linear in ("attn.qkv_proj", "ffn.proj_1"):
+            c = np.array(found.importance[f"transformer.layers.{i}.{linear}.weight"])
+            assert abs(c.mean() - 1) < 1e-5 and (c >= 0).all()
+            others = np.delete(c, OUTLIER_CHANNELS)
+            assert c[OUTLIER_CHANNELS].min() > 100 * np.median(others)  # 30x activations: 900x squares
 
 
 @pytest.mark.parametrize("bits", [3, 4])

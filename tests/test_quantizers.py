@@ -83,16 +83,21 @@ def test_minmax_is_mx_quantize_bit_for_bit():
 def test_least_squares_refit_is_optimal_for_its_codes():
     """The refit's (scale, bias) beat any nearby pair on the same codes, and its closed-form
     error (from sums only) is the error computed directly."""
-    x = np.array(gaussian(64, 64, seed=3)).reshape(64, 1, 64)
-    q = np.clip(np.round((x - x.min(-1, keepdims=True)) * 7 / np.ptp(x, -1, keepdims=True) * 0.9), 0, 7)
-    w, codes = mx.array(x), mx.array(q)
-    sums = mx.sum(w, axis=-1, keepdims=True), mx.sum(w * w, axis=-1, keepdims=True)
-    scale, bias, error = (np.array(a) for a in _least_squares(w, codes, *sums, 64))
-    sse = ((scale * q + bias - x) ** 2).sum(-1, keepdims=True)
-    np.testing.assert_allclose(error, sse, rtol=1e-3, atol=1e-6)
-    for ds, db in [(1.01, 0), (0.99, 0), (1, 0.002), (1, -0.002)]:
-        assert (sse <= (((scale * ds) * q + (bias + db) - x) ** 2).sum(-1, keepdims=True)).all()
-    best_scale, best_bias = fit_scales_biases(w, 3)
+    x = np.array(gaussian(64, 64, seed=3)).T  # 64 groups of 64, one per column
+    q = np.clip(np.round((x - x.min(0, keepdims=True)) * 7 / np.ptp(x, 0, keepdims=True) * 0.9), 0, 7)
+    c = np.random.default_rng(4).uniform(0.1, 3, size=x.shape).astype(np.float32)  # and weighted
+    for weights in (None, c):
+        cc = np.ones_like(x) if weights is None else weights
+        w, codes = mx.array(x), mx.array(q)
+        sums = mx.array((cc * x).sum(0, keepdims=True)), mx.array((cc * x * x).sum(0, keepdims=True))
+        size = 64 if weights is None else mx.array(cc.sum(0, keepdims=True))
+        scale, bias, error = (np.array(a) for a in _least_squares(w, codes, *sums, size,
+                                                                  None if weights is None else mx.array(c)))
+        sse = (cc * (scale * q + bias - x) ** 2).sum(0, keepdims=True)
+        np.testing.assert_allclose(error, sse, rtol=1e-3, atol=1e-5)
+        for ds, db in [(1.01, 0), (0.99, 0), (1, 0.002), (1, -0.002)]:
+            assert (sse <= (cc * ((scale * ds) * q + (bias + db) - x) ** 2).sum(0, keepdims=True)).all()
+    best_scale, best_bias = fit_scales_biases(mx.array(x.T.reshape(64, 1, 64)), 3)
     assert best_scale.shape == best_bias.shape == (64, 1)
 
 
@@ -132,3 +137,63 @@ def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="unknown quantization method 'best'.*minmax, optimal"):
         quantize(gaussian(2, 64), 4, 64, "best")
     assert METHODS == ("minmax", "optimal")
+
+
+def weighted_group_errors(weight, quantized, bits, group_size, importance) -> np.ndarray:
+    """Each group's squared error with column j's term counted importance[j] times."""
+    packed, scales, biases = quantized
+    approx = np.array(mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32),
+                                    group_size=group_size, bits=bits))
+    terms = (approx - np.array(weight)) ** 2 * np.array(importance)
+    return terms.reshape(weight.shape[0], -1, group_size).sum(-1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_importance_weighted_fit_never_loses_to_minmax_and_moves_error_off_important_columns(bits, group_size):
+    weight = gaussian(48, 256, seed=7 * bits + group_size)
+    # a trained model's few input channels with large activations: 8 columns 30x as important
+    importance = np.ones(256, dtype=np.float32)
+    importance[np.random.default_rng(bits).choice(256, 8, replace=False)] = 30.0
+    importance = mx.array(importance)
+    minmax = quantize(weight, bits, group_size, "minmax", mx.float16, importance)  # min/max ignores it
+    assert all(mx.array_equal(a, b).item() for a, b in zip(minmax, quantize(weight, bits, group_size, "minmax",
+                                                                            mx.float16)))
+    plain = quantize(weight, bits, group_size, "optimal", mx.float16)
+    weighted = quantize(weight, bits, group_size, "optimal", mx.float16, importance)
+    errors = {name: weighted_group_errors(weight, q, bits, group_size, importance)
+              for name, q in (("minmax", minmax), ("plain", plain), ("weighted", weighted))}
+    assert (errors["weighted"] <= errors["minmax"]).all()
+    assert errors["weighted"].sum() < 0.97 * errors["plain"].sum()  # the weighted objective is what it fits
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_uniform_importance_is_the_unweighted_fit_bit_for_bit(bits):
+    weight = gaussian(32, 128, seed=bits)
+    plain = quantize(weight, bits, 64, "optimal", mx.float16)
+    for value in (1.0, 4.0):  # only ratios matter
+        uniform = quantize(weight, bits, 64, "optimal", mx.float16, mx.full((128,), value))
+        assert all(mx.array_equal(a, b).item() for a, b in zip(plain, uniform)), value
+
+
+def test_norm_importance_is_each_norm_weight_squared_for_the_linears_reading_it():
+    from types import SimpleNamespace
+
+    from mlx_openelm.convert.importance import norm_importance
+
+    args = SimpleNamespace(num_transformer_layers=2, share_input_output_layers=True)
+    rng = np.random.default_rng(0)
+    norms = {name: mx.array(rng.uniform(0.1, 2, 1280).astype(np.float32)) for name in
+             ["transformer.norm.weight"] + [f"transformer.layers.{i}.{n}.weight" for i in range(2)
+                                            for n in ("attn_norm", "ffn_norm")]}
+    norms["transformer.layers.1.ffn_norm.weight"] = mx.zeros((1280,))  # nothing known: every column alike
+    importance = norm_importance(args, norms.__getitem__)
+    pairs = {"transformer.token_embeddings.weight": "transformer.norm.weight",
+             "transformer.layers.0.attn.qkv_proj.weight": "transformer.layers.0.attn_norm.weight",
+             "transformer.layers.0.ffn.proj_1.weight": "transformer.layers.0.ffn_norm.weight",
+             "transformer.layers.1.attn.qkv_proj.weight": "transformer.layers.1.attn_norm.weight"}
+    assert set(importance) == set(pairs) | {"transformer.layers.1.ffn.proj_1.weight"}
+    for weight, norm in pairs.items():
+        g2 = np.array(norms[norm]) ** 2
+        np.testing.assert_allclose(np.array(importance[weight]), g2 / g2.mean(), rtol=1e-5)
+    np.testing.assert_array_equal(np.array(importance["transformer.layers.1.ffn.proj_1.weight"]), 1.0)
