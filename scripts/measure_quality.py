@@ -25,7 +25,8 @@ float reference's log-probabilities are computed once per run.
 
 `parts` quantizes one part of the model at a time (the tied embedding/head, each decoder layer, each
 kind of linear across all layers) with the converter's quantizer, in memory, everything else float:
-each part's share of the KL. Results go to DIR/results.jsonl (one JSON line each; finished ones are
+each part's share of the KL. Its `optimal` weighs columns by the norms' data-free importance, as the
+converter does without `--calibration-text` (`calibrated` is not offered there). Results go to DIR/results.jsonl (one JSON line each; finished ones are
 skipped on a rerun), `table` prints them as Markdown.
 """
 
@@ -168,10 +169,12 @@ def part_scores(source: Path, settings, spec: str, tokens: list, reference, done
     from mlx.utils import tree_flatten
 
     from mlx_openelm import load_model
+    from mlx_openelm.convert.importance import norm_importance
     from mlx_openelm.convert.quantizers import quantize
 
     model = load_model(source, dtype="float32")
     original = dict(tree_flatten(model.parameters()))
+    importance = norm_importance(model.args, original.__getitem__)  # what the converter's optimal uses
     for label, quant in settings:
         for part, holds in part_names(spec, model.args.num_transformer_layers):
             name = f"{label} {part}"
@@ -181,7 +184,8 @@ def part_scores(source: Path, settings, spec: str, tokens: list, reference, done
             for key, weight in original.items():
                 if holds(key) and weight.ndim == 2:
                     bits, group = quant["bits"], quant["group_size"]
-                    q = quantize(weight, bits, group, quant["method"], mx.float16)
+                    q = quantize(weight, bits, group, quant["method"], mx.float16,
+                                 importance.get(key) if quant["method"] == "optimal" else None)
                     changed.append((key, mx.dequantize(*[a.astype(mx.float32) if a.dtype != mx.uint32 else a
                                                          for a in q], group_size=group, bits=bits)))
             model.load_weights(changed, strict=False)
