@@ -2,7 +2,7 @@
 
     python -m mlx_openelm.bench.serve_load --preset 270M --tokenizer tokenizer.model --clients 1,4
 
-Runs the real server (`mlx_openelm.server`) in this process on a random-weight model of
+Runs the real server (`mlx_openelm.serve.server`) in this process on a random-weight model of
 a published shape (generation on the main thread, HTTP in a thread, as `serve` does),
 then for each client count starts that many streaming `/v1/completions` requests at
 once (token-id prompts, greedy, fixed length) and reports generated tokens per second
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     from mlx_openelm.bench.core import random_model
     from mlx_openelm.config import preset_args
     from mlx_openelm.errors import OpenELMError
-    from mlx_openelm.server import ServerApp, make_server, serve
+    from mlx_openelm.serve.server import ServerApp, make_server, serve
     from mlx_openelm.tokenizer import Tokenizer
 
     try:

@@ -2,7 +2,7 @@
 
     python -m mlx_openelm.bench.serve_soak --preset tiny-config.json --tokenizer tokenizer.model
 
-Starts the real server (`mlx_openelm.server`, in a child process on 127.0.0.1 with a random-weight
+Starts the real server (`mlx_openelm.serve.server`, in a child process on 127.0.0.1 with a random-weight
 model of `--preset`: a published size or a config.json) and drives it over HTTP only:
 
 1. the spot-check prompts, each asked alone (their greedy answers are the reference);
@@ -48,8 +48,8 @@ def serve_child(args) -> None:
     import mlx.core as mx
 
     from mlx_openelm.bench.core import random_model
-    from mlx_openelm.server import ServerApp, make_server, serve
-    from mlx_openelm.server_limits import ServerLimits
+    from mlx_openelm.serve.server import ServerApp, make_server, serve
+    from mlx_openelm.serve.limits import ServerLimits
     from mlx_openelm.tokenizer import Tokenizer
 
     model_args = model_args_of(args.preset)

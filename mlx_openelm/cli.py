@@ -17,7 +17,7 @@ COMMANDS = {
     "convert": "mlx_openelm.convert.cli:convert",
     "bench": "mlx_openelm.bench.cli:bench",
     "eval": "mlx_openelm.evaluate_cli:eval_command",
-    "serve": "mlx_openelm.server_cli:serve_command",
+    "serve": "mlx_openelm.serve.cli:serve_command",
     "lora": "mlx_openelm.tuning.cli:lora_command",
     "fuse": "mlx_openelm.tuning.cli:fuse_command",
 }

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic import TINY_CONFIG, random_weights, train_tokenizer, write_hf_checkpoint  # noqa: E402
 
 from mlx_openelm import load  # noqa: E402
-from mlx_openelm.server import ServerApp, make_server, serve  # noqa: E402
+from mlx_openelm.serve.server import ServerApp, make_server, serve  # noqa: E402
 
 WARM_TOKENS = 20  # tokens each stream has before the long prompt is sent
 

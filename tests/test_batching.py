@@ -1,4 +1,4 @@
-"""Batched decoding (`mlx_openelm.batching`) against each request decoded alone with `generate_step`."""
+"""Batched decoding (`mlx_openelm.serve.batching`) against each request decoded alone with `generate_step`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mlx_openelm import generate_step, load, make_cache, make_logits_processors, make_sampler
-from mlx_openelm.batching import PREFILL_CHUNK, Batch, BatchKVCache
+from mlx_openelm.serve.batching import PREFILL_CHUNK, Batch, BatchKVCache
 from mlx_openelm.cache import KVCache
 from mlx_openelm.errors import OptionError
 
@@ -322,7 +322,7 @@ def test_a_row_from_a_reused_cache_penalises_the_cached_tokens_too(model):
 
 
 def test_serve_prefill_chunk_default_is_the_batch_default():
-    from mlx_openelm.server_cli import serve_command
+    from mlx_openelm.serve.cli import serve_command
 
     option = next(p for p in serve_command.params if p.name == "prefill_chunk")
     assert option.default == PREFILL_CHUNK

@@ -15,8 +15,8 @@ import pytest
 from mlx_openelm import ChatSession, generate_step, make_cache, make_logits_processors, speculative
 from mlx_openelm.errors import OptionError
 from mlx_openelm.generation import reusable_prefix_length, stream_generate
-from mlx_openelm.scheduler import Scheduler
-from mlx_openelm.server_api import GenerationSpec
+from mlx_openelm.serve.scheduler import Scheduler
+from mlx_openelm.serve.api import GenerationSpec
 
 # Said twice: the second reply's drafts can come from the first turn.
 MESSAGE = "The quick brown fox jumps over the lazy dog."

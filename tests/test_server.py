@@ -1,7 +1,7 @@
 """`mlx-openelm serve` end to end: a real server process on 127.0.0.1, driven by the official `openai` client.
 
 One server (tiny synthetic model, fp32) serves the whole module; it runs as a
-subprocess because MLX must run on a process's main thread (see scheduler.py).
+subprocess because MLX must run on a process's main thread (see serve/scheduler.py).
 Expected texts come from `generate` in this process with the same settings.
 """
 
@@ -384,7 +384,7 @@ def test_prompt_cache_copies_the_longest_prefix_and_supersedes_older_turns(local
     import mlx.core as mx
 
     from mlx_openelm.model import make_cache
-    from mlx_openelm.scheduler import PromptCache
+    from mlx_openelm.serve.scheduler import PromptCache
 
     model = local[0]
 
@@ -526,7 +526,7 @@ def test_a_request_without_the_key_gets_401_and_health_needs_none(server):
     ("0.0.0.0", True), ("::", True), ("192.168.1.20", True), ("my-mac.local", True),
 ])
 def test_binding_beyond_loopback_warns(host, warned):
-    from mlx_openelm.server import exposure_warning
+    from mlx_openelm.serve.server import exposure_warning
 
     warning = exposure_warning(host, api_key=None)
     assert (warning is not None) == warned
@@ -538,7 +538,7 @@ def test_binding_beyond_loopback_warns(host, warned):
 def test_an_ipv6_loopback_host_binds():
     import socket
 
-    from mlx_openelm.server import make_server
+    from mlx_openelm.serve.server import make_server
 
     try:
         socket.socket(socket.AF_INET6).close()

@@ -20,7 +20,7 @@ FAULT_AFTER = 3
 # The server's own CLI, with the scheduler's make_sampler wrapped to inject the fault.
 LAUNCH = f"""
 import sys
-import mlx_openelm.scheduler as scheduler
+import mlx_openelm.serve.scheduler as scheduler
 from mlx_openelm.cli import main
 
 def make_sampler(**options):

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mlx_openelm": ROOT / "mlx_openelm", "mlx_openelm.tokenizer": ROOT / "mlx_openelm" / "tokenizer",
             "mlx_openelm.convert": ROOT / "convert", "mlx_openelm.bench": ROOT / "bench",
-            "mlx_openelm.tuning": ROOT / "mlx_openelm" / "tuning"}
+            "mlx_openelm.tuning": ROOT / "mlx_openelm" / "tuning", "mlx_openelm.serve": ROOT / "mlx_openelm" / "serve"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -182,7 +182,8 @@ def test_no_function_is_over_the_line_limit_unless_allowed():
 
 # A subpackage before its parent: a row's first cell is matched against these in order.
 FOLDERS = {"mlx_openelm/tokenizer/": ROOT / "mlx_openelm" / "tokenizer",
-           "mlx_openelm/tuning/": ROOT / "mlx_openelm" / "tuning", "mlx_openelm/": ROOT / "mlx_openelm",
+           "mlx_openelm/tuning/": ROOT / "mlx_openelm" / "tuning", "mlx_openelm/serve/": ROOT / "mlx_openelm" / "serve",
+           "mlx_openelm/": ROOT / "mlx_openelm",
            "convert/": ROOT / "convert", "bench/": ROOT / "bench"}
 
 

@@ -2,10 +2,10 @@
 
 `ServerApp` holds the model's `Scheduler` (the one thread that runs MLX) and the
 server's settings; `make_server` binds a `ThreadingHTTPServer` whose handler threads
-parse requests (`server_api`), hand them to the scheduler and write its tokens back,
+parse requests (`api`), hand them to the scheduler and write its tokens back,
 as one JSON body or as server-sent events. Endpoints: `GET /v1/models`, `GET /health`,
 `POST /v1/chat/completions`, `POST /v1/completions`. Every request passes the Host and
-Origin checks (`server_access`) and every connection the bounds of `server_limits`.
+Origin checks (`access`) and every connection the bounds of `limits`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import time
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
-from . import server_api as api
+from . import api
+from .access import AccessPolicy, is_json_content_type, is_loopback
 from .batching import PREFILL_CHUNK
+from .limits import BoundedHTTPServer, BoundedRequestHandler, ServerLimits
 from .scheduler import Failure, Job, Scheduler, Step
-from .server_access import AccessPolicy, is_json_content_type, is_loopback
-from .server_limits import BoundedHTTPServer, BoundedRequestHandler, ServerLimits
 
 log = logging.getLogger("mlx_openelm.server")
 

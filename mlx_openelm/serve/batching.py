@@ -24,11 +24,11 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import KVCache
-from .errors import OptionError
-from .generation import GenerationStep, prefill, token_budget
-from .model import Model
-from .sampling import LogitsProcessor, Sampler, to_logprobs
+from ..cache import KVCache
+from ..errors import OptionError
+from ..generation import GenerationStep, prefill, token_budget
+from ..model import Model
+from ..sampling import LogitsProcessor, Sampler, to_logprobs
 
 
 PREFILL_CHUNK = 256  # prompt tokens read per step while other rows decode (0: a whole prompt at once)

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .errors import OptionError
-from .server_api import APIError
+from ..errors import OptionError
+from .api import APIError
 
 RETRY_AFTER_SECONDS = 1
 

@@ -23,13 +23,13 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
+from ..cache import KVCache
+from ..generation import (GenerationResponse, common_prefix_length, reusable_prefix_length, stream_generate,
+                          stream_responses, wired_limit)
+from ..model import make_cache
+from ..sampling import make_logits_processors, make_sampler
+from .api import GenerationSpec
 from .batching import PREFILL_CHUNK, Batch, Row
-from .cache import KVCache
-from .generation import (GenerationResponse, common_prefix_length, reusable_prefix_length, stream_generate,
-                         stream_responses, wired_limit)
-from .model import make_cache
-from .sampling import make_logits_processors, make_sampler
-from .server_api import GenerationSpec
 
 log = logging.getLogger("mlx_openelm.server")
 

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import PromptError
-from .stopping import normalize_stops
+from ..errors import PromptError
+from ..stopping import normalize_stops
 
 MAX_STOPS = 4  # as OpenAI
 MAX_TOP_LOGPROBS_CHAT = 20

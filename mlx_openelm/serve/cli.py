@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .cli_common import (
+from ..cli_common import (
     adapter_option,
     load_model_and_tokenizer,
     load_speculative,
@@ -18,7 +18,7 @@ from .cli_common import (
     speculative_options,
     user_errors,
 )
-from .server_limits import ServerLimits
+from .limits import ServerLimits
 
 LIMITS = ServerLimits()
 
@@ -57,7 +57,7 @@ def bound_options(fn):
 def _model_id(model_ref) -> str:
     """What /v1/models calls the model: a folder's name, or the repo id."""
     if model_ref is None:
-        from .hub import DEFAULT_MODEL
+        from ..hub import DEFAULT_MODEL
 
         return DEFAULT_MODEL.split("/")[-1]
     path = Path(model_ref)
@@ -96,10 +96,10 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     """
     import logging
 
+    from .access import AccessPolicy, parse_allowed_hosts, parse_allowed_origins
+    from .api import SamplingDefaults
     from .batching import validate_prefill_chunk
     from .server import ServerApp, exposure_warning, make_server, serve
-    from .server_access import AccessPolicy, parse_allowed_hosts, parse_allowed_origins
-    from .server_api import SamplingDefaults
 
     if max_tokens < 1:
         raise click.BadParameter("must be at least 1 for a server", param_hint="--max-tokens")

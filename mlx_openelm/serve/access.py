@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 from urllib.parse import urlsplit
 
-from .errors import OptionError
+from ..errors import OptionError
 
 _NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
 WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::", ""})
