@@ -138,3 +138,20 @@ def run_cli():
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def invoke_cli():
+    """`mlx-openelm` in this process: `invoke_cli(*args, input=None, catch_exceptions=True, **kwargs)`
+    runs `mlx_openelm.cli.main` through click's CliRunner (arguments str()-ed; `catch_exceptions=False`
+    lets a traceback surface, the default turns an exception into `result.exception` and exit code 1;
+    other keywords go to `CliRunner.invoke`) and returns the click Result."""
+    from click.testing import CliRunner
+
+    from mlx_openelm.cli import main
+
+    def invoke(*args, input: str | None = None, catch_exceptions: bool = True, **kwargs):
+        return CliRunner().invoke(main, [str(a) for a in args], input=input, catch_exceptions=catch_exceptions,
+                                  **kwargs)
+
+    return invoke

@@ -11,10 +11,8 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from click.testing import CliRunner
 from mlx.utils import tree_flatten
 
-from mlx_openelm.cli import main
 from mlx_openelm.config import ModelArgs, preset_args
 
 # A small architecture with layer-wise scaling whose widths are multiples of 64,
@@ -44,19 +42,14 @@ def tiny_preset(tmp_path_factory):
     return str(path)
 
 
-def run(*args):
-    result = CliRunner().invoke(main, ["bench", *map(str, args)])
-    return result
-
-
 def assert_ok(result):
     assert result.exit_code == 0, result.output + repr(result.exception)
 
 
-def test_tiny_preset_through_the_command(tiny_preset, tmp_path):
+def test_tiny_preset_through_the_command(tiny_preset, tmp_path, invoke_cli):
     out, table = tmp_path / "out.json", tmp_path / "out.csv"
-    result = run("--preset", tiny_preset, "--bits", "16,4", "--prompt-tokens", 12, "--generation-tokens", 6,
-                 "--trials", 2, "--dtype", "float32", "--json", out, "--csv", table)
+    result = invoke_cli("bench", "--preset", tiny_preset, "--bits", "16,4", "--prompt-tokens", 12,
+                        "--generation-tokens", 6, "--trials", 2, "--dtype", "float32", "--json", out, "--csv", table)
     assert_ok(result)
     assert "prompt tok/s" in result.stdout and "q4/g64" in result.stdout
     doc = json.loads(out.read_text())
@@ -88,10 +81,10 @@ def test_tiny_preset_through_the_command(tiny_preset, tmp_path):
     assert all(int(line["generation_tokens"]) == 6 for line in lines)
 
 
-def test_bandwidth_override_gives_a_share(tiny_preset, tmp_path):
+def test_bandwidth_override_gives_a_share(tiny_preset, tmp_path, invoke_cli):
     out = tmp_path / "out.json"
-    assert_ok(run("--preset", tiny_preset, "--prompt-tokens", 4, "--generation-tokens", 3, "--trials", 1,
-                  "--no-warmup", "--bandwidth", 100, "--json", out))
+    assert_ok(invoke_cli("bench", "--preset", tiny_preset, "--prompt-tokens", 4, "--generation-tokens", 3,
+                         "--trials", 1, "--no-warmup", "--bandwidth", 100, "--json", out))
     row = json.loads(out.read_text())["rows"][0]
     assert row["peak_bandwidth_gbs"] == 100
     assert row["bandwidth_share"] == pytest.approx(row["bandwidth_gbs"] / 100)
@@ -129,10 +122,10 @@ def test_naive_rmsnorm_swaps_every_norm_and_restores(tiny_preset):
     assert mx.allclose(naive, fused, rtol=1e-4, atol=1e-4).item()
 
 
-def test_ablation_through_the_command(tiny_preset, tmp_path):
+def test_ablation_through_the_command(tiny_preset, tmp_path, invoke_cli):
     out = tmp_path / "out.json"
-    result = run("--preset", tiny_preset, "--ablation", "rmsnorm", "--prompt-tokens", 8, "--generation-tokens", 4,
-                 "--trials", 1, "--json", out)
+    result = invoke_cli("bench", "--preset", tiny_preset, "--ablation", "rmsnorm", "--prompt-tokens", 8,
+                        "--generation-tokens", 4, "--trials", 1, "--json", out)
     assert_ok(result)
     assert "naive-rmsnorm" in result.stdout and "RMSNorm ablation" in result.stdout
     doc = json.loads(out.read_text())
@@ -143,11 +136,11 @@ def test_ablation_through_the_command(tiny_preset, tmp_path):
 
 # ---- mlx-lm side by side ----------------------------------------------------------------
 
-def test_compare_mlx_lm_gives_both_rows(tiny_preset, tmp_path):
+def test_compare_mlx_lm_gives_both_rows(tiny_preset, tmp_path, invoke_cli):
     pytest.importorskip("mlx_lm")
     out = tmp_path / "out.json"
-    result = run("--preset", tiny_preset, "--bits", "16,8", "--compare", "mlx-lm", "--prompt-tokens", 8,
-                 "--generation-tokens", 5, "--trials", 1, "--json", out)
+    result = invoke_cli("bench", "--preset", tiny_preset, "--bits", "16,8", "--compare", "mlx-lm", "--prompt-tokens", 8,
+                        "--generation-tokens", 5, "--trials", 1, "--json", out)
     assert_ok(result)
     doc = json.loads(out.read_text())
     assert [(r["engine"], r["bits"]) for r in doc["rows"]] == [
@@ -176,9 +169,9 @@ def test_mlx_lm_gets_the_same_weights_and_tokens(tiny_preset):
     assert list(OursEngine(model).tokens(prompt, 6)) == list(MlxLmEngine(lm).tokens(prompt, 6))
 
 
-def test_compare_without_mlx_lm_says_how_to_get_it(tiny_preset, monkeypatch):
+def test_compare_without_mlx_lm_says_how_to_get_it(tiny_preset, monkeypatch, invoke_cli):
     monkeypatch.setitem(sys.modules, "mlx_lm", None)  # import mlx_lm -> ImportError
-    result = run("--preset", tiny_preset, "--compare", "mlx-lm", "--trials", 1)
+    result = invoke_cli("bench", "--preset", tiny_preset, "--compare", "mlx-lm", "--trials", 1)
     assert result.exit_code == 2
     assert "pip install 'mlx-openelm[compare]'" in result.output
     assert "Traceback" not in result.output
@@ -186,10 +179,10 @@ def test_compare_without_mlx_lm_says_how_to_get_it(tiny_preset, monkeypatch):
 
 # ---- other sources and protocols ------------------------------------------------------
 
-def test_paper_protocol_settings(tiny_preset, tmp_path):
+def test_paper_protocol_settings(tiny_preset, tmp_path, invoke_cli):
     out = tmp_path / "out.json"
-    result = run("--preset", tiny_preset, "--protocol", "paper", "--generation-tokens", 4, "--trials", 1,
-                 "--json", out)
+    result = invoke_cli("bench", "--preset", tiny_preset, "--protocol", "paper", "--generation-tokens", 4,
+                        "--trials", 1, "--json", out)
     assert_ok(result)
     doc = json.loads(out.read_text())
     assert doc["settings"]["prompt"] == "fixed"
@@ -198,7 +191,7 @@ def test_paper_protocol_settings(tiny_preset, tmp_path):
     assert "not found" not in result.stdout and "--reference-json" in result.stdout  # no invented figures
 
 
-def test_paper_protocol_defaults_to_1024_tokens(tiny_preset, monkeypatch):
+def test_paper_protocol_defaults_to_1024_tokens(tiny_preset, monkeypatch, invoke_cli):
     """Without length flags the paper protocol asks the runner for 35 + 1024 tokens at 16 and 4 bits."""
     from mlx_openelm.bench import runner
 
@@ -209,22 +202,22 @@ def test_paper_protocol_defaults_to_1024_tokens(tiny_preset, monkeypatch):
         return {"rows": [], "ratios": [], "notes": [], "machine": {}}
 
     monkeypatch.setattr(runner, "run_benchmark", fake_run)
-    assert_ok(run("--preset", tiny_preset, "--protocol", "paper"))
+    assert_ok(invoke_cli("bench", "--preset", tiny_preset, "--protocol", "paper"))
     assert (seen[0].prompt_tokens, seen[0].generation_tokens, seen[0].bits) == ([35], [1024], [None, 4])
-    assert_ok(run("--preset", tiny_preset))
+    assert_ok(invoke_cli("bench", "--preset", tiny_preset))
     assert (seen[1].prompt_tokens, seen[1].generation_tokens, seen[1].bits) == ([512], [128], None)
 
 
-def test_model_folder(hf_checkpoint, tmp_path):
+def test_model_folder(hf_checkpoint, tmp_path, invoke_cli):
     out = tmp_path / "out.json"
     # the tiny checkpoint's FFN widths (32, 64, 96) need group size 32 to quantize
-    result = run("--model", hf_checkpoint, "--bits", "16,4", "--group-size", 32, "--prompt-tokens", 6,
-                 "--generation-tokens", 3, "--trials", 1, "--json", out)
+    result = invoke_cli("bench", "--model", hf_checkpoint, "--bits", "16,4", "--group-size", 32, "--prompt-tokens", 6,
+                        "--generation-tokens", 3, "--trials", 1, "--json", out)
     assert_ok(result)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["bits"], r["group_size"]) for r in rows] == [("OpenELM-tiny", None, None),
                                                                        ("OpenELM-tiny", 4, 32)]
-    bad = run("--model", hf_checkpoint, "--bits", "4", "--trials", 1)
+    bad = invoke_cli("bench", "--model", hf_checkpoint, "--bits", "4", "--trials", 1)
     assert bad.exit_code == 1 and "--group-size" in bad.output and "multiples of 64" in bad.output
 
 
@@ -267,28 +260,29 @@ def test_generate_step_ignores_eos(tiny_preset):
         (["--preset", "missing/config.json"], "--preset", "not found"),
     ],
 )
-def test_bad_values_are_clear_errors(args, option, words):
-    result = run(*args)
+def test_bad_values_are_clear_errors(args, option, words, invoke_cli):
+    result = invoke_cli("bench", *args)
     assert result.exit_code == 2, result.output
     assert option in result.output and words in result.output
     assert "Traceback" not in result.output
 
 
-def test_model_or_preset_exactly_one(tiny_preset, hf_checkpoint):
+def test_model_or_preset_exactly_one(tiny_preset, hf_checkpoint, invoke_cli):
     for args in ([], ["--preset", tiny_preset, "--model", str(hf_checkpoint)]):
-        result = run(*args)
+        result = invoke_cli("bench", *args)
         assert result.exit_code == 2 and "--model" in result.output and "--preset" in result.output
 
 
-def test_context_overflow_is_a_clear_error(tiny_preset):
-    result = run("--preset", tiny_preset, "--prompt-tokens", 2000, "--generation-tokens", 100, "--trials", 1)
+def test_context_overflow_is_a_clear_error(tiny_preset, invoke_cli):
+    result = invoke_cli("bench", "--preset", tiny_preset, "--prompt-tokens", 2000, "--generation-tokens", 100,
+                        "--trials", 1)
     assert result.exit_code == 1 and "context" in result.output and "Traceback" not in result.output
 
 
-def test_help_lists_bench():
-    result = CliRunner().invoke(main, ["--help"])
+def test_help_lists_bench(invoke_cli):
+    result = invoke_cli("--help")
     assert "bench" in result.output
-    result = CliRunner().invoke(main, ["bench", "--help"])
+    result = invoke_cli("bench", "--help")
     assert result.exit_code == 0 and "--compare" in result.output and "--ablation" in result.output
 
 
@@ -306,15 +300,15 @@ def test_chip_bandwidth_table():
     assert chip_bandwidth_gbs("AMD EPYC") is None and apple_chip("Intel(R) Xeon(R) M5") is None
 
 
-def test_plot(tiny_preset, tmp_path):
+def test_plot(tiny_preset, tmp_path, invoke_cli):
     pytest.importorskip("matplotlib")
     png = tmp_path / "tps.png"
-    assert_ok(run("--preset", tiny_preset, "--prompt-tokens", 4, "--generation-tokens", 3, "--trials", 1,
-                  "--no-warmup", "--plot", png))
+    assert_ok(invoke_cli("bench", "--preset", tiny_preset, "--prompt-tokens", 4, "--generation-tokens", 3,
+                         "--trials", 1, "--no-warmup", "--plot", png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_is_a_clear_error(tiny_preset, tmp_path, monkeypatch):
+def test_plot_without_matplotlib_is_a_clear_error(tiny_preset, tmp_path, monkeypatch, invoke_cli):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    result = run("--preset", tiny_preset, "--trials", 1, "--plot", tmp_path / "x.png")
+    result = invoke_cli("bench", "--preset", tiny_preset, "--trials", 1, "--plot", tmp_path / "x.png")
     assert result.exit_code == 2 and "matplotlib" in result.output and "--plot" in result.output

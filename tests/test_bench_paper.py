@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from mlx_openelm.bench.paper import load_reference, machine_title, size_key
-from mlx_openelm.cli import main
 from mlx_openelm.errors import ConfigError
 
 from test_bench import BENCH_CONFIG
@@ -22,10 +20,6 @@ def preset_270m(tmp_path_factory):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(BENCH_CONFIG))
     return str(folder / "config.json")
-
-
-def bench(*args):
-    return CliRunner().invoke(main, ["bench", *map(str, args)], catch_exceptions=False)
 
 
 def reference_file(tmp_path, rows, source="OpenELM paper, Table 7b (typed in by hand)"):
@@ -41,9 +35,9 @@ def table_lines(stdout: str, title: str) -> list[str]:
     return lines[start:end]
 
 
-def test_paper_protocol_prints_its_settings_beside_this_runs(preset_270m):
-    result = bench("--preset", preset_270m, "--protocol", "paper", "--generation-tokens", 3, "--trials", 1,
-                   "--no-warmup")
+def test_paper_protocol_prints_its_settings_beside_this_runs(preset_270m, invoke_cli):
+    result = invoke_cli("bench", "--preset", preset_270m, "--protocol", "paper", "--generation-tokens", 3,
+                        "--trials", 1, "--no-warmup", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     table = "\n".join(table_lines(result.stdout, "Protocol of the OpenELM paper"))
     assert "35 tokens, fixed" in table and "35 tokens, fixed" in table.split("35 tokens, fixed", 1)[1]
@@ -55,13 +49,13 @@ def test_paper_protocol_prints_its_settings_beside_this_runs(preset_270m):
     assert "not found" not in result.stdout and "--reference-json" in result.stdout
 
 
-def test_reference_figures_print_beside_ours_with_the_ratio(preset_270m, tmp_path):
+def test_reference_figures_print_beside_ours_with_the_ratio(preset_270m, tmp_path, invoke_cli):
     path = reference_file(tmp_path, [{"model": "OpenELM-270M", "bits": 16, "generation_tps": 2.0},
                                      {"model": "270M", "bits": 4, "prompt_tps": 5.0, "generation_tps": 4.0},
                                      {"model": "3B", "bits": 16, "generation_tps": 9.0}])
     out = tmp_path / "out.json"
-    result = bench("--preset", preset_270m, "--protocol", "paper", "--generation-tokens", 3, "--trials", 1,
-                   "--no-warmup", "--reference-json", path, "--json", out)
+    result = invoke_cli("bench", "--preset", preset_270m, "--protocol", "paper", "--generation-tokens", 3,
+                        "--trials", 1, "--no-warmup", "--reference-json", path, "--json", out, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     ours = {(r["bits"]): r for r in doc["rows"]}
@@ -83,12 +77,12 @@ def test_reference_figures_print_beside_ours_with_the_ratio(preset_270m, tmp_pat
     ('{"rows": [{"model": "270M", "bits": 4, "generation_tps": -1}]}', "generation_tps must be a positive number"),
     ('{"rows": [{"model": "270M", "bits": 4}]}', "gives none of prompt_tps"),
 ])
-def test_bad_reference_files_are_refused_before_any_work(preset_270m, tmp_path, content, message):
+def test_bad_reference_files_are_refused_before_any_work(preset_270m, tmp_path, content, message, invoke_cli):
     path = tmp_path / "ref.json"
     path.write_text(content)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("{", r"\{")):
         load_reference(path)
-    result = CliRunner().invoke(main, ["bench", "--preset", preset_270m, "--reference-json", str(path)])
+    result = invoke_cli("bench", "--preset", preset_270m, "--reference-json", str(path))
     assert result.exit_code == 1 and "--reference-json" in result.output and "building" not in result.output
 
 

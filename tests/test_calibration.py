@@ -7,9 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mlx_openelm.cli import main
 from mlx_openelm.convert import calibration, convert
 from mlx_openelm.convert.calibration import FoldedSource, best_scale, calibrate, calibration_text
 from mlx_openelm.convert.quantizers import quantize
@@ -122,13 +120,9 @@ def test_calibrated_folder_loads_in_mlx_lm_unchanged(outlier_checkpoint, text_fi
     np.testing.assert_allclose(np.array(theirs_model(tokens)), np.array(ours), rtol=1e-3, atol=1e-3)
 
 
-def _run(args):
-    return CliRunner().invoke(main, ["convert", *args])
-
-
-def test_cli_reports_calibration(outlier_checkpoint, text_file, tmp_path):
-    result = _run(["--hf-path", str(outlier_checkpoint), "--mlx-path", str(tmp_path / "o"), "--bits", "4",
-                   "--group-size", "32", "--no-eval", "--calibration-text", str(text_file)])
+def test_cli_reports_calibration(outlier_checkpoint, text_file, tmp_path, invoke_cli):
+    result = invoke_cli("convert", "--hf-path", str(outlier_checkpoint), "--mlx-path", str(tmp_path / "o"),
+                        "--bits", "4", "--group-size", "32", "--no-eval", "--calibration-text", str(text_file))
     assert result.exit_code == 0, result.output
     assert "calibrated on calibration.txt" in result.output
 
@@ -140,15 +134,15 @@ def test_cli_reports_calibration(outlier_checkpoint, text_file, tmp_path):
     (b"caf\xe9 latin-1", "not UTF-8 text (byte 0xe9"),
     ("folder", "a folder, not a text file"),
 ])
-def test_cli_refuses_bad_calibration_text(outlier_checkpoint, tmp_path, content, expected):
+def test_cli_refuses_bad_calibration_text(outlier_checkpoint, tmp_path, content, expected, invoke_cli):
     path = tmp_path / "text.txt"
     if content == "folder":
         path.mkdir()
     elif content is not None:
         path.write_bytes(content)
     out = tmp_path / "o"
-    result = _run(["--hf-path", str(outlier_checkpoint), "--mlx-path", str(out), "-q",
-                   "--calibration-text", str(path)])
+    result = invoke_cli("convert", "--hf-path", str(outlier_checkpoint), "--mlx-path", str(out), "-q",
+                        "--calibration-text", str(path))
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: --calibration-text: {path}: {expected}"), result.output
     assert result.output.count("\n") == 1  # one line, no traceback
@@ -156,13 +150,13 @@ def test_cli_refuses_bad_calibration_text(outlier_checkpoint, tmp_path, content,
 
 
 def test_cli_refuses_calibration_without_quantization_or_tokenizer(outlier_checkpoint, hf_checkpoint, text_file,
-                                                                   tmp_path):
-    result = _run(["--hf-path", str(outlier_checkpoint), "--mlx-path", str(tmp_path / "f"),
-                   "--calibration-text", str(text_file)])
+                                                                   tmp_path, invoke_cli):
+    result = invoke_cli("convert", "--hf-path", str(outlier_checkpoint), "--mlx-path", str(tmp_path / "f"),
+                        "--calibration-text", str(text_file))
     assert result.exit_code == 1 and "--calibration-text: calibration only applies when quantizing" in result.output
     no_tokenizer = write_hf_checkpoint(tmp_path / "bare", TINY_CONFIG, random_weights(TINY_CONFIG))
-    result = _run(["--hf-path", str(no_tokenizer), "--mlx-path", str(tmp_path / "o"), "-q",
-                   "--calibration-text", str(text_file)])
+    result = invoke_cli("convert", "--hf-path", str(no_tokenizer), "--mlx-path", str(tmp_path / "o"), "-q",
+                        "--calibration-text", str(text_file))
     assert result.exit_code == 1 and "has no tokenizer.model" in result.output and "--tokenizer" in result.output
     assert not (tmp_path / "f").exists() and not (tmp_path / "o").exists()
 

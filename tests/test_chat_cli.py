@@ -7,13 +7,11 @@ import json
 import subprocess
 import sys
 
-from click.testing import CliRunner
 from test_chat import CountingModel
 
 from mlx_openelm import load, make_logits_processors
 from mlx_openelm.chat import ChatSession
 from mlx_openelm.chat_cli import run_repl
-from mlx_openelm.cli import main
 from mlx_openelm.generation import stream_generate
 
 
@@ -35,14 +33,10 @@ def stats_lines(err):
     return sum(1 for line in err.splitlines() if "tok/s" in line)
 
 
-def _cli(args, **kwargs):
-    return CliRunner().invoke(main, args, catch_exceptions=False, **kwargs)
-
-
-def test_chat_command_two_turns_reset_and_end_of_input(any_checkpoint):
+def test_chat_command_two_turns_reset_and_end_of_input(any_checkpoint, invoke_cli):
     model, tokenizer = load(any_checkpoint, dtype="float32")
-    result = _cli(["chat", "--model", str(any_checkpoint), "-m", "6", "--system", "Be brief."],
-                  input="Hello there\nTell me more\n/help\n/reset\nHello there\n")
+    result = invoke_cli("chat", "--model", str(any_checkpoint), "-m", "6", "--system", "Be brief.",
+                        input="Hello there\nTell me more\n/help\n/reset\nHello there\n", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     session = ChatSession(model, tokenizer, system="Be brief.")
     replies = []
@@ -54,8 +48,9 @@ def test_chat_command_two_turns_reset_and_end_of_input(any_checkpoint):
     assert "/reset" in result.stderr and "/exit" in result.stderr  # the /help text
 
 
-def test_chat_exit_command_stops_reading(hf_checkpoint):
-    result = _cli(["chat", "--model", str(hf_checkpoint), "-m", "3", "-q"], input="hi\n/exit\nnever sent\n")
+def test_chat_exit_command_stops_reading(hf_checkpoint, invoke_cli):
+    result = invoke_cli("chat", "--model", str(hf_checkpoint), "-m", "3", "-q", input="hi\n/exit\nnever sent\n",
+                        catch_exceptions=False)
     assert result.exit_code == 0 and result.stdout.count("\n") == 1
     assert all(line.startswith("warning: ") for line in result.stderr.splitlines())  # -q: no stats lines
 
@@ -70,10 +65,10 @@ def test_chat_through_a_pipe(hf_checkpoint):
     assert proc.stdout.count("\n") >= 2
 
 
-def test_generate_chat_applies_the_template(hf_checkpoint, loaded):
+def test_generate_chat_applies_the_template(hf_checkpoint, loaded, invoke_cli):
     model, tokenizer = loaded
-    result = _cli(["generate", "--model", str(hf_checkpoint), "--chat", "--system", "Be brief.",
-                   "-p", "Hello there", "-m", "6", "--json"])
+    result = invoke_cli("generate", "--model", str(hf_checkpoint), "--chat", "--system", "Be brief.",
+                        "-p", "Hello there", "-m", "6", "--json", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     ids = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": "Hello there"}])

@@ -7,10 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from click.testing import CliRunner
 
 from mlx_openelm import generate, load, make_logits_processors
-from mlx_openelm.cli import main
 
 
 def test_help_is_instant_and_does_not_import_mlx():
@@ -30,13 +28,10 @@ def test_help_is_instant_and_does_not_import_mlx():
         assert text in result.stdout
 
 
-def _run(args, **kwargs):
-    return CliRunner().invoke(main, args, catch_exceptions=False, **kwargs)
-
-
-def test_generate_prints_the_same_text_as_the_api(any_checkpoint):
+def test_generate_prints_the_same_text_as_the_api(any_checkpoint, invoke_cli):
     """With the folder's tokenizer.model, and with a tokenizer.json in its place."""
-    result = _run(["generate", "--model", str(any_checkpoint), "--prompt", "Once upon a time", "--max-tokens", "12"])
+    result = invoke_cli("generate", "--model", any_checkpoint, "--prompt", "Once upon a time", "--max-tokens", "12",
+                        catch_exceptions=False)
     assert result.exit_code == 0, result.output
     model, tokenizer = load(any_checkpoint)
     expected = generate(model, tokenizer, "Once upon a time", max_tokens=12,
@@ -46,20 +41,23 @@ def test_generate_prints_the_same_text_as_the_api(any_checkpoint):
     assert "tok/s" in result.stderr and "peak memory" in result.stderr
 
 
-def test_generate_reads_the_prompt_from_stdin_and_prints_json(hf_checkpoint):
-    result = _run(["generate", "--model", str(hf_checkpoint), "--prompt", "-", "--max-tokens", "5", "--json",
-                   "--temp", "0.8", "--top-p", "0.9", "--seed", "1"], input="Once upon a time")
+def test_generate_reads_the_prompt_from_stdin_and_prints_json(hf_checkpoint, invoke_cli):
+    result = invoke_cli("generate", "--model", hf_checkpoint, "--prompt", "-", "--max-tokens", "5", "--json",
+                        "--temp", "0.8", "--top-p", "0.9", "--seed", "1", input="Once upon a time",
+                        catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["prompt_tokens"] > 1 and data["generation_tokens"] == 5
     assert data["finish_reason"] == "length" and isinstance(data["text"], str)
-    again = _run(["generate", "--model", str(hf_checkpoint), "--prompt", "-", "--max-tokens", "5", "--json",
-                  "--temp", "0.8", "--top-p", "0.9", "--seed", "1"], input="Once upon a time")
+    again = invoke_cli("generate", "--model", hf_checkpoint, "--prompt", "-", "--max-tokens", "5", "--json",
+                       "--temp", "0.8", "--top-p", "0.9", "--seed", "1", input="Once upon a time",
+                       catch_exceptions=False)
     assert json.loads(again.stdout)["text"] == data["text"]
 
 
-def test_quiet_prints_only_text(hf_checkpoint):
-    result = _run(["generate", "--model", str(hf_checkpoint), "--prompt", "hi", "-m", "3", "--quiet"])
+def test_quiet_prints_only_text(hf_checkpoint, invoke_cli):
+    result = invoke_cli("generate", "--model", hf_checkpoint, "--prompt", "hi", "-m", "3", "--quiet",
+                        catch_exceptions=False)
     assert result.exit_code == 0 and result.stdout.count("\n") == 1
     # no loading line, no statistics: only library warnings (the tiny test tokenizer is short of the vocab)
     assert all(line.startswith("warning: ") for line in result.stderr.splitlines())
@@ -73,9 +71,9 @@ def test_quiet_prints_only_text(hf_checkpoint):
         (["--model", "{ckpt}", "--tokenizer", "{tmp}/tok.model"], "tok.model: tokenizer file not found"),
     ],
 )
-def test_generate_errors_are_one_clear_line(tmp_path, hf_checkpoint, sharded_checkpoint, args, message):
+def test_generate_errors_are_one_clear_line(tmp_path, hf_checkpoint, sharded_checkpoint, args, message, invoke_cli):
     args = [a.format(tmp=tmp_path, sharded=sharded_checkpoint, ckpt=hf_checkpoint) for a in args]
-    result = CliRunner().invoke(main, ["generate", *args, "--prompt", "hi"])
+    result = invoke_cli("generate", *args, "--prompt", "hi")
     assert result.exit_code == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("Error: ") and message in last_line
@@ -88,6 +86,6 @@ def test_generate_errors_are_one_clear_line(tmp_path, hf_checkpoint, sharded_che
      (["--max-tokens", "-5"], "--max-tokens"),
      (["--max-tokens", "0"], "--max-tokens")],  # no reply, no statistics: nothing to run
 )
-def test_generate_bad_options_name_the_option(hf_checkpoint, args, option):
-    result = CliRunner().invoke(main, ["generate", "--model", str(hf_checkpoint), "--prompt", "hi", *args])
+def test_generate_bad_options_name_the_option(hf_checkpoint, args, option, invoke_cli):
+    result = invoke_cli("generate", "--model", hf_checkpoint, "--prompt", "hi", *args)
     assert result.exit_code == 2 and option in result.stderr

@@ -10,9 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mlx_openelm.cli import main
 from mlx_openelm.config import preset_args
 from mlx_openelm.convert import convert, pipeline
 from mlx_openelm.convert.pipeline import default_convert_dtype
@@ -247,16 +245,12 @@ def workdir(tmp_path, hf_checkpoint):
     return tmp_path, src, existing
 
 
-def run_cli(*args):
-    return CliRunner().invoke(main, ["convert", *map(str, args)])
-
-
 @pytest.mark.parametrize("case", [
     "existing-target", "missing-input", "unsupported-bits", "unsupported-group", "unsupported-dtype",
     "unknown-recipe", "recipe-with-8-bits", "non-openelm-config", "corrupt-safetensors", "missing-tokenizer",
     "missing-tensor", "preset-with-hf-folder", "pt-without-preset", "output-inside-input",
 ])
-def test_refusals_name_the_culprit_and_leave_nothing_behind(workdir, case):
+def test_refusals_name_the_culprit_and_leave_nothing_behind(workdir, case, invoke_cli):
     root, src, existing = workdir
     out = root / "out" / "nested"
     args, expected = {
@@ -287,7 +281,7 @@ def test_refusals_name_the_culprit_and_leave_nothing_behind(workdir, case):
         del weights["transformer.layers.1.ffn_norm.weight"]
         write_hf_checkpoint(src, TINY_CONFIG, weights)
     before = listing(root)
-    result = run_cli(*args)
+    result = invoke_cli("convert", *args)
     assert result.exit_code != 0
     assert expected in result.output, result.output
     assert "Traceback" not in result.output
@@ -348,30 +342,29 @@ def test_refusals_raise_the_openelm_error_of_their_kind(workdir):
 
 # ---- CLI ----------------------------------------------------------------------------------------------
 
-def test_cli_table_json_and_generate_with_no_flags(hf_checkpoint, tmp_path):
+def test_cli_table_json_and_generate_with_no_flags(hf_checkpoint, tmp_path, invoke_cli):
     out = tmp_path / "q4"
-    result = run_cli("--hf-path", hf_checkpoint, "--mlx-path", out, "--bits", "4", "--group-size", "32")
+    result = invoke_cli("convert", "--hf-path", hf_checkpoint, "--mlx-path", out, "--bits", "4", "--group-size", "32")
     assert result.exit_code == 0, result.output
     for label in ("parameters", "bits per weight", "size on disk", "max relative error", "KL(float || output)"):
         assert label in result.output
-    result = run_cli("--hf-path", hf_checkpoint, "--mlx-path", tmp_path / "q8", "--bits", "8", "--json",
-                     "--dtype", "float32")
+    result = invoke_cli("convert", "--hf-path", hf_checkpoint, "--mlx-path", tmp_path / "q8", "--bits", "8", "--json",
+                        "--dtype", "float32")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[result.output.index("{"):])
     assert report["bits"] == 8 and report["kl_mean"] < 5e-3 and report["size_bytes"] > 0
     # the converted folder runs with no further flags (tokenizer and quantization are inside)
-    gen = CliRunner().invoke(main, ["generate", "--model", str(out), "--prompt", "Once upon", "--max-tokens", "3",
-                                    "--quiet"])
+    gen = invoke_cli("generate", "--model", str(out), "--prompt", "Once upon", "--max-tokens", "3", "--quiet")
     assert gen.exit_code == 0, gen.output
 
 
-def test_cli_average_takes_checkpoints_as_arguments(tmp_path, tiny_weights):
+def test_cli_average_takes_checkpoints_as_arguments(tmp_path, tiny_weights, invoke_cli):
     a = write_hf_checkpoint(tmp_path / "a", TINY_CONFIG, tiny_weights)
     b = write_hf_checkpoint(tmp_path / "b", TINY_CONFIG, random_weights(TINY_CONFIG, seed=3))
-    result = run_cli("--average", a, b, "--mlx-path", tmp_path / "avg", "--no-eval", "--dtype", "float32")
+    result = invoke_cli("convert", "--average", a, b, "--mlx-path", tmp_path / "avg", "--no-eval", "--dtype", "float32")
     assert result.exit_code == 0, result.output
     assert "inputs (averaged)" in result.output
-    result = run_cli(a, "--mlx-path", tmp_path / "x")
+    result = invoke_cli("convert", a, "--mlx-path", tmp_path / "x")
     assert result.exit_code != 0 and "--average" in result.output
 
 
@@ -451,11 +444,11 @@ def test_dequantize_refusals_leave_nothing_behind(hf_checkpoint, tmp_path, case,
     assert listing(tmp_path) == before
 
 
-def test_dequantize_through_the_cli(hf_checkpoint, tmp_path):
+def test_dequantize_through_the_cli(hf_checkpoint, tmp_path, invoke_cli):
     quantized = tmp_path / "q4"
     convert(hf_checkpoint, quantized, bits=4, group_size=32, evaluate=False)
-    result = CliRunner().invoke(main, ["convert", "--hf-path", str(quantized), "--mlx-path", str(tmp_path / "f"),
-                                       "--dequantize", "--json"])
+    result = invoke_cli("convert", "--hf-path", str(quantized), "--mlx-path", str(tmp_path / "f"),
+                        "--dequantize", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["bits"] is None
     assert "quantization" not in json.loads((tmp_path / "f" / "config.json").read_text())

@@ -5,41 +5,36 @@ from __future__ import annotations
 import io
 import json
 
-from click.testing import CliRunner
 
-from mlx_openelm.cli import main
 from mlx_openelm.convert import convert
 from mlx_openelm.convert.cli import ProgressBar
 from mlx_openelm.convert.pipeline import ConvertProgress
 from mlx_openelm.loading import read_weights
 
 
-def run(*args):
-    return CliRunner().invoke(main, ["convert", *map(str, args)], catch_exceptions=False)
-
-
 def quantization(folder):
     return json.loads((folder / "config.json").read_text()).get("quantization")
 
 
-def test_q_quantizes_at_4_bits_into_mlx_model_by_default(hf_checkpoint, tmp_path, monkeypatch):
+def test_q_quantizes_at_4_bits_into_mlx_model_by_default(hf_checkpoint, tmp_path, monkeypatch, invoke_cli):
     monkeypatch.chdir(tmp_path)
-    result = run("--hf-path", hf_checkpoint, "-q", "--no-eval", "--json")
+    result = invoke_cli("convert", "--hf-path", hf_checkpoint, "-q", "--no-eval", "--json", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     entry = quantization(tmp_path / "mlx_model")
     assert (entry["bits"], entry["group_size"]) == (4, 64)
-    again = CliRunner().invoke(main, ["convert", "--hf-path", str(hf_checkpoint), "--quantize"])
+    again = invoke_cli("convert", "--hf-path", str(hf_checkpoint), "--quantize")
     assert again.exit_code == 1 and "mlx_model already exists" in again.output
 
 
-def test_q_bits_and_q_group_size_are_aliases(hf_checkpoint, tmp_path):
+def test_q_bits_and_q_group_size_are_aliases(hf_checkpoint, tmp_path, invoke_cli):
     out = tmp_path / "q8"
-    result = run("--hf-path", hf_checkpoint, "--mlx-path", out, "-q", "--q-bits", "8", "--q-group-size", "32",
-                 "--no-eval", "--json")
+    result = invoke_cli("convert", "--hf-path", hf_checkpoint, "--mlx-path", out, "-q", "--q-bits", "8",
+                        "--q-group-size", "32", "--no-eval", "--json", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     entry = quantization(out)
     assert (entry["bits"], entry["group_size"]) == (8, 32)
-    plain = run("--hf-path", hf_checkpoint, "--mlx-path", tmp_path / "float", "--no-eval", "--dtype", "float32")
+    plain = invoke_cli("convert", "--hf-path", hf_checkpoint, "--mlx-path", tmp_path / "float", "--no-eval",
+                       "--dtype", "float32", catch_exceptions=False)
     assert plain.exit_code == 0 and quantization(tmp_path / "float") is None
 
 

@@ -7,9 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mlx_openelm.cli import main
 from mlx_openelm.config import ModelArgs, preset_args
 from mlx_openelm.convert import convert
 from mlx_openelm.convert.corenet import CoreNetArchive, corenet_names, expected_shapes, read_corenet
@@ -122,11 +120,10 @@ def test_average_of_corenet_checkpoints(tmp_path, tiny_weights, tiny_config_file
         np.testing.assert_array_equal(np.array(got[name]), mean)
 
 
-def test_checkpoint_that_does_not_fit_the_preset_names_the_first_tensor(tmp_path, tiny_weights):
+def test_checkpoint_that_does_not_fit_the_preset_names_the_first_tensor(tmp_path, tiny_weights, invoke_cli):
     pt = write_torch_zip(tmp_path / "tiny.pt", corenet_state(tiny_weights))
     before = listing(tmp_path)
-    result = CliRunner().invoke(main, ["convert", "--hf-path", str(pt), "--preset", "270M",
-                                       "--mlx-path", str(tmp_path / "out")])
+    result = invoke_cli("convert", "--hf-path", str(pt), "--preset", "270M", "--mlx-path", str(tmp_path / "out"))
     assert result.exit_code != 0
     assert "tensor 'token_embeddings.weight' has shape (384, 64), preset 270M (vocab 32128) implies (32128, 1280)" \
         in result.output

@@ -8,9 +8,7 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from mlx_openelm.cli import main
 from mlx_openelm.errors import ContextLengthError
 from mlx_openelm.evaluate import evaluate, evaluate_text, sliding_windows
 from mlx_openelm.loading import load, load_model
@@ -137,10 +135,6 @@ def test_context_beyond_the_model_and_too_short_texts_are_refused(model):
 
 # ---- command line ------------------------------------------------------------------------
 
-def _run(args):
-    return CliRunner().invoke(main, ["eval", *args], catch_exceptions=False)
-
-
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "text.txt"
@@ -148,9 +142,9 @@ def text_file(tmp_path_factory):
     return path
 
 
-def test_cli_json_matches_the_library(any_checkpoint, other_checkpoint, text_file):
-    result = _run(["--model", str(any_checkpoint), "--text", str(text_file), "--context", "24", "--stride", "8",
-                   "--reference", str(other_checkpoint), "--json"])
+def test_cli_json_matches_the_library(any_checkpoint, other_checkpoint, text_file, invoke_cli):
+    result = invoke_cli("eval", "--model", str(any_checkpoint), "--text", str(text_file), "--context", "24",
+                        "--stride", "8", "--reference", str(other_checkpoint), "--json", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     model, tokenizer = load(any_checkpoint, dtype="float32")
@@ -163,8 +157,9 @@ def test_cli_json_matches_the_library(any_checkpoint, other_checkpoint, text_fil
     assert 0 <= data["top1_agreement"] <= 1 and data["windows"] == len(sliding_windows(expected.tokens + 1, 24, 8))
 
 
-def test_cli_table(hf_checkpoint, text_file):
-    result = _run(["--model", str(hf_checkpoint), "--text", str(text_file), "--context", "64"])
+def test_cli_table(hf_checkpoint, text_file, invoke_cli):
+    result = invoke_cli("eval", "--model", str(hf_checkpoint), "--text", str(text_file), "--context", "64",
+                        catch_exceptions=False)
     assert result.exit_code == 0, result.output
     for label in ("perplexity", "tokens scored", "bits per byte", "time"):
         assert label in result.stdout
@@ -176,22 +171,22 @@ def test_cli_table(hf_checkpoint, text_file):
     (["--context", "8", "--stride", "8"], "Invalid value for '--stride': 8 must be less than --context 8"),
     (["--context", "4096"], "Error: --context 4096 exceeds the model's context of 2048 tokens"),
 ])
-def test_cli_bad_windows(hf_checkpoint, text_file, args, message):
-    result = _run(["--model", str(hf_checkpoint), "--text", str(text_file), *args])
+def test_cli_bad_windows(hf_checkpoint, text_file, args, message, invoke_cli):
+    result = invoke_cli("eval", "--model", str(hf_checkpoint), "--text", str(text_file), *args, catch_exceptions=False)
     assert result.exit_code != 0 and message in result.output
     assert "Traceback" not in result.output
 
 
-def test_cli_refuses_text_that_is_not_utf8(hf_checkpoint, tmp_path):
+def test_cli_refuses_text_that_is_not_utf8(hf_checkpoint, tmp_path, invoke_cli):
     path = tmp_path / "latin1.txt"
     path.write_bytes("caf\xe9 au lait".encode("latin-1"))
-    result = _run(["--model", str(hf_checkpoint), "--text", str(path)])
+    result = invoke_cli("eval", "--model", str(hf_checkpoint), "--text", str(path), catch_exceptions=False)
     assert result.exit_code == 1 and f"Error: {path}: not UTF-8 text (byte 0xe9 at offset 3)" in result.output
 
 
-def test_cli_refuses_an_empty_text_naming_it(hf_checkpoint, tmp_path):
+def test_cli_refuses_an_empty_text_naming_it(hf_checkpoint, tmp_path, invoke_cli):
     path = tmp_path / "empty.txt"
     path.write_text("")
-    result = _run(["--model", str(hf_checkpoint), "--text", str(path)])
+    result = invoke_cli("eval", "--model", str(hf_checkpoint), "--text", str(path), catch_exceptions=False)
     assert result.exit_code == 1 and f"Error: {path}: no text to score" in result.output
     assert "scoring" not in result.stderr  # refused before any work starts

@@ -273,11 +273,8 @@ def test_sigint_during_a_chat_reply_keeps_the_chat(slow_checkpoint):
 
 # ---- option values refused before any work (found by the issue 8 audit) -----------------------
 
-def invoke(*args) -> tuple[int, str]:
-    """(exit status, last line of output) of `mlx-openelm ARGS` run in this process."""
-    from mlx_openelm.cli import main
-
-    result = CliRunner().invoke(main, [str(a) for a in args])
+def outcome(result) -> tuple[int, str]:
+    """(exit status, last line of output) of an `invoke_cli` result (mlx-openelm run in this process)."""
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception  # a traceback: the case failed
     return result.exit_code, result.output.strip().splitlines()[-1]
@@ -290,10 +287,11 @@ def invoke(*args) -> tuple[int, str]:
                                                          "--json output"),
     (["--json", "{config}"], 2, "Error: Invalid value for '--json': {config} would overwrite the input {config}"),
 ])
-def test_bench_refuses_bad_values_and_clashing_outputs_before_any_work(bench_config, tmp_path, args, code, message):
+def test_bench_refuses_bad_values_and_clashing_outputs_before_any_work(bench_config, tmp_path, args, code, message,
+                                                                        invoke_cli):
     before = bench_config.read_bytes()
     fill = {"tmp": tmp_path, "config": bench_config}
-    got = invoke("bench", "--preset", bench_config, "--trials", 1, *[a.format(**fill) for a in args])
+    got = outcome(invoke_cli("bench", "--preset", bench_config, "--trials", 1, *[a.format(**fill) for a in args]))
     assert got == (code, message.format(**fill))
     assert bench_config.read_bytes() == before and list(tmp_path.iterdir()) == []
 
@@ -304,15 +302,18 @@ def test_bench_refuses_bad_values_and_clashing_outputs_before_any_work(bench_con
     ("--repetition-penalty", "nan", "repetition_penalty must be a positive number, got nan"),
     ("--prefill-chunk", "-1", "prefill_chunk must be an integer >= 0 (0: whole prompts at once), got -1"),
 ])
-def test_serve_refuses_sampling_defaults_no_request_could_use_before_loading(tmp_path, option, value, message):
+def test_serve_refuses_sampling_defaults_no_request_could_use_before_loading(tmp_path, option, value, message,
+                                                                               invoke_cli):
     missing = tmp_path / "no-model"  # never looked at: the value is refused first
-    assert invoke("serve", "--model", missing, "--port", 0, option, value) == (1, f"Error: {message}")
+    assert outcome(invoke_cli("serve", "--model", missing, "--port", 0, option, value)) == (1, f"Error: {message}")
 
 
-def test_generate_and_chat_refuse_a_seed_mlx_cannot_hold_in_one_line(hf_checkpoint):
+def test_generate_and_chat_refuse_a_seed_mlx_cannot_hold_in_one_line(hf_checkpoint, invoke_cli):
     message = "Error: seed must be an integer from 0 to 2**64 - 1, got -1"
-    assert invoke("generate", "--model", hf_checkpoint, "-p", "hi", "--seed", -1, "--temp", 1) == (1, message)
-    assert invoke("chat", "--model", hf_checkpoint, "--seed", -1) == (1, message)  # before waiting for a line
+    generate = invoke_cli("generate", "--model", hf_checkpoint, "-p", "hi", "--seed", -1, "--temp", 1)
+    assert outcome(generate) == (1, message)
+    chat = invoke_cli("chat", "--model", hf_checkpoint, "--seed", -1)
+    assert outcome(chat) == (1, message)  # before waiting for a line
 
 
 # ---- outputs on a full disk ------------------------------------------------------------------
@@ -344,22 +345,22 @@ def test_standard_output_on_a_full_disk_is_one_line_not_a_traceback(hf_checkpoin
     assert "Exception ignored" not in err  # stdout's buffer does not fail a second time at exit
 
 
-def test_bench_replaces_the_file_behind_a_linked_output_and_keeps_its_mode(bench_config, tmp_path):
+def test_bench_replaces_the_file_behind_a_linked_output_and_keeps_its_mode(bench_config, tmp_path, invoke_cli):
     results = tmp_path / "shared" / "results.csv"
     results.parent.mkdir()
     results.write_text("old")
     results.chmod(0o640)
     (tmp_path / "link.csv").symlink_to(results)
-    got = invoke("bench", "--preset", bench_config, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
-                 "--generation-tokens", 2, "--csv", tmp_path / "link.csv")
+    got = outcome(invoke_cli("bench", "--preset", bench_config, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
+                             "--generation-tokens", 2, "--csv", tmp_path / "link.csv"))
     assert got == (0, f"wrote {tmp_path / 'link.csv'}")
     assert (tmp_path / "link.csv").is_symlink() and results.read_text().startswith("engine,")
     assert results.stat().st_mode & 0o777 == 0o640 and sorted(p.name for p in results.parent.iterdir()) == ["results.csv"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
-def test_eval_refuses_a_device_as_its_text_instead_of_reading_it_forever(hf_checkpoint):
-    assert invoke("eval", "--model", hf_checkpoint, "--text", "/dev/zero") == (
+def test_eval_refuses_a_device_as_its_text_instead_of_reading_it_forever(hf_checkpoint, invoke_cli):
+    assert outcome(invoke_cli("eval", "--model", hf_checkpoint, "--text", "/dev/zero")) == (
         1, "Error: /dev/zero: a device, not a text file")
 
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from click.testing import CliRunner
 
 from mlx_openelm import generate, load, make_logits_processors
-from mlx_openelm.cli import main
 from mlx_openelm.errors import CheckpointError, TokenizerError
 from mlx_openelm.hub import (
     DEFAULT_MODEL,
@@ -134,46 +132,44 @@ def test_no_tokenizer_anywhere_says_exactly_what_to_pass(hf_cache, cached_model,
         resolve_tokenizer(cached_model)
 
 
-def test_generate_and_chat_accept_repo_ids_offline(cached_model, hf_cache, tokenizer_path):
+def test_generate_and_chat_accept_repo_ids_offline(cached_model, hf_cache, tokenizer_path, invoke_cli):
     cache_repo(hf_cache, "someone/llama-tok", {"tokenizer.model": tokenizer_path})
-    runner = CliRunner()
-    result = runner.invoke(main, ["generate", "--model", "apple/OpenELM-tiny", "--tokenizer", "someone/llama-tok",
-                                  "-p", "Once upon a time", "-m", "6", "-q"], catch_exceptions=False)
+    result = invoke_cli("generate", "--model", "apple/OpenELM-tiny", "--tokenizer", "someone/llama-tok",
+                        "-p", "Once upon a time", "-m", "6", "-q", catch_exceptions=False)
     assert result.exit_code == 0, result.output
     model, tokenizer = load(cached_model, tokenizer=tokenizer_path)
     expected = generate(model, tokenizer, "Once upon a time", max_tokens=6,
                         logits_processors=make_logits_processors(1.2))
     assert result.stdout == expected + "\n"
 
-    chat = runner.invoke(main, ["chat", "--model", "apple/OpenELM-tiny", "--tokenizer", str(tokenizer_path),
-                                "-m", "4"], input="hi\n", catch_exceptions=False)
+    chat = invoke_cli("chat", "--model", "apple/OpenELM-tiny", "--tokenizer", str(tokenizer_path),
+                      "-m", "4", input="hi\n", catch_exceptions=False)
     assert chat.exit_code == 0 and chat.stdout.count("\n") == 1
 
 
-def test_cli_error_for_an_uncached_repo_is_one_line(hf_cache):
-    result = CliRunner().invoke(main, ["chat", "--model", "apple/OpenELM-nope"], input="hi\n")
+def test_cli_error_for_an_uncached_repo_is_one_line(hf_cache, invoke_cli):
+    result = invoke_cli("chat", "--model", "apple/OpenELM-nope", input="hi\n")
     assert result.exit_code == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: apple/OpenELM-nope is not in the Hugging Face cache")
     assert "Traceback" not in result.output
 
 
-def test_chat_and_generate_without_model_use_the_default(hf_cache, sharded_checkpoint, tokenizer_path):
+def test_chat_and_generate_without_model_use_the_default(hf_cache, sharded_checkpoint, tokenizer_path, invoke_cli):
     cache_repo(hf_cache, DEFAULT_MODEL, {p.name: p for p in sharded_checkpoint.iterdir()})
     cache_repo(hf_cache, DEFAULT_TOKENIZER_REPO, {"tokenizer.model": tokenizer_path})
-    runner = CliRunner()
-    chat = runner.invoke(main, ["chat", "-m", "4"], input="hi\n", catch_exceptions=False)
+    chat = invoke_cli("chat", "-m", "4", input="hi\n", catch_exceptions=False)
     assert chat.exit_code == 0, chat.output
     assert f"Loading {DEFAULT_MODEL} (the default" in chat.stderr and chat.stdout.count("\n") == 1
-    result = runner.invoke(main, ["generate", "-p", "Once upon a time", "-m", "6", "-q"], catch_exceptions=False)
+    result = invoke_cli("generate", "-p", "Once upon a time", "-m", "6", "-q", catch_exceptions=False)
     model, tokenizer = load(sharded_checkpoint, tokenizer=tokenizer_path)
     expected = generate(model, tokenizer, "Once upon a time", max_tokens=6,
                         logits_processors=make_logits_processors(1.2))
     assert result.exit_code == 0 and result.stdout == expected + "\n"
 
 
-def test_default_model_missing_offline_is_one_line_saying_what_to_do(hf_cache):
-    result = CliRunner().invoke(main, ["chat"], input="hi\n")
+def test_default_model_missing_offline_is_one_line_saying_what_to_do(hf_cache, invoke_cli):
+    result = invoke_cli("chat", input="hi\n")
     assert result.exit_code == 1 and "Traceback" not in result.output
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"Error: {DEFAULT_MODEL} is not in the Hugging Face cache")

@@ -7,10 +7,8 @@ import json
 
 import mlx.core as mx
 import pytest
-from click.testing import CliRunner
 
 from mlx_openelm import generate, load, make_cache, stream_generate
-from mlx_openelm.cli import main
 
 from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
 
@@ -103,18 +101,17 @@ def test_a_full_context_is_reported(small_context):
     assert capped[-1].finish_reason == "length" and not capped[-1].context_full
 
 
-def test_cli_says_when_the_context_is_full(small_context):
-    runner = CliRunner()
+def test_cli_says_when_the_context_is_full(small_context, invoke_cli):
     args = ["generate", "--model", str(small_context), "-p", PROMPT, "-m", "200", "--repetition-penalty", "1"]
-    result = runner.invoke(main, args + ["--json"], catch_exceptions=False)
+    result = invoke_cli(*args, "--json", catch_exceptions=False)
     fields = json.loads(result.stdout)
     if fields["finish_reason"] == "stop":
         pytest.fail("the random model said EOS before the context filled; pick another prompt")
     assert fields["finish_reason"] == "length" and fields["context_full"] is True
-    stats = runner.invoke(main, args, catch_exceptions=False).stderr.strip().splitlines()[-1]
+    stats = invoke_cli(*args, catch_exceptions=False).stderr.strip().splitlines()[-1]
     assert stats.endswith("| finish: length (the model's context is full)")
-    short = json.loads(runner.invoke(main, ["generate", "--model", str(small_context), "-p", PROMPT, "-m", "2",
-                                            "--json"], catch_exceptions=False).stdout)
+    short = json.loads(invoke_cli("generate", "--model", str(small_context), "-p", PROMPT, "-m", "2",
+                                  "--json", catch_exceptions=False).stdout)
     assert short["finish_reason"] == "length" and short["context_full"] is False
 
 

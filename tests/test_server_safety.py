@@ -14,9 +14,7 @@ import socket
 import time
 
 import pytest
-from click.testing import CliRunner
 
-from mlx_openelm.cli import main
 from test_server import KEY, start_server
 
 
@@ -279,7 +277,7 @@ def test_requests_past_the_caps_get_503_and_one_over_the_token_cap_alone_400(ser
     ("--max-headers", "101", "--max-headers must be a whole number from 1 to 100, got 101"),
     ("--max-header-bytes", "100", "--max-header-bytes must be a whole number from 256 to 65536, got 100"),
 ])
-def test_bad_access_and_limit_options_are_one_line_errors(tmp_path, option, value, message):
-    result = CliRunner().invoke(main, ["serve", "--model", str(tmp_path / "absent"), "--port", "0", option, value])
+def test_bad_access_and_limit_options_are_one_line_errors(tmp_path, option, value, message, invoke_cli):
+    result = invoke_cli("serve", "--model", str(tmp_path / "absent"), "--port", "0", option, value)
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith(f"Error: {message}")

@@ -324,53 +324,46 @@ def test_chat_with_a_draft_reuses_both_caches_and_says_what_plain_chat_says(load
 # ---- command line -------------------------------------------------------------------------------
 
 
-def _cli(args, **kwargs):
-    from click.testing import CliRunner
-
-    from mlx_openelm.cli import main
-
-    return CliRunner().invoke(main, args, catch_exceptions=False, **kwargs)
-
-
-def test_generate_with_a_draft_or_prompt_lookup_prints_the_plain_text_and_the_acceptance(hf_checkpoint):
+def test_generate_with_a_draft_or_prompt_lookup_prints_the_plain_text_and_the_acceptance(hf_checkpoint, invoke_cli):
     import json
 
     base = ["generate", "--model", str(hf_checkpoint), "--prompt", "Once upon a time", "-m", "12", "--json"]
-    plain = json.loads(_cli(base).stdout)
+    plain = json.loads(invoke_cli(*base, catch_exceptions=False).stdout)
     assert (plain["drafted_tokens"], plain["acceptance_rate"], plain["target_passes_per_token"]) == (0, None, 1.0)
-    drafted = json.loads(_cli(base + ["--draft-model", str(hf_checkpoint), "--num-draft-tokens", "2"]).stdout)
+    drafted = json.loads(invoke_cli(*base, "--draft-model", str(hf_checkpoint), "--num-draft-tokens", "2",
+                                    catch_exceptions=False).stdout)
     assert drafted["text"] == plain["text"]
     assert drafted["acceptance_rate"] == 1.0 and drafted["target_forward_passes"] == 4  # 3 tokens a pass
     assert drafted["target_passes_per_token"] == pytest.approx(4 / 12)
-    looked_up = json.loads(_cli(base + ["--prompt-lookup", "10"]).stdout)
+    looked_up = json.loads(invoke_cli(*base, "--prompt-lookup", "10", catch_exceptions=False).stdout)
     assert looked_up["text"] == plain["text"]
-    result = _cli(base[:-1] + ["--draft-model", str(hf_checkpoint)])
+    result = invoke_cli(*base[:-1], "--draft-model", str(hf_checkpoint), catch_exceptions=False)
     assert result.exit_code == 0
     assert "drafts: 9/9 accepted (100%), 0.25 target passes/token" in result.stderr  # 12 tokens in 3 passes
 
 
-def test_cli_refuses_a_draft_with_another_vocabulary_and_two_proposers(hf_checkpoint, tmp_path):
+def test_cli_refuses_a_draft_with_another_vocabulary_and_two_proposers(hf_checkpoint, tmp_path, invoke_cli):
     config = {**TINY_CONFIG, "vocab_size": 400}
     other = write_hf_checkpoint(tmp_path / "v400", config, random_weights(config))
     base = ["generate", "--model", str(hf_checkpoint), "--prompt", "Once", "-m", "3"]
-    result = _cli(base + ["--draft-model", str(other)])
+    result = invoke_cli(*base, "--draft-model", str(other), catch_exceptions=False)
     assert result.exit_code == 1
     assert "Error: the draft model's vocabulary has 400 tokens, the target's 384" in result.stderr
     assert "Traceback" not in result.output
-    result = _cli(base + ["--draft-model", str(hf_checkpoint), "--prompt-lookup", "5"])
+    result = invoke_cli(*base, "--draft-model", str(hf_checkpoint), "--prompt-lookup", "5", catch_exceptions=False)
     assert result.exit_code == 2 and "pick one" in result.stderr
 
 
-def test_chat_with_a_draft_model_says_what_plain_chat_says(hf_checkpoint):
+def test_chat_with_a_draft_model_says_what_plain_chat_says(hf_checkpoint, invoke_cli):
     lines = "Hello there\nWhat is MLX?\n"
-    plain = _cli(["chat", "--model", str(hf_checkpoint), "-m", "8"], input=lines)
-    drafted = _cli(["chat", "--model", str(hf_checkpoint), "-m", "8", "--draft-model", str(hf_checkpoint)],
-                   input=lines)
+    plain = invoke_cli("chat", "--model", str(hf_checkpoint), "-m", "8", input=lines, catch_exceptions=False)
+    drafted = invoke_cli("chat", "--model", str(hf_checkpoint), "-m", "8", "--draft-model", str(hf_checkpoint),
+                         input=lines, catch_exceptions=False)
     assert drafted.exit_code == 0 and drafted.stdout == plain.stdout
     assert drafted.stderr.count("accepted (100%)") == 2 and "accepted" not in plain.stderr
 
 
-def test_bench_measures_speculative_against_plain_decoding_interleaved(tmp_path):
+def test_bench_measures_speculative_against_plain_decoding_interleaved(tmp_path, invoke_cli):
     import json
 
     config = tmp_path / "bench.json"
@@ -381,7 +374,7 @@ def test_bench_measures_speculative_against_plain_decoding_interleaved(tmp_path)
     base = ["bench", "--preset", str(config), "--prompt-tokens", "8", "--generation-tokens", "9", "--trials", "2",
             "--no-warmup", "--dtype", "float32", "--group-size", "32"]
     out = tmp_path / "self.json"
-    result = _cli(base + ["--draft-preset", str(config), "--json", str(out)])
+    result = invoke_cli(*base, "--draft-preset", str(config), "--json", str(out), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     document = json.loads(out.read_text())
     spec, plain = document["rows"]
@@ -395,11 +388,12 @@ def test_bench_measures_speculative_against_plain_decoding_interleaved(tmp_path)
     assert ratio["generation_tps"] == pytest.approx(spec["generation_tps"] / plain["generation_tps"])
     assert "speculative / plain decoding" in result.stdout and "100%" in result.stdout
     quantized = tmp_path / "q4.json"
-    assert _cli(base + ["--draft-preset", str(config), "--draft-bits", "4", "--json", str(quantized)]).exit_code == 0
+    assert invoke_cli(*base, "--draft-preset", str(config), "--draft-bits", "4", "--json", str(quantized),
+                      catch_exceptions=False).exit_code == 0
     spec = json.loads(quantized.read_text())["rows"][0]
     assert spec["variant"] == "draft bench q4 k=3" and 0 <= spec["acceptance_rate"] <= 1
     lookup = tmp_path / "lookup.json"
-    assert _cli(base + ["--prompt-lookup", "4", "--json", str(lookup)]).exit_code == 0
+    assert invoke_cli(*base, "--prompt-lookup", "4", "--json", str(lookup), catch_exceptions=False).exit_code == 0
     assert json.loads(lookup.read_text())["rows"][0]["variant"] == "lookup 4"
-    result = _cli(base + ["--draft-preset", str(config), "--prompt-lookup", "4"])
+    result = invoke_cli(*base, "--draft-preset", str(config), "--prompt-lookup", "4", catch_exceptions=False)
     assert result.exit_code == 1 and "--draft-preset and --prompt-lookup are alternatives" in result.stderr

@@ -198,15 +198,10 @@ def test_a_bad_tokenizer_json_is_one_line_naming_the_file(tmp_path, content, mes
     assert str(info.value).startswith(f"{bad}: ") and "\n" not in str(info.value)
 
 
-def test_a_bad_tokenizer_json_on_the_command_line_is_an_error_line(hf_checkpoint, tmp_path):
-    from click.testing import CliRunner
-
-    from mlx_openelm.cli import main
-
+def test_a_bad_tokenizer_json_on_the_command_line_is_an_error_line(hf_checkpoint, tmp_path, invoke_cli):
     bad = tmp_path / "tokenizer.json"
     bad.write_text('{"model": {"type": "Nonsense"}}')
-    result = CliRunner().invoke(main, ["generate", "--model", str(hf_checkpoint), "--tokenizer", str(bad),
-                                       "-p", "hi", "-m", "2"])
+    result = invoke_cli("generate", "--model", hf_checkpoint, "--tokenizer", bad, "-p", "hi", "-m", "2")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.strip().splitlines()[-1].startswith(f"Error: {bad}: not a tokenizer.json")
 
@@ -279,18 +274,15 @@ def test_eval_texts_and_prompts_with_tokenizer_json(json_checkpoint):
     assert result.tokens == len(tok.encode(text)) - 1 and result.bytes == len(text.encode())
 
 
-def test_a_model_repo_with_tokenizer_json_generates_offline(json_checkpoint, tmp_path, monkeypatch):
+def test_a_model_repo_with_tokenizer_json_generates_offline(json_checkpoint, tmp_path, monkeypatch, invoke_cli):
     """A repo id (as mlx-community's) whose snapshot holds a tokenizer.json and no tokenizer.model."""
-    from click.testing import CliRunner
-
     from mlx_openelm import generate, make_logits_processors
-    from mlx_openelm.cli import main
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     cache_repo(cache, "someone/OpenELM-tiny-json", {p.name: p for p in json_checkpoint.iterdir()})
-    result = CliRunner().invoke(main, ["generate", "--model", "someone/OpenELM-tiny-json", "-p", "Héllo 🎉",
-                                       "-m", "8", "-q"], catch_exceptions=False)
+    result = invoke_cli("generate", "--model", "someone/OpenELM-tiny-json", "-p", "Héllo 🎉", "-m", "8", "-q",
+                        catch_exceptions=False)
     assert result.exit_code == 0, result.output
     model, tok = load(json_checkpoint)
     assert result.stdout == generate(model, tok, "Héllo 🎉", max_tokens=8,
@@ -321,14 +313,10 @@ def test_the_trained_models_tokenizer_matches_transformers_on_real_text(trained_
         assert "".join(stream(tok, ids)) == tok.decode(ids) == hf.decode(ids, skip_special_tokens=True), ids
 
 
-def test_generate_on_the_trained_model_answers_in_english(trained_model_path):
+def test_generate_on_the_trained_model_answers_in_english(trained_model_path, invoke_cli):
     """The command line end to end on real weights and their tokenizer.json (2 greedy tokens)."""
-    from click.testing import CliRunner
-
-    from mlx_openelm.cli import main
-
-    result = CliRunner().invoke(main, ["generate", "--model", str(trained_model_path), "-p",
-                                       "The capital of France is", "-m", "2", "--repetition-penalty", "1", "--json"])
+    result = invoke_cli("generate", "--model", trained_model_path, "-p", "The capital of France is", "-m", "2",
+                        "--repetition-penalty", "1", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["text"].startswith(" Paris") and data["prompt_tokens"] == 6  # BOS + 5 words

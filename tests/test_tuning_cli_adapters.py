@@ -8,20 +8,14 @@ import signal
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from mlx_openelm import ChatSession, generate, load, make_logits_processors
-from mlx_openelm.cli import main
 from mlx_openelm.evaluate import evaluate
 from mlx_openelm.tuning.adapters import adapter_weights, apply_adapters
 from mlx_openelm.tuning.config import check_adapter_config
 from mlx_openelm.tuning.saving import save_adapters
 
 PROMPT = "Once upon a time"
-
-
-def _run(args, **kwargs):
-    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +37,8 @@ def adapted(hf_checkpoint, adapter):
     return load(hf_checkpoint, dtype="float32", adapter_path=adapter)
 
 
-def test_generate_uses_the_adapter(hf_checkpoint, adapter, adapted, loaded):
-    result = _run(["generate", "--model", hf_checkpoint, "--adapter-path", adapter, "-p", PROMPT, "-m", 12])
+def test_generate_uses_the_adapter(hf_checkpoint, adapter, adapted, loaded, invoke_cli):
+    result = invoke_cli("generate", "--model", hf_checkpoint, "--adapter-path", adapter, "-p", PROMPT, "-m", 12)
     assert result.exit_code == 0, result.output
     penalty = make_logits_processors(1.2)
     assert result.stdout == generate(*adapted, PROMPT, max_tokens=12, logits_processors=penalty) + "\n"
@@ -52,21 +46,21 @@ def test_generate_uses_the_adapter(hf_checkpoint, adapter, adapted, loaded):
     assert f"Adapter {adapter} applied" in result.stderr
 
 
-def test_chat_uses_the_adapter(hf_checkpoint, adapter, adapted):
-    result = _run(["chat", "--model", hf_checkpoint, "--adapter-path", adapter, "-m", 10, "-q"], input="hi\n")
+def test_chat_uses_the_adapter(hf_checkpoint, adapter, adapted, invoke_cli):
+    result = invoke_cli("chat", "--model", hf_checkpoint, "--adapter-path", adapter, "-m", 10, "-q", input="hi\n")
     assert result.exit_code == 0, result.output
     reply = "".join(r.text for r in ChatSession(*adapted).send("hi", max_tokens=10,
                                                                  logits_processors=make_logits_processors(1.2)))
     assert reply and reply in result.stdout
 
 
-def test_eval_uses_the_adapter(hf_checkpoint, adapter, adapted, loaded, tmp_path):
+def test_eval_uses_the_adapter(hf_checkpoint, adapter, adapted, loaded, tmp_path, invoke_cli):
     import json
 
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 4)
-    result = _run(["eval", "--model", hf_checkpoint, "--adapter-path", adapter, "--text", text, "--context", 32,
-                   "--json"])
+    result = invoke_cli("eval", "--model", hf_checkpoint, "--adapter-path", adapter, "--text", text, "--context", 32,
+                        "--json")
     assert result.exit_code == 0, result.output
     model, tokenizer = adapted
     tokens = tokenizer.encode(text.read_text())
@@ -90,8 +84,8 @@ def test_serve_uses_the_adapter(hf_checkpoint, adapter, adapted):
 
 
 @pytest.mark.parametrize("command", [["generate", "-p", "hi"], ["eval", "--text", "README.md"]])
-def test_a_bad_adapter_path_is_one_error_line(hf_checkpoint, tmp_path, command):
-    result = _run([command[0], "--model", hf_checkpoint, "--adapter-path", tmp_path / "none", *command[1:]])
+def test_a_bad_adapter_path_is_one_error_line(hf_checkpoint, tmp_path, command, invoke_cli):
+    result = invoke_cli(command[0], "--model", hf_checkpoint, "--adapter-path", tmp_path / "none", *command[1:])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1] == f"Error: {tmp_path / 'none'}: adapter folder not found " \
                                                       "(expected adapter_config.json and adapters.safetensors)"

@@ -9,10 +9,8 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from mlx_openelm import load_model
-from mlx_openelm.cli import main
 from mlx_openelm.convert import convert
 from mlx_openelm.loading import read_weights
 from mlx_openelm.tuning.adapters import adapter_weights, apply_adapters
@@ -20,10 +18,6 @@ from mlx_openelm.tuning.config import check_adapter_config
 from mlx_openelm.tuning.saving import save_adapters
 
 TOKENS = [1, 40, 7, 250, 33, 12, 90, 5, 300, 77]
-
-
-def _run(args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def logits(model):
@@ -51,9 +45,10 @@ def quantized(hf_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
-def test_the_fused_float_model_equals_the_model_with_its_adapter(hf_checkpoint, tmp_path, kind):
+def test_the_fused_float_model_equals_the_model_with_its_adapter(hf_checkpoint, tmp_path, kind, invoke_cli):
     adapter = make_adapter(hf_checkpoint, tmp_path / "a", kind)
-    result = _run(["fuse", "--model", hf_checkpoint, "--adapter-path", adapter, "--save-path", tmp_path / "f", "--json"])
+    result = invoke_cli("fuse", "--model", hf_checkpoint, "--adapter-path", adapter, "--save-path", tmp_path / "f",
+                        "--json")
     assert result.exit_code == 0, result.output
     expected = logits(load_model(hf_checkpoint, dtype="float32", adapter_path=adapter))
     assert np.abs(expected - logits(load_model(hf_checkpoint, dtype="float32"))).max() > 1e-2
@@ -66,10 +61,11 @@ def test_the_fused_float_model_equals_the_model_with_its_adapter(hf_checkpoint, 
     assert json.loads(result.stdout)["fused_layers"] == (0 if kind == "full" else 4)
 
 
-def test_a_quantized_base_is_requantized_at_its_widths_or_written_in_float(quantized, tmp_path):
+def test_a_quantized_base_is_requantized_at_its_widths_or_written_in_float(quantized, tmp_path, invoke_cli):
     adapter = make_adapter(quantized, tmp_path / "a", "lora")
     with_adapter = load_model(quantized, dtype="float32", adapter_path=adapter)
-    assert _run(["fuse", "--model", quantized, "--adapter-path", adapter, "--save-path", tmp_path / "q"]).exit_code == 0
+    assert invoke_cli("fuse", "--model", quantized, "--adapter-path", adapter,
+                      "--save-path", tmp_path / "q").exit_code == 0
     before, after = read_weights(quantized), read_weights(tmp_path / "q")
     assert set(after) == set(before)
     name = "transformer.layers.2.attn.qkv_proj"
@@ -84,32 +80,33 @@ def test_a_quantized_base_is_requantized_at_its_widths_or_written_in_float(quant
     base_change = np.abs(expected - logits(load_model(quantized, dtype="float32"))).max()
     assert np.abs(requantized - expected).max() < 0.5 * base_change  # 4-bit rounding of the merged weights only
 
-    result = _run(["fuse", "--model", quantized, "--adapter-path", adapter, "--save-path", tmp_path / "d", "--dequantize"])
+    result = invoke_cli("fuse", "--model", quantized, "--adapter-path", adapter, "--save-path", tmp_path / "d",
+                        "--dequantize")
     assert result.exit_code == 0, result.output
     assert "quantization" not in json.loads((tmp_path / "d" / "config.json").read_text())
     assert all(a.dtype == mx.float32 for a in read_weights(tmp_path / "d").values())
     np.testing.assert_allclose(logits(load_model(tmp_path / "d", dtype="float32")), expected, atol=1e-4, rtol=1e-5)
 
 
-def test_mlx_lm_loads_the_fused_folder(hf_checkpoint, quantized, tmp_path):
+def test_mlx_lm_loads_the_fused_folder(hf_checkpoint, quantized, tmp_path, invoke_cli):
     lm_utils = pytest.importorskip("mlx_lm.utils")
     for base in (hf_checkpoint, quantized):
         adapter = make_adapter(base, tmp_path / f"a-{base.name}", "dora")
         out = tmp_path / f"f-{base.name}"
-        assert _run(["fuse", "--model", base, "--adapter-path", adapter, "--save-path", out]).exit_code == 0
+        assert invoke_cli("fuse", "--model", base, "--adapter-path", adapter, "--save-path", out).exit_code == 0
         theirs, _ = lm_utils.load_model(out)
         np.testing.assert_allclose(logits(theirs), logits(load_model(out, dtype="float32")), atol=1e-4, rtol=1e-5)
 
 
-def test_fuse_refuses_an_existing_output_and_a_bad_adapter_in_one_line(hf_checkpoint, tmp_path):
+def test_fuse_refuses_an_existing_output_and_a_bad_adapter_in_one_line(hf_checkpoint, tmp_path, invoke_cli):
     adapter = make_adapter(hf_checkpoint, tmp_path / "a", "lora")
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "mine").write_text("x")
-    result = _run(["fuse", "--model", hf_checkpoint, "--adapter-path", adapter, "--save-path", tmp_path / "f"])
+    result = invoke_cli("fuse", "--model", hf_checkpoint, "--adapter-path", adapter, "--save-path", tmp_path / "f")
     assert result.exit_code == 1 and "pass --force to replace it" in result.output
     assert (tmp_path / "f" / "mine").read_text() == "x"
     (adapter / "adapter_config.json").write_text('{"num_layers": 7, "lora_parameters": {"rank": 4, "scale": 2}}')
-    result = _run(["fuse", "--model", hf_checkpoint, "--adapter-path", adapter, "--save-path", tmp_path / "g"])
+    result = invoke_cli("fuse", "--model", hf_checkpoint, "--adapter-path", adapter, "--save-path", tmp_path / "g")
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "num_layers: 7 does not fit" in result.output
     assert not (tmp_path / "g").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a", "f"]
 

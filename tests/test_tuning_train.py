@@ -13,19 +13,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from mlx_openelm import load_model
-from mlx_openelm.cli import main
 from mlx_openelm.convert import convert
 from mlx_openelm.tuning.adapters import apply_adapters
 from mlx_openelm.tuning.config import check_adapter_config
 from mlx_openelm.tuning.data import read_dataset
 from mlx_openelm.tuning.trainer import Trainer, TrainSettings, evaluate, learning_rate_schedule
-
-
-def _run(args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +41,9 @@ def train_args(model, data, out, *extra):
 
 
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
-def test_training_lowers_the_validation_loss_and_the_adapter_loads(hf_checkpoint, data, tmp_path, kind):
+def test_training_lowers_the_validation_loss_and_the_adapter_loads(hf_checkpoint, data, tmp_path, kind, invoke_cli):
     extra = ["--fine-tune-type", kind] + (["--num-layers", 1, "--learning-rate", 1e-3] if kind == "full" else [])
-    result = _run(train_args(hf_checkpoint, data, tmp_path / "a", "--test", *extra))
+    result = invoke_cli(*train_args(hf_checkpoint, data, tmp_path / "a", "--test", *extra))
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["val_loss"] < 0.5 * summary["first_val_loss"], summary
@@ -70,10 +64,10 @@ def _tokenizer(folder):
     return Tokenizer(folder / "tokenizer.model")
 
 
-def test_qlora_on_a_converted_4_bit_folder_trains_float_adapters(hf_checkpoint, data, tmp_path):
+def test_qlora_on_a_converted_4_bit_folder_trains_float_adapters(hf_checkpoint, data, tmp_path, invoke_cli):
     quantized = tmp_path / "q4"
     convert(hf_checkpoint, quantized, bits=4, group_size=32, dtype="float32", evaluate=False)
-    result = _run(train_args(quantized, data, tmp_path / "a"))
+    result = invoke_cli(*train_args(quantized, data, tmp_path / "a"))
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["val_loss"] < 0.5 * summary["first_val_loss"]
@@ -116,17 +110,17 @@ def test_the_schedule_warms_up_then_decays_to_zero():
         == pytest.approx(3e-4)
 
 
-def test_resuming_continues_and_a_different_rank_or_layers_is_refused(hf_checkpoint, data, tmp_path):
+def test_resuming_continues_and_a_different_rank_or_layers_is_refused(hf_checkpoint, data, tmp_path, invoke_cli):
     first = tmp_path / "a"
-    trained = _run(train_args(hf_checkpoint, data, first))
+    trained = invoke_cli(*train_args(hf_checkpoint, data, first))
     assert trained.exit_code == 0
     resume = ["--resume-adapter-file", first / "adapters.safetensors"]
-    again = _run(train_args(hf_checkpoint, data, first, *resume))  # into the same folder: continues it
+    again = invoke_cli(*train_args(hf_checkpoint, data, first, *resume))  # into the same folder: continues it
     assert again.exit_code == 0, again.output
     # it starts where the first run ended
     assert json.loads(again.stdout)["first_val_loss"] == pytest.approx(json.loads(trained.stdout)["val_loss"])
     for extra, word in ((["--rank", 8], "rank 4"), (["--num-layers", 1], "num_layers 3")):
-        refused = _run(train_args(hf_checkpoint, data, tmp_path / "b", *resume, *extra))
+        refused = invoke_cli(*train_args(hf_checkpoint, data, tmp_path / "b", *resume, *extra))
         assert refused.exit_code == 1 and word in refused.output and "Traceback" not in refused.output
         assert len(refused.output.strip().splitlines()) <= 2  # the loading line, then one Error line
 
@@ -139,20 +133,20 @@ def test_resuming_continues_and_a_different_rank_or_layers_is_refused(hf_checkpo
     (["--dropout", 1.5], "--dropout: 1.5 is not a probability"),
     (["--batch-size", 0], "--batch-size: 0 is not an integer of at least 1"),
 ])
-def test_bad_options_are_one_line_errors(hf_checkpoint, data, tmp_path, extra, message):
-    result = _run(train_args(hf_checkpoint, data, tmp_path / "a", *extra))
+def test_bad_options_are_one_line_errors(hf_checkpoint, data, tmp_path, extra, message, invoke_cli):
+    result = invoke_cli(*train_args(hf_checkpoint, data, tmp_path / "a", *extra))
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "a" / "adapters.safetensors").exists()
 
 
-def test_existing_adapters_are_not_replaced_without_force(hf_checkpoint, data, tmp_path):
+def test_existing_adapters_are_not_replaced_without_force(hf_checkpoint, data, tmp_path, invoke_cli):
     out = tmp_path / "a"
     out.mkdir()
     (out / "adapters.safetensors").write_bytes(b"mine")
-    result = _run(train_args(hf_checkpoint, data, out))
+    result = invoke_cli(*train_args(hf_checkpoint, data, out))
     assert result.exit_code == 1 and "pass --force to replace it" in result.output
     assert (out / "adapters.safetensors").read_bytes() == b"mine"
-    assert _run(train_args(hf_checkpoint, data, out, "--force")).exit_code == 0
+    assert invoke_cli(*train_args(hf_checkpoint, data, out, "--force")).exit_code == 0
 
 
 def test_ctrl_c_saves_the_adapters_so_far_and_says_where(hf_checkpoint, data, tmp_path):
