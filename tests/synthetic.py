@@ -145,6 +145,23 @@ def write_hf_checkpoint(
     return folder
 
 
+def mlx_lm_model(folder: Path):
+    """mlx-lm's OpenELM built from a checkpoint folder by mlx-lm's own reading of its config.json and
+    model.safetensors (not through our loader or config, so a parity test compares two independent
+    readings; `mlx_openelm.bench.core.mlx_lm_model` copies an already loaded model of ours instead).
+    Needs mlx-lm: a test module using it importorskips mlx_lm first."""
+    import mlx.core as mx
+    from mlx_lm.models import openelm
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    model = openelm.Model(openelm.ModelArgs.from_dict(config))
+    weights = mx.load(str(Path(folder) / "model.safetensors"))
+    weights.pop("transformer.classifier.weight", None)
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
 def cache_repo(cache: Path, repo_id: str, files: dict[str, Path],
                commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
     """Lay out `files` ({name: source path}) as huggingface_hub's cache holds a downloaded repo."""

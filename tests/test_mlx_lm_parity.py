@@ -12,33 +12,24 @@ import numpy as np
 import pytest
 
 from mlx_openelm import generate_step, load_model
+from synthetic import mlx_lm_model
 
-lm_openelm = pytest.importorskip("mlx_lm.models.openelm")
+pytest.importorskip("mlx_lm.models.openelm")
 lm_cache = pytest.importorskip("mlx_lm.models.cache")
 
 TOKENS = [1, 40, 7, 250, 33, 12, 90, 5, 300, 77]
 
 
-def _mlx_lm_model(folder):
-    config = json.loads((folder / "config.json").read_text())
-    model = lm_openelm.Model(lm_openelm.ModelArgs.from_dict(config))
-    weights = mx.load(str(folder / "model.safetensors"))
-    weights.pop("transformer.classifier.weight", None)
-    model.load_weights(list(weights.items()), strict=True)
-    mx.eval(model.parameters())
-    return model
-
-
 @pytest.mark.parametrize("fixture", ["hf_checkpoint", "untied_checkpoint"])
 def test_logits_equal_mlx_lm(request, fixture):
     folder = request.getfixturevalue(fixture)
-    ours, theirs = load_model(folder, dtype="float32"), _mlx_lm_model(folder)
+    ours, theirs = load_model(folder, dtype="float32"), mlx_lm_model(folder)
     tokens = mx.array(TOKENS)[None]
     np.testing.assert_allclose(np.array(ours(tokens)), np.array(theirs(tokens)), atol=1e-4, rtol=1e-5)
 
 
 def test_cached_greedy_decoding_equals_mlx_lm(hf_checkpoint):
-    ours, theirs = load_model(hf_checkpoint, dtype="float32"), _mlx_lm_model(hf_checkpoint)
+    ours, theirs = load_model(hf_checkpoint, dtype="float32"), mlx_lm_model(hf_checkpoint)
     our_tokens = [step.token for step in generate_step(TOKENS, ours, max_tokens=20)]
     cache = lm_cache.make_prompt_cache(theirs)
     logits = theirs(mx.array(TOKENS)[None], cache=cache)
@@ -56,7 +47,7 @@ def test_loads_mlx_lm_quantized_folders(hf_checkpoint, tmp_path, mixed):
     what mlx-lm computes, including its per-layer entries at the top of `quantization`."""
     from mlx_lm.utils import quantize_model, save_config, save_model
 
-    theirs = _mlx_lm_model(hf_checkpoint)
+    theirs = mlx_lm_model(hf_checkpoint)
     config = json.loads((hf_checkpoint / "config.json").read_text())
 
     def predicate(path, module):

@@ -15,21 +15,12 @@ from mlx_openelm.errors import CheckpointError, ConfigError
 from mlx_openelm.tuning.adapters import adapter_weights, apply_adapters
 from mlx_openelm.tuning.config import check_adapter_config
 from mlx_openelm.tuning.saving import save_adapters
-from synthetic import TINY_CONFIG
+from synthetic import TINY_CONFIG, mlx_lm_model
 
-lm_openelm = pytest.importorskip("mlx_lm.models.openelm")
+pytest.importorskip("mlx_lm.models.openelm")
 lm_tuner = pytest.importorskip("mlx_lm.tuner.utils")
 
 TOKENS = [1, 40, 7, 250, 33, 12, 90, 5, 300, 77]
-
-
-def _mlx_lm_model(folder):
-    config = json.loads((folder / "config.json").read_text())
-    model = lm_openelm.Model(lm_openelm.ModelArgs.from_dict(config))
-    weights = mx.load(str(folder / "model.safetensors"))
-    weights.pop("transformer.classifier.weight", None)
-    model.load_weights(list(weights.items()), strict=True)
-    return model
 
 
 def logits(model):
@@ -56,7 +47,7 @@ def our_adapter(folder, out, kind, seed=0, **settings):
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_mlx_lm_loads_our_adapter_and_computes_the_same_logits(hf_checkpoint, tmp_path, kind):
     ours = our_adapter(hf_checkpoint, tmp_path / "adapters", kind, keys=["qkv_proj", "proj_2"])
-    theirs = _mlx_lm_model(hf_checkpoint)
+    theirs = mlx_lm_model(hf_checkpoint)
     lm_tuner.load_adapters(theirs, str(tmp_path / "adapters"))
     expected = logits(ours)
     assert np.abs(expected - logits(load_model(hf_checkpoint, dtype="float32"))).max() > 1e-2
@@ -70,7 +61,7 @@ def test_mlx_lm_loads_our_adapter_and_computes_the_same_logits(hf_checkpoint, tm
 def test_we_load_mlx_lm_adapters_and_compute_the_same_logits(hf_checkpoint, tmp_path, kind):
     from mlx_lm.utils import save_config
 
-    theirs = _mlx_lm_model(hf_checkpoint)
+    theirs = mlx_lm_model(hf_checkpoint)
     theirs.freeze()
     parameters = {"rank": 4, "scale": 5.0, "dropout": 0.0}
     if kind == "full":
