@@ -27,7 +27,7 @@ from mlx_openelm.tokenizer import Tokenizer
 
 from .calibration import OPTION as CALIBRATION_OPTION
 from .calibration import CalibrationText, FoldedSource, calibrate, calibration_text
-from .importance import norm_importance
+from .importance import data_free_importance
 from .install import check_replaceable, installing
 from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
 from .quantize import convert_tensor
@@ -149,12 +149,12 @@ def _finish_folder(folder: Path, report: ConvertReport, args: ModelArgs, dtype: 
 
 
 def _importance(scratch: Callable[[], Source], plan: Optional[QuantizationPlan]) -> dict[str, mx.array]:
-    """The data-free importance of input columns (from the RMSNorm weights, read from a
+    """The data-free importance of input columns (from the RMSNorm weights and qkv_proj, proj_1; read from a
     `scratch()` source) for the optimal method; none for min/max or no quantization."""
     if plan is None or (plan.quantization.method or DEFAULT_METHOD) != "optimal":
         return {}
     source = scratch()
-    return norm_importance(source.args, source.get)
+    return data_free_importance(source.args, source.get)
 
 
 def _write_calibrated(source: Source, scratch: Source, calibration: CalibrationText, folder: Path,

@@ -7,6 +7,7 @@
     python scripts/measure_quality.py parts   /tmp/quality --bits 3 --groups 64 --methods minmax --tokens 1024 \\
                                               --parts head,layers:0-3,layers:13-16,layers:26-29
     python scripts/measure_quality.py table   /tmp/quality
+    python scripts/measure_quality.py paired  /tmp/quality --bits 8 --groups 64 --methods minmax,optimal --tokens 16384
 
 Each conversion is `mlx_openelm.convert.convert` (what `mlx-openelm convert` runs; its own 64-token KL
 check is skipped, as with `--no-eval`); `calibrated` is `optimal` with `--calibration-text` on the
@@ -28,6 +29,11 @@ kind of linear across all layers) with the converter's quantizer, in memory, eve
 each part's share of the KL. Its `optimal` weighs columns by the norms' data-free importance, as the
 converter does without `--calibration-text` (`calibrated` is not offered there). Results go to DIR/results.jsonl (one JSON line each; finished ones are
 skipped on a rerun), `table` prints them as Markdown.
+
+`paired` tells a perplexity difference from noise: each setting's per-token negative log-likelihood on
+the first `--tokens` tokens of the whole held-out half (same windows), then the mean difference
+against float and against min/max at the same bits and group, each with its standard error (over
+blocks of 64 tokens, since neighbouring tokens' losses are correlated).
 """
 
 from __future__ import annotations
@@ -130,6 +136,66 @@ def convert_and_score(work: Path, source: Path, label: str, quant: dict, tokens:
     return result
 
 
+def token_nlls(model, tokens: list) -> "np.ndarray":
+    """Per-token negative log-likelihood of tokens[1:], in the same windows as `score`."""
+    import mlx.core as mx
+    import numpy as np
+
+    from mlx_openelm.evaluate import sliding_windows, window_log_probs
+
+    out = []
+    for window in sliding_windows(len(tokens), CONTEXT, STRIDE):
+        log_probs = window_log_probs(model, tokens, window)
+        targets = mx.array(tokens[window.first : window.end])[:, None]
+        out.append(np.array(-mx.take_along_axis(log_probs, targets, axis=-1)[:, 0]))
+    return np.concatenate(out)
+
+
+BLOCK = 64  # tokens per block for the standard error of a mean loss difference
+
+
+def mean_and_error(differences) -> tuple[float, float]:
+    """Mean of per-token differences and its standard error over blocks of BLOCK tokens."""
+    import numpy as np
+
+    n = len(differences) // BLOCK * BLOCK
+    blocks = differences[:n].reshape(-1, BLOCK).mean(axis=1)
+    return float(differences.mean()), float(blocks.std(ddof=1) / np.sqrt(len(blocks)))
+
+
+def paired(args) -> None:
+    import numpy as np
+
+    from mlx_openelm import load, load_model
+    from mlx_openelm.convert import convert
+
+    import trained
+
+    work = Path(args.folder)
+    (work / "nll").mkdir(parents=True, exist_ok=True)
+    source = trained.trained_model_path()
+    model, tokenizer = load(source, dtype="float32")
+    tokens = tokenizer.encode(trained.real_text("eval"))[: args.tokens or 16384]
+    nlls = {"float": token_nlls(model, tokens)}
+    for label, quant in grid_settings(args, work):
+        path = work / "nll" / f"{label}-{len(tokens)}.npy"
+        if not path.exists():
+            out = work / "models" / label
+            convert(source, out, evaluate=False, force=True, **quant)
+            np.save(path, token_nlls(dequantized_copy(load_model(out, dtype="float32")), tokens))
+            shutil.rmtree(out, ignore_errors=True)
+        nlls[label] = np.load(path)
+    print(f"{len(tokens) - 1} tokens; float perplexity {np.exp(nlls['float'].mean()):.4f}")
+    print("| setting | perplexity | mean NLL - float's (nats/token) | - min/max's |\n|---|---|---|---|")
+    for label, nll in nlls.items():
+        if label == "float":
+            continue
+        vs_float = "%+.5f ± %.5f" % mean_and_error(nll - nlls["float"])
+        baseline = nlls.get(label.rsplit("-", 1)[0] + "-minmax")
+        vs_minmax = "%+.5f ± %.5f" % mean_and_error(nll - baseline) if baseline is not None and baseline is not nll else ""
+        print(f"| {label} | {np.exp(nll.mean()):.4f} | {vs_float} | {vs_minmax} |")
+
+
 def grid_settings(args, work: Path) -> list[tuple[str, dict]]:
     settings = []
     widths = [("recipe", r) for r in args.recipes.split(",") if r] or [("bits", int(b)) for b in args.bits.split(",")]
@@ -169,12 +235,12 @@ def part_scores(source: Path, settings, spec: str, tokens: list, reference, done
     from mlx.utils import tree_flatten
 
     from mlx_openelm import load_model
-    from mlx_openelm.convert.importance import norm_importance
+    from mlx_openelm.convert.importance import data_free_importance
     from mlx_openelm.convert.quantizers import quantize
 
     model = load_model(source, dtype="float32")
     original = dict(tree_flatten(model.parameters()))
-    importance = norm_importance(model.args, original.__getitem__)  # what the converter's optimal uses
+    importance = data_free_importance(model.args, original.__getitem__)  # what the converter's optimal uses
     for label, quant in settings:
         for part, holds in part_names(spec, model.args.num_transformer_layers):
             name = f"{label} {part}"
@@ -237,16 +303,17 @@ def table(folder: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("grid", "parts", "table"))
+    parser.add_argument("command", choices=("grid", "parts", "table", "paired"))
     parser.add_argument("folder")
     parser.add_argument("--bits", default="2,3,4,5,6,8")
     parser.add_argument("--groups", default="32,64,128")
     parser.add_argument("--methods", default="minmax,optimal,calibrated")
     parser.add_argument("--recipes", default="", help="mixed-LOW-HIGH,... instead of --bits")
     parser.add_argument("--parts", default="all", help="parts: head,layers:0-3,kind:ffn.proj_2,... or all")
-    parser.add_argument("--tokens", type=int, default=None, help="score only the first N tokens of DIR/eval.txt")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="score only the first N tokens of DIR/eval.txt (paired: of the held-out half; 16384)")
     args = parser.parse_args()
-    table(args.folder) if args.command == "table" else run(args)
+    {"table": lambda: table(args.folder), "paired": lambda: paired(args)}.get(args.command, lambda: run(args))()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from mlx_openelm.cli import main
 from mlx_openelm.convert import convert
 from mlx_openelm.config import ModelArgs
-from mlx_openelm.convert.importance import norm_importance
+from mlx_openelm.convert.importance import data_free_importance
 from mlx_openelm.errors import CheckpointError, ConfigError
 from mlx_openelm.loading import load_model, read_weights
 from mlx_openelm.quantization import RECIPES, is_sensitive, plan_quantization
@@ -60,15 +60,15 @@ def both_methods(hf_checkpoint, tmp_path_factory):
 
 def test_optimal_is_the_default_and_beats_minmax_group_by_group(hf_checkpoint, both_methods):
     """Group by group, in the error optimal minimises: each input column's squared error weighted
-    by its importance (from the RMSNorm before qkv_proj, proj_1 and the head; 1 elsewhere)."""
+    by its data-free importance (convert/importance.py)."""
     root, reports = both_methods
     source = read_weights(hf_checkpoint)
-    importance = norm_importance(ModelArgs.from_file(hf_checkpoint), source.__getitem__)
+    importance = data_free_importance(ModelArgs.from_file(hf_checkpoint), source.__getitem__)
     minmax, optimal = read_weights(root / "minmax"), read_weights(root / "optimal")
     assert json.loads((root / "optimal" / "config.json").read_text())["quantization"]["method"] == "optimal"
     quantized = [n[: -len(".scales")] for n in optimal if n.endswith(".scales")]
     assert len(quantized) == 13  # every Linear layer and the embedding
-    assert len(importance) == 2 * 3 + 1  # every qkv_proj and proj_1, and the tied head
+    assert len(importance) == 4 * 3 + 1  # every linear of the 3 layers, and the tied head
     total = {"minmax": 0.0, "optimal": 0.0}
     for module in quantized:
         w = source[f"{module}.weight"]

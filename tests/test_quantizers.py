@@ -176,24 +176,65 @@ def test_uniform_importance_is_the_unweighted_fit_bit_for_bit(bits):
         assert all(mx.array_equal(a, b).item() for a, b in zip(plain, uniform)), value
 
 
-def test_norm_importance_is_each_norm_weight_squared_for_the_linears_reading_it():
+def _importance_layers(rng, dim=256, heads=(4, 2), head_dim=16, ffn=48):
+    """A 1-layer model's tensors for data_free_importance: norms, qkv_proj (4 query heads, 2 KV
+    heads: two queries per KV head) and a GLU proj_1, with rows of unequal scale."""
     from types import SimpleNamespace
 
-    from mlx_openelm.convert.importance import norm_importance
+    q, kv = heads
+    args = SimpleNamespace(num_transformer_layers=1, share_input_output_layers=True, num_query_heads=(q,),
+                           num_kv_heads=(kv,), head_dim=head_dim, ffn_with_glu=True)
 
-    args = SimpleNamespace(num_transformer_layers=2, share_input_output_layers=True)
-    rng = np.random.default_rng(0)
-    norms = {name: mx.array(rng.uniform(0.1, 2, 1280).astype(np.float32)) for name in
-             ["transformer.norm.weight"] + [f"transformer.layers.{i}.{n}.weight" for i in range(2)
-                                            for n in ("attn_norm", "ffn_norm")]}
-    norms["transformer.layers.1.ffn_norm.weight"] = mx.zeros((1280,))  # nothing known: every column alike
-    importance = norm_importance(args, norms.__getitem__)
+    def rows(n, scale):
+        return rng.normal(0, dim ** -0.5, (n, dim)) * rng.uniform(*scale, (n, 1))
+
+    tensors = {"transformer.norm.weight": rng.uniform(0.1, 2, dim),
+               "transformer.layers.0.attn_norm.weight": rng.uniform(0.1, 2, dim),
+               "transformer.layers.0.ffn_norm.weight": rng.uniform(0.1, 2, dim),
+               "transformer.layers.0.attn.qkv_proj.weight": rows((q + 2 * kv) * head_dim, (0.2, 2.0)),
+               "transformer.layers.0.ffn.proj_1.weight": rows(2 * ffn, (0.5, 4.0))}
+    return args, {k: mx.array(v.astype(np.float32)) for k, v in tensors.items()}
+
+
+def test_data_free_importance_is_the_norm_weight_squared_where_a_linear_reads_a_norm():
+    from mlx_openelm.convert.importance import data_free_importance
+
+    args, tensors = _importance_layers(np.random.default_rng(0))
+    importance = data_free_importance(args, tensors.__getitem__)
     pairs = {"transformer.token_embeddings.weight": "transformer.norm.weight",
              "transformer.layers.0.attn.qkv_proj.weight": "transformer.layers.0.attn_norm.weight",
-             "transformer.layers.0.ffn.proj_1.weight": "transformer.layers.0.ffn_norm.weight",
-             "transformer.layers.1.attn.qkv_proj.weight": "transformer.layers.1.attn_norm.weight"}
-    assert set(importance) == set(pairs) | {"transformer.layers.1.ffn.proj_1.weight"}
+             "transformer.layers.0.ffn.proj_1.weight": "transformer.layers.0.ffn_norm.weight"}
+    assert set(importance) == set(pairs) | {"transformer.layers.0.attn.out_proj.weight",
+                                            "transformer.layers.0.ffn.proj_2.weight"}
     for weight, norm in pairs.items():
-        g2 = np.array(norms[norm]) ** 2
+        g2 = np.array(tensors[norm]) ** 2
         np.testing.assert_allclose(np.array(importance[weight]), g2 / g2.mean(), rtol=1e-5)
-    np.testing.assert_array_equal(np.array(importance["transformer.layers.1.ffn.proj_1.weight"]), 1.0)
+    tensors["transformer.layers.0.ffn_norm.weight"] = mx.zeros((256,))  # nothing known: every column alike
+    importance = data_free_importance(args, tensors.__getitem__)
+    np.testing.assert_array_equal(np.array(importance["transformer.layers.0.ffn.proj_1.weight"]), 1.0)
+
+
+def test_data_free_importance_of_out_proj_and_proj_2_is_their_inputs_mean_square_on_white_norm_inputs():
+    """Monte Carlo: x = x_hat * g with x_hat ~ N(0, 1) white; out_proj reads each query head's
+    KV head's values W_v x, proj_2 reads silu(gate x) * (up x). The importance (quadrature, no
+    sampling) must match the sampled mean squares, normalised, to sampling error."""
+    from mlx_openelm.convert.importance import data_free_importance
+
+    rng = np.random.default_rng(1)
+    args, tensors = _importance_layers(rng)
+    importance = data_free_importance(args, tensors.__getitem__)
+    t = {k: np.array(v, dtype=np.float64) for k, v in tensors.items()}
+    samples = 40_000
+
+    def inputs(norm):
+        return rng.standard_normal((samples, 256)) * t[f"transformer.layers.0.{norm}.weight"]
+
+    values = inputs("attn_norm") @ t["transformer.layers.0.attn.qkv_proj.weight"][(4 + 2) * 16:].T  # (n, 2 * 16)
+    per_query_head = np.repeat(values.reshape(samples, 2, 16), 2, axis=1).reshape(samples, -1)
+    gate, up = np.split(inputs("ffn_norm") @ t["transformer.layers.0.ffn.proj_1.weight"].T, 2, axis=1)
+    hidden = gate / (1 + np.exp(-gate)) * up
+    for name, x in (("attn.out_proj", per_query_head), ("ffn.proj_2", hidden)):
+        sampled = np.mean(x ** 2, axis=0)
+        np.testing.assert_allclose(np.array(importance[f"transformer.layers.0.{name}.weight"]),
+                                   sampled / sampled.mean(), rtol=0.08, err_msg=name)
+        assert sampled.max() / sampled.min() > 4, name  # rows of unequal scale: uniform would fail
