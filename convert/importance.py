@@ -8,14 +8,15 @@ E[x_j**2] times (llama.cpp's importance matrix is this, measured). Two sources f
 - data-free (`data_free_importance`): every linear's input is a function of an RMSNorm's output
   x = x_hat * g, with x_hat taken as white (each channel of mean square 1, uncorrelated):
   - qkv_proj, proj_1 and the output head read it directly: E[x_j**2] = g_j**2;
-  - out_proj reads attention outputs, averages of the value vectors v = W_v x, whose channel
-    r has E[v_r**2] = sum_k W_v[r, k]**2 g_k**2 (each query head reads its KV head's values);
   - proj_2 reads silu(a) * b with a, b the gate and up rows of proj_1 applied to x: Gaussian
     with variances sum_k W[r, k]**2 g_k**2, so E = E[silu(a)**2] E[b**2] (a, b independent;
     E[silu(a)**2] by Gauss-Hermite quadrature).
+  - out_proj (attention outputs) weighs every column alike.
   On the trained test model the proj_2 estimate matters most: with every column alike, the
   error-minimising fit of proj_2 lost to min/max (3 bits, group 64, proj_2 alone: KL 0.306
-  against 0.270); with it, 0.145 (measured activations: 0.088).
+  against 0.270); with it, 0.145 (measured activations: 0.088). The same propagation for
+  out_proj (the value rows' E[v**2]) helped at 3 bits and hurt at 2, and with it the whole
+  model did worse at both (3 bits, group 64: KL 1.80 against 1.77 without it), so it is not used.
 - measured (`--calibration-text`): the mean of x_j**2 over the calibration tokens, for every
   linear and the head (`convert/calibration.py` records it).
 
@@ -67,13 +68,6 @@ def _output_mean_square(weight: np.ndarray, input_mean_square: np.ndarray) -> np
     return np.square(weight) @ input_mean_square
 
 
-def value_importance(qkv: np.ndarray, g2: np.ndarray, query_heads: int, kv_heads: int, head_dim: int) -> np.ndarray:
-    """out_proj's input columns (query head h, dim d) read head h's KV head's value channel d."""
-    values = qkv[(query_heads + kv_heads) * head_dim:]
-    per_kv_head = _output_mean_square(values, g2).reshape(kv_heads, head_dim)
-    return np.repeat(per_kv_head, query_heads // kv_heads, axis=0).reshape(-1)
-
-
 def ffn_hidden_importance(proj_1: np.ndarray, g2: np.ndarray, glu: bool) -> np.ndarray:
     """proj_2's input columns: silu(gate) * up (GLU) or silu(h), from proj_1's rows."""
     if not glu:
@@ -83,9 +77,9 @@ def ffn_hidden_importance(proj_1: np.ndarray, g2: np.ndarray, glu: bool) -> np.n
 
 
 def data_free_importance(args: ModelArgs, tensor: Callable[[str], Union[mx.array, np.ndarray]]) -> dict[str, mx.array]:
-    """Weight name -> data-free importance of its input columns, for every linear of the decoder
-    and the head (module docstring); `tensor(name)` reads a weight of the float model (the norms,
-    each qkv_proj and proj_1)."""
+    """Weight name -> data-free importance of its input columns, for qkv_proj, proj_1, proj_2 and
+    the head (module docstring; out_proj: none, every column alike); `tensor(name)` reads a weight
+    of the float model (the norms and each proj_1)."""
     def norm_g2(name: str) -> np.ndarray:
         return np.square(_as_numpy(tensor(name)))
 
@@ -95,12 +89,9 @@ def data_free_importance(args: ModelArgs, tensor: Callable[[str], Union[mx.array
     out = {head_weight_name(args): as_importance(norm_g2("transformer.norm.weight"))}
     for i in range(args.num_transformer_layers):
         layer = f"transformer.layers.{i}."
-        attn_g2, ffn_g2 = norm_g2(layer + "attn_norm.weight"), norm_g2(layer + "ffn_norm.weight")
-        out[layer + "attn.qkv_proj.weight"] = as_importance(attn_g2)
+        ffn_g2 = norm_g2(layer + "ffn_norm.weight")
+        out[layer + "attn.qkv_proj.weight"] = as_importance(norm_g2(layer + "attn_norm.weight"))
         out[layer + "ffn.proj_1.weight"] = as_importance(ffn_g2)
-        qkv = _as_numpy(tensor(layer + "attn.qkv_proj.weight"))
-        out[layer + "attn.out_proj.weight"] = as_importance(value_importance(
-            qkv, attn_g2, args.num_query_heads[i], args.num_kv_heads[i], args.head_dim))
         proj_1 = _as_numpy(tensor(layer + "ffn.proj_1.weight"))
         out[layer + "ffn.proj_2.weight"] = as_importance(ffn_hidden_importance(proj_1, ffn_g2, args.ffn_with_glu))
     mx.eval(out)

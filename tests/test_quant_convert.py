@@ -68,7 +68,7 @@ def test_optimal_is_the_default_and_beats_minmax_group_by_group(hf_checkpoint, b
     assert json.loads((root / "optimal" / "config.json").read_text())["quantization"]["method"] == "optimal"
     quantized = [n[: -len(".scales")] for n in optimal if n.endswith(".scales")]
     assert len(quantized) == 13  # every Linear layer and the embedding
-    assert len(importance) == 4 * 3 + 1  # every linear of the 3 layers, and the tied head
+    assert len(importance) == 3 * 3 + 1  # qkv_proj, proj_1, proj_2 of the 3 layers, and the tied head
     total = {"minmax": 0.0, "optimal": 0.0}
     for module in quantized:
         w = source[f"{module}.weight"]
