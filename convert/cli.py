@@ -113,7 +113,7 @@ class ProgressBar:
               help=f"Quantization group size: {', '.join(map(str, GROUP_SIZES))}.")
 @click.option("--recipe", default=None,
               help="Per-layer bits 'mixed-LOW-HIGH' (e.g. mixed-3-6, mixed-4-8): HIGH bits for the sensitive "
-                   "layers (the embedding/output head and the first eighth of the decoder layers), LOW for the rest.")
+                   "layers (the embedding/output head, every qkv_proj and the last decoder layer), LOW for the rest.")
 @click.option("--quant-method", "method", type=click.Choice(METHODS), default=DEFAULT_METHOD, show_default=True,
               help="optimal: per group, the scale and bias that minimise the reconstruction error, each input "
                    "column weighted by its estimated share of the output error; minmax: the group's min/max "

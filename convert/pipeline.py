@@ -79,7 +79,7 @@ def convert(
     dtype: float dtype of the output (default float16; bfloat16 for 3B-class models).
     bits / group_size / recipe: affine quantization of every Linear layer and the embedding
         (allowed values: `mlx_openelm.quantization`); recipe 'mixed-LOW-HIGH' gives the sensitive
-        layers (output head, first eighth of the decoder) HIGH bits and the rest LOW bits.
+        layers (output head, every qkv_proj, the last decoder layer) HIGH bits and the rest LOW bits.
     method: 'optimal' (error-minimising scales and biases) or 'minmax' (mx.quantize, as mlx-lm).
     calibration_text: a UTF-8 text file; its activation statistics choose per-channel scales folded
         into each attn_norm/qkv_proj and ffn_norm/proj_1 pair (`calibration`); needs a tokenizer.

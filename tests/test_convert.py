@@ -156,7 +156,7 @@ def test_kl_of_4_bits_exceeds_8_bits_and_both_stay_below_thresholds(hf_checkpoin
 @pytest.mark.parametrize("fixture, head", [("hf_checkpoint", "transformer.token_embeddings"),
                                            ("untied_checkpoint", "lm_head")])
 def test_mixed_recipe_records_and_applies_8_bit_head(request, tmp_path, fixture, head):
-    """mixed-4-8: the head(s) and the first eighth of the layers (here: layer 0 of 3) at 8 bits."""
+    """mixed-4-8: the head(s), every qkv_proj and the last layer (here: layer 2 of 3) at 8 bits."""
     source = request.getfixturevalue(fixture)
     out = tmp_path / "mixed"
     report = convert(source, out, recipe="mixed-4-8", group_size=32, dtype="float32", method="minmax",
@@ -164,8 +164,8 @@ def test_mixed_recipe_records_and_applies_8_bit_head(request, tmp_path, fixture,
     quantization = json.loads((out / "config.json").read_text())["quantization"]
     assert quantization["bits"] == 4 and quantization["recipe"] == "mixed-4-8"
     heads = {p: s for p, s in quantization["layers"].items() if s}
-    high = ["transformer.token_embeddings"] + [f"transformer.layers.0.{m}" for m in
-                                              ("attn.qkv_proj", "attn.out_proj", "ffn.proj_1", "ffn.proj_2")]
+    high = (["transformer.token_embeddings"] + [f"transformer.layers.{i}.attn.qkv_proj" for i in range(3)]
+            + [f"transformer.layers.2.{m}" for m in ("attn.out_proj", "ffn.proj_1", "ffn.proj_2")])
     expected = {path: {"bits": 8, "group_size": 32} for path in high}
     if head == "lm_head":
         expected["lm_head"] = {"bits": 8, "group_size": 32}
@@ -174,8 +174,8 @@ def test_mixed_recipe_records_and_applies_8_bit_head(request, tmp_path, fixture,
     assert model.transformer.token_embeddings.bits == 8
     if head == "lm_head":
         assert model.lm_head.bits == 8
-    assert model.layers[0].attn.qkv_proj.bits == 8 and model.layers[0].ffn.proj_2.bits == 8
-    assert model.layers[1].attn.qkv_proj.bits == 4 and model.layers[2].ffn.proj_1.bits == 4
+    assert model.layers[0].attn.qkv_proj.bits == 8 and model.layers[2].ffn.proj_2.bits == 8
+    assert model.layers[0].ffn.proj_2.bits == 4 and model.layers[1].ffn.proj_1.bits == 4
     assert report.layer_bits["8"] == len(expected)
     np.testing.assert_array_equal(logits(model), logits(in_memory_quantized(source, quantization, mx.float32)))
 

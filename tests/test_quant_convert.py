@@ -101,26 +101,30 @@ def test_mixed_recipe_gives_the_sensitive_layers_high_bits_and_mlx_lm_loads_it(h
     report = convert(hf_checkpoint, out, recipe="mixed-3-6", group_size=32, dtype="float16", evaluate=False)
     model = load_model(out, dtype=mx.float32)
     assert model.transformer.token_embeddings.bits == 6
-    assert model.layers[0].attn.qkv_proj.bits == 6 and model.layers[0].ffn.proj_2.bits == 6
-    assert model.layers[1].attn.qkv_proj.bits == 3 and model.layers[2].ffn.proj_2.bits == 3
-    assert report.layer_bits == {"6": 5, "3": 8}
+    assert all(layer.attn.qkv_proj.bits == 6 for layer in model.layers)
+    assert model.layers[2].ffn.proj_2.bits == 6 and model.layers[2].attn.out_proj.bits == 6  # the last layer
+    assert model.layers[0].ffn.proj_2.bits == 3 and model.layers[1].ffn.proj_1.bits == 3
+    assert report.layer_bits == {"6": 7, "3": 6}  # head, 3 qkv_proj, the last layer's other 3 | the rest
     theirs, _config = mlx_lm_utils().load_model(out)  # per-layer bits from the top-level entries
     theirs.set_dtype(mx.float32)
     np.testing.assert_allclose(np.array(theirs(TOKENS)), np.array(model(TOKENS)), atol=1e-4, rtol=1e-4)
 
 
-def test_recipes_cover_every_pair_of_widths_and_the_sensitive_layers_scale_with_depth():
+def test_recipes_cover_every_pair_of_widths_and_the_sensitive_parts_follow_depth():
     assert RECIPES["mixed-3-6"] == (3, 6) and RECIPES["mixed-2-8"] == (2, 8) and "mixed-6-3" not in RECIPES
     assert len(RECIPES) == 15
     assert is_sensitive("transformer.token_embeddings", 16) and is_sensitive("lm_head", 16)
-    assert [i for i in range(16) if is_sensitive(f"transformer.layers.{i}.ffn.proj_2", 16)] == [0, 1]  # 270M
-    assert [i for i in range(36) if is_sensitive(f"transformer.layers.{i}.attn.qkv_proj", 36)] == [0, 1, 2, 3, 4]
+    assert [i for i in range(16) if is_sensitive(f"transformer.layers.{i}.ffn.proj_2", 16)] == [15]  # 270M
+    assert [i for i in range(36) if is_sensitive(f"transformer.layers.{i}.attn.out_proj", 36)] == [35]
+    assert all(is_sensitive(f"transformer.layers.{i}.attn.qkv_proj", 36) for i in range(36))
     assert not is_sensitive("transformer.norm", 16)
     shapes = {"transformer.token_embeddings.weight": (384, 64), "transformer.layers.0.attn.qkv_proj.weight": (96, 64),
-              "transformer.layers.9.attn.qkv_proj.weight": (96, 64), "transformer.layers.0.attn_norm.weight": (64,)}
+              "transformer.layers.0.ffn.proj_1.weight": (96, 64), "transformer.layers.9.ffn.proj_1.weight": (96, 64),
+              "transformer.layers.0.attn_norm.weight": (64,)}
     plan = plan_quantization(shapes, 4, 64, "mixed-4-8", "minmax")
     assert plan.specs == {"transformer.token_embeddings": (8, 64), "transformer.layers.0.attn.qkv_proj": (8, 64),
-                          "transformer.layers.9.attn.qkv_proj": (4, 64)}  # 10 layers: the first two
+                          "transformer.layers.0.ffn.proj_1": (4, 64),
+                          "transformer.layers.9.ffn.proj_1": (8, 64)}  # 10 layers: the last is 9
     assert plan.config_entry()["method"] == "minmax"
 
 
