@@ -12,6 +12,9 @@ passages come from the held-out text (`trained.real_text("eval")`). Prompts:
   word replaced);
 - free generation: `story` (chat: a short story), `continue` (plain text: the passage, continued).
 
+Chat prompts use the model's own format (ChatML with SmolLM2's default system message, `chatml`), not
+the product's OpenELM-Instruct template, which this model was not tuned with.
+
 Greedy decoding without repetition penalty. Each prompt is read once (its KV caches, target's and
 draft's, are trimmed back to it after every run), so the times are decoding only. A plain run comes
 before every `--plain-every`-th setting (1: A B A B ...), and the ratio is speculative tok/s over the
@@ -41,6 +44,18 @@ def _passage(words: int = 70) -> str:
     return text[: text.rfind(".") + 1]
 
 
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
+
+
+def chatml(tokenizer, message: str) -> list[int]:
+    """SmolLM2's own chat format (ChatML, the template in its GGUF), not the product's OpenELM one:
+    <|im_start|> is BOS (1) and <|im_end|> EOS (2), as ids; the text between them encoded."""
+    ids = []
+    for role, text in (("system", SYSTEM), ("user", message)):
+        ids += [tokenizer.bos_id] + tokenizer.encode_text(f"{role}\n{text}") + [tokenizer.eos_id] + tokenizer.encode_text("\n")
+    return ids + [tokenizer.bos_id] + tokenizer.encode_text("assistant\n")
+
+
 def prompts(tokenizer, names: list[str]) -> dict[str, tuple[str, list[int]]]:
     """name -> (kind, token ids)."""
     passage = _passage()
@@ -56,7 +71,7 @@ def prompts(tokenizer, names: list[str]) -> dict[str, tuple[str, list[int]]]:
     for name in names:
         if name in chat:
             kind, message = chat[name]
-            out[name] = (kind, tokenizer.apply_chat_template([{"role": "user", "content": message}]))
+            out[name] = (kind, chatml(tokenizer, message))
         else:
             kind, text = plain[name]
             out[name] = (kind, tokenizer.encode(text))
