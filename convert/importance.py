@@ -89,9 +89,10 @@ def data_free_importance(args: ModelArgs, tensor: Callable[[str], Union[mx.array
     out = {head_weight_name(args): as_importance(norm_g2("transformer.norm.weight"))}
     for i in range(args.num_transformer_layers):
         layer = f"transformer.layers.{i}."
-        ffn_g2 = norm_g2(layer + "ffn_norm.weight")
-        out[layer + "attn.qkv_proj.weight"] = as_importance(norm_g2(layer + "attn_norm.weight"))
-        out[layer + "ffn.proj_1.weight"] = as_importance(ffn_g2)
+        g2 = {norm: norm_g2(f"{layer}{norm}.weight") for norm, _ in NORM_INPUTS}
+        for norm, linear in NORM_INPUTS:
+            out[f"{layer}{linear}.weight"] = as_importance(g2[norm])
+        ffn_g2 = g2["ffn_norm"]
         proj_1 = _as_numpy(tensor(layer + "ffn.proj_1.weight"))
         out[layer + "ffn.proj_2.weight"] = as_importance(ffn_hidden_importance(proj_1, ffn_g2, args.ffn_with_glu))
     mx.eval(out)
