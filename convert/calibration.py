@@ -12,7 +12,7 @@ proj_2 and the embedding/head have no preceding per-channel scale to fold into.
 
 The same run measures every quantized linear's input (and the head's: the final norm's output)
 and gives the optimal quantizer its importance, the mean square of each input channel
-(`importance.py`), in place of the data-free estimate (see the README for what each part gains).
+(`importance.py`), in place of the data-free estimate (see docs/quantization.md for what each part gains).
 """
 
 from __future__ import annotations

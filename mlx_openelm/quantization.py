@@ -33,7 +33,7 @@ MODE = "affine"
 # How the converter picks each group's scale and bias (mlx_openelm.convert.quantizers):
 # "optimal" minimises the reconstruction error weighted by each input column's importance
 # (convert/importance.py), "minmax" is mx.quantize (mlx-lm bit for bit). On the trained test
-# model optimal wins in KL and perplexity (README, "Quantization quality").
+# model optimal wins in KL and perplexity (docs/quantization.md).
 # Both write the same format; the runtime never needs to know which was used.
 METHODS = ("minmax", "optimal")
 DEFAULT_METHOD = "optimal"
@@ -44,7 +44,7 @@ HEAD_MODULES = ("transformer.token_embeddings", "lm_head")
 # Mixed recipes "mixed-LOW-HIGH": LOW bits for most layers, HIGH bits for the sensitive ones:
 # the output head, every layer's qkv_proj and the whole last decoder layer. Measured on the
 # trained test model (SmolLM2-135M as OpenELM, 4 bits, group 64, one part quantized at a time,
-# KL against float; README "Mixed recipes"): the head gives 36-40% of the whole model's KL,
+# KL against float; docs/quantization.md, "Mixed recipes"): the head gives 36-40% of the whole model's KL,
 # qkv_proj the most of any kind per weight, the last layer the most of any layer (the first
 # layers, which random weights had singled out, are not special there).
 RECIPES = {f"mixed-{low}-{high}": (low, high) for low in BITS for high in BITS if low < high}

@@ -1,6 +1,7 @@
-"""README.md's marked snippets run as written, so the README cannot drift from the code.
+"""The marked snippets of README.md and docs/*.md run as written, so the docs cannot drift from the code.
 
-A fenced block is run when the line right before it is ``<!-- readme-test -->``. The run
+A fenced block is run when the line right before it is ``<!-- readme-test -->``; the blocks of all
+pages share one sandbox, README.md's first, then the docs pages in name order. The run
 happens in a sandbox that looks like a new user's machine after the downloads, with no
 network: the working folder holds ``./OpenELM-270M-Instruct`` (a synthetic, tokenizer-less
 checkpoint, like Apple's) and ``./tokenizer.model``; the Hugging Face cache (offline) holds the
@@ -29,6 +30,7 @@ from synthetic import TINY_CONFIG, cache_repo, random_weights, write_hf_checkpoi
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = "<!-- readme-test -->"
 STDIN = "Hi!\nWhat is MLX?\n"
 
@@ -66,8 +68,10 @@ def fenced_blocks(text: str) -> list[tuple[int, str, str, bool]]:
     return blocks
 
 
-def marked_blocks() -> list[tuple[int, str, str]]:
-    return [(line, lang, code) for line, lang, code, marked in fenced_blocks(README.read_text()) if marked]
+def marked_blocks() -> list[tuple[str, int, str, str]]:
+    """(page relative to the root, line, language, code) of every marked block of every page."""
+    return [(page.relative_to(ROOT).as_posix(), line, lang, code) for page in PAGES
+            for line, lang, code, marked in fenced_blocks(page.read_text()) if marked]
 
 
 def test_fence_parser_reads_markers_languages_and_bodies():
@@ -92,6 +96,51 @@ def test_pip_install_lines_name_existing_extras():
     for group in named:
         assert set(group.split(",")) <= extras, f".[{group}] names an extra pyproject.toml lacks"
 
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens,
+    a repeated heading numbered (-1, -2, ...)."""
+    anchors, counts = set(), {}
+    in_fence = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        match = None if in_fence else re.match(r"^#{1,6} (.+?)\s*$", line)
+        if match:
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).lower()).replace(" ", "-")
+            n = counts.get(slug, 0)
+            counts[slug] = n + 1
+            anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def test_heading_anchors_follow_github():
+    text = "# A trained model (SmolLM2-135M)\n```bash\n# not a heading\n```\n## Mixed (`--recipe x-Y`)\n## Fuse\n## Fuse\n"
+    assert heading_anchors(text) == {"a-trained-model-smollm2-135m", "mixed---recipe-x-y", "fuse", "fuse-1"}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())
+def test_links_reach_existing_files_and_headings(page):
+    """A relative link names a tracked file, and its #anchor (or a bare #anchor) a heading there."""
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"^[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, fragment = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(target)
+        elif fragment and (file.suffix != ".md" or fragment not in heading_anchors(file.read_text())):
+            broken.append(target)
+    assert broken == [], f"{page.name}: links to nothing"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in LINK.findall(README.read_text())}
+    assert sorted(page.name for page in PAGES[1:] if page.resolve() not in linked) == []
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, tokenizer_path):
@@ -134,11 +183,11 @@ def test_the_sandbox_runs_commands_offline_and_reports_failures(sandbox):
     assert fetch.returncode != 0 and "HF_HUB_OFFLINE is set" in fetch.stderr
 
 
-@pytest.mark.parametrize("line, lang, code", [pytest.param(*block, id=f"README.md:{block[0]}")
-                                              for block in marked_blocks()])
-def test_readme_block_runs(sandbox, line, lang, code):
+@pytest.mark.parametrize("page, line, lang, code", [pytest.param(*block, id=f"{block[0]}:{block[1]}")
+                                                    for block in marked_blocks()])
+def test_readme_block_runs(sandbox, page, line, lang, code):
     result = run_block(sandbox, lang, code)
-    assert result.returncode == 0, f"README.md:{line} failed:\n{code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 0, f"{page}:{line} failed:\n{code}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr and "Error:" not in result.stderr, result.stderr
     if "mlx-openelm chat" in code:  # one reply (and its statistics note) per message on stdin
         assert result.stderr.count(" tok/s | prompt: ") == len(STDIN.splitlines()), result.stderr

@@ -178,7 +178,9 @@ def test_no_function_is_over_the_line_limit_unless_allowed():
     assert set(LONG_FUNCTIONS_ALLOWED) <= set(long), set(LONG_FUNCTIONS_ALLOWED) - set(long)
 
 
-# --- the README's layout table names every module, and only modules that exist ---
+# --- docs/architecture.md's layout table names every module, and only modules that exist ---
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
 
 # A subpackage before its parent: a row's first cell is matched against these in order.
 FOLDERS = {"mlx_openelm/tokenizer/": ROOT / "mlx_openelm" / "tokenizer",
@@ -187,11 +189,11 @@ FOLDERS = {"mlx_openelm/tokenizer/": ROOT / "mlx_openelm" / "tokenizer",
            "convert/": ROOT / "convert", "bench/": ROOT / "bench"}
 
 
-def layout_table_modules(readme: str) -> set[str]:
-    """`folder/name.py` for every module the README's Layout table names: a row's first cell
+def layout_table_modules(page: str) -> set[str]:
+    """`folder/name.py` for every module the Layout table names: a row's first cell
     says the folder (`mlx_openelm/model.py` or `convert/ → ...`); bare `name.py` in the row
     belong to that folder."""
-    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    section = page.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     named = set()
     for row in section.splitlines():
         if not row.startswith("| `"):
@@ -213,14 +215,14 @@ def test_layout_parser_reads_folders_from_the_first_cell():
                                            "convert/d.py"}
 
 
-def test_readme_layout_table_names_exactly_the_modules_in_the_tree():
+def test_layout_table_names_exactly_the_modules_in_the_tree():
     tree = {prefix + path.name for prefix, folder in FOLDERS.items() for path in folder.glob("*.py")}
-    listed = layout_table_modules((ROOT / "README.md").read_text())
-    assert sorted(tree - listed) == [], "modules missing from README.md's Layout table"
-    assert sorted(listed - tree) == [], "README.md's Layout table names modules that do not exist"
+    listed = layout_table_modules(ARCHITECTURE.read_text())
+    assert sorted(tree - listed) == [], "modules missing from docs/architecture.md's Layout table"
+    assert sorted(listed - tree) == [], "docs/architecture.md's Layout table names modules that do not exist"
 
 
-def test_readme_layout_table_names_every_top_level_entry():
+def test_layout_table_names_every_top_level_entry():
     """Every tracked top-level folder and file (but README.md itself and dotfiles) has a row."""
     import subprocess
 
@@ -229,6 +231,6 @@ def test_readme_layout_table_names_every_top_level_entry():
         pytest.skip("not a git checkout: the tracked files are unknown")
     top = {line.split("/")[0] + ("/" if "/" in line else "") for line in tracked.stdout.splitlines()}
     top = {name for name in top if name != "README.md" and not name.startswith(".")}
-    table = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    table = ARCHITECTURE.read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     first_cells = " ".join(row.split("|")[1] for row in table.splitlines() if row.startswith("| `"))
     assert sorted(name for name in top if f"`{name}" not in first_cells) == []

@@ -3,7 +3,7 @@
 A run of seconds on this CPU: LoRA on the last layer only (no backward through the other 29),
 short lines, a few steps. The task is a fixed answer style ("A + B = C. Done.") that the base
 model does not follow; the held-out sums share no line with the training ones. The full-size
-measurement (and mlx-lm's loss on the same data) is scripts/measure_lora.py, quoted in the README.
+measurement (and mlx-lm's loss on the same data) is scripts/measure_lora.py, quoted in docs/fine-tuning.md.
 """
 
 from __future__ import annotations

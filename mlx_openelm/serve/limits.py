@@ -31,7 +31,7 @@ RETRY_AFTER_SECONDS = 1
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Bounds on what clients may hold; see the README's Serve section for each option."""
+    """Bounds on what clients may hold; see docs/serve.md for each option."""
 
     read_timeout: float = 10.0  # --read-timeout: seconds for a request head, for its body, and idle keep-alive
     max_connections: int = 64  # --max-connections: open connections (one handler thread each)
