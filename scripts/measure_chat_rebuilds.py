@@ -17,18 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from synthetic import TINY_CONFIG, random_weights, train_tokenizer, write_hf_checkpoint  # noqa: E402
-
-from mlx_openelm import load  # noqa: E402
-from mlx_openelm.chat import ChatSession  # noqa: E402
+from mlx_openelm import load
+from mlx_openelm.chat import ChatSession
+from support import synthetic
 
 
 def main(turns: int) -> None:
     folder = Path(tempfile.mkdtemp())
-    tokenizer_path = train_tokenizer(folder / "tokenizer.model")
-    write_hf_checkpoint(folder / "model", TINY_CONFIG, random_weights(TINY_CONFIG, seed=0), tokenizer=tokenizer_path)
+    tokenizer_path = synthetic.train_tokenizer(folder / "tokenizer.model")
+    config = synthetic.TINY_CONFIG
+    weights = synthetic.random_weights(config, seed=0)
+    synthetic.write_hf_checkpoint(folder / "model", config, weights, tokenizer=tokenizer_path)
     model, tokenizer = load(folder / "model")
     for refit in (1.0, 0.5):
         session = ChatSession(model, tokenizer, system="Be brief.", refit_fraction=refit)

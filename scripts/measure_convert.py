@@ -34,8 +34,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -46,10 +44,10 @@ OUTLIER_CHANNELS = 16  # of 1280: a few input channels with 20x larger activatio
 
 def make(folder: str, variant: str = "") -> None:
     from mlx_openelm.config import preset_config
-    from synthetic import random_weights, write_hf_checkpoint
+    from support import synthetic
 
     config = preset_config("270M")
-    weights = random_weights(config, seed=0)
+    weights = synthetic.random_weights(config, seed=0)
     if variant == "outliers":  # large attn_norm/ffn_norm weights on the same few channels of every layer
         channels = np.random.default_rng(1).choice(config["model_dim"], OUTLIER_CHANNELS, replace=False)
         for name in weights:
@@ -60,7 +58,7 @@ def make(folder: str, variant: str = "") -> None:
     # 4/sqrt(model_dim) so the logits spread like a trained LM's (std ~4) and the KL is informative.
     embedding = weights["transformer.token_embeddings.weight"]
     embedding *= (4 / np.sqrt(config["model_dim"])) / embedding.std()
-    write_hf_checkpoint(Path(folder), {**config, "torch_dtype": "float32"}, weights)
+    synthetic.write_hf_checkpoint(Path(folder), {**config, "torch_dtype": "float32"}, weights)
     print(json.dumps({"made": folder, "tensors": len(weights)}))
 
 

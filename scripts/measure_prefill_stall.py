@@ -27,12 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from synthetic import TINY_CONFIG, random_weights, train_tokenizer, write_hf_checkpoint  # noqa: E402
-
-from mlx_openelm import load  # noqa: E402
-from mlx_openelm.serve.server import ServerApp, make_server, serve  # noqa: E402
+from mlx_openelm import load
+from mlx_openelm.serve.server import ServerApp, make_server, serve
+from support import synthetic
 
 WARM_TOKENS = 20  # tokens each stream has before the long prompt is sent
 
@@ -100,8 +97,10 @@ def main(argv=None) -> None:
     parser.add_argument("--trials", type=int, default=5)
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp())
-    tokenizer_path = train_tokenizer(folder / "tokenizer.model")
-    write_hf_checkpoint(folder / "model", TINY_CONFIG, random_weights(TINY_CONFIG, seed=0), tokenizer=tokenizer_path)
+    tokenizer_path = synthetic.train_tokenizer(folder / "tokenizer.model")
+    config = synthetic.TINY_CONFIG
+    weights = synthetic.random_weights(config, seed=0)
+    synthetic.write_hf_checkpoint(folder / "model", config, weights, tokenizer=tokenizer_path)
     model, tokenizer = load(folder / "model", dtype="float32")
     rows = [measure(model, tokenizer, int(c), args) for c in args.chunks.split(",")]
     print(json.dumps({"model": "tiny synthetic (fp32)", "streams": args.streams, "prompt_tokens": args.prompt_tokens,

@@ -41,11 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 CONTEXT, STRIDE = 1024, 1023  # windows of 1024 tokens, overlapping by one: each token scored once
 EVAL_TOKENS = 2048  # DIR/eval.txt: the held-out text up to the line end after this many tokens
@@ -55,7 +52,7 @@ CHECK_TOKENS = 8  # the quantized model itself vs its dequantized copy, on this 
 def write_texts(folder: Path, tokenizer, tokens: int = EVAL_TOKENS) -> Path:
     """DIR/eval.txt (the held-out text's start, cut at a line end after `tokens` tokens) and
     DIR/calibration.txt (the calibration half); returns the eval file."""
-    import trained
+    from support import trained
 
     text = trained.real_text("eval")
     ids = tokenizer.encode(text)
@@ -169,7 +166,7 @@ def paired(args) -> None:
     from mlx_openelm import load, load_model
     from mlx_openelm.convert import convert
 
-    import trained
+    from support import trained
 
     work = Path(args.folder)
     (work / "nll").mkdir(parents=True, exist_ok=True)
@@ -262,7 +259,7 @@ def part_scores(source: Path, settings, spec: str, tokens: list, reference, done
 def run(args) -> None:
     from mlx_openelm import load
 
-    import trained
+    from support import trained
 
     work = Path(args.folder)
     (work / "models").mkdir(parents=True, exist_ok=True)

@@ -27,17 +27,14 @@ import json
 import math
 import multiprocessing
 import sys
-from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import trained  # noqa: E402  (the test support code: importer, real text, mlx-lm's llama)
-
-from mlx_openelm import load_model  # noqa: E402
-from mlx_openelm.evaluate import sliding_windows, window_log_probs  # noqa: E402
-from mlx_openelm.tokenizer import Tokenizer  # noqa: E402
+from mlx_openelm import load_model
+from mlx_openelm.evaluate import sliding_windows, window_log_probs
+from mlx_openelm.tokenizer import Tokenizer
+from support import trained  # the test support code: importer, real text, mlx-lm's llama
 
 TOLERANCE = 1e-4
 

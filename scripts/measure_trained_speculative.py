@@ -31,11 +31,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import trained  # noqa: E402  (the test support code: the trained folder and real text)
-
-from mlx_openelm import generate_step, load, load_model, make_cache  # noqa: E402
-from mlx_openelm.speculative import trim_to  # noqa: E402
+from mlx_openelm import generate_step, load, load_model, make_cache
+from mlx_openelm.speculative import trim_to
+from support import trained  # the test support code: the trained folder and real text
 
 
 def _passage(words: int = 70) -> str:

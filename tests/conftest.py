@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
 import pytest
 
 from synthetic import (
+    BENCH_CONFIG,
     TINY_CONFIG,
     UNTIED_CONFIG,
     random_weights,
@@ -127,6 +129,16 @@ def trained_model_path():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"the trained test model is not available ({type(e).__name__}: {e})")
+
+
+@pytest.fixture(scope="session")
+def bench_preset(tmp_path_factory):
+    """`synthetic.BENCH_CONFIG` as `tiny/config.json` (bench names the model "tiny"), for
+    `bench --preset PATH`: a Path, never modified."""
+    folder = tmp_path_factory.mktemp("bench") / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(BENCH_CONFIG))
+    return folder / "config.json"
 
 
 @pytest.fixture(scope="session")

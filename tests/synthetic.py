@@ -1,7 +1,8 @@
-"""Synthetic OpenELM checkpoints and a tiny SentencePiece tokenizer, built offline.
+"""Synthetic OpenELM checkpoints and configs, tiny tokenizers and sample texts, built offline.
 
 The checkpoints use Apple's tensor names and config.json keys with random
 weights, so every loader path can be tested without downloading anything.
+`CountingModel` wraps a model to see what each call is fed.
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ TINY_CONFIG = {
 
 UNTIED_CONFIG = {**TINY_CONFIG, "share_input_output_layers": False, "normalize_qk_projections": False}
 
+# A small architecture with layer-wise scaling whose widths are multiples of 64,
+# so it quantizes with the default group size. Used through `--preset PATH` (conftest's
+# `bench_preset` fixture).
+BENCH_CONFIG = {
+    "model_type": "openelm",
+    "model_dim": 128,
+    "head_dim": 32,
+    "num_transformer_layers": 3,
+    "vocab_size": 512,
+    "num_query_heads": [4, 4, 8],
+    "num_kv_heads": [1, 2, 2],
+    "ffn_multipliers": [0.5, 1.0, 2.0],
+    "ffn_dim_divisor": 64,
+}
+
 TOKENIZER_TEXT = [
     "Once upon a time there was a little robot who loved apples.",
     "Héllo wörld! Ça va? 日本語のテキスト。 Emoji 🎉🚀 are fun.",
@@ -56,6 +72,16 @@ TOKENIZER_TEXT = [
     "  leading spaces and\ttabs\nnewlines   here",
     "Apple silicon runs MLX; OpenELM uses layer-wise scaling.",
     "<|user|>\nWhat is the capital of France?\n<|assistant|>\nParis is the capital.",
+]
+
+
+# Texts every tokenizer must round-trip and stream exactly: accents, CJK, emoji, whitespace.
+TEXT_SAMPLES = [
+    "Once upon a time there was a little robot who loved apples.",
+    "Héllo wörld! Ça va? 日本語のテキスト。 Emoji 🎉🚀 are fun.",
+    "  leading spaces and\ttabs\nnewlines   here",
+    "🎉",
+    " x",
 ]
 
 
@@ -222,3 +248,21 @@ def train_byte_level_tokenizer(path: Path, vocab_size: int = 384) -> Path:
     assert tokenizer.get_vocab_size() == vocab_size, "TOKENIZER_TEXT too short for this many merges"
     tokenizer.save(str(path))
     return Path(path)
+
+
+class CountingModel:
+    """Wraps a model, recording how many tokens each call feeds; can raise KeyboardInterrupt on call k."""
+
+    def __init__(self, model, interrupt_at=None):
+        self.model = model
+        self.args = model.args
+        self.layers = model.layers
+        self.widths: list[int] = []
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, tokens, cache=None):
+        if self.interrupt_at is not None and len(self.widths) + 1 == self.interrupt_at:
+            self.interrupt_at = None
+            raise KeyboardInterrupt
+        self.widths.append(tokens.shape[1])
+        return self.model(tokens, cache=cache)

@@ -15,40 +15,17 @@ from mlx.utils import tree_flatten
 
 from mlx_openelm.config import ModelArgs, preset_args
 
-# A small architecture with layer-wise scaling whose widths are multiples of 64,
-# so it quantizes with the default group size. Used through `--preset PATH`.
-BENCH_CONFIG = {
-    "model_type": "openelm",
-    "model_dim": 128,
-    "head_dim": 32,
-    "num_transformer_layers": 3,
-    "vocab_size": 512,
-    "num_query_heads": [4, 4, 8],
-    "num_kv_heads": [1, 2, 2],
-    "ffn_multipliers": [0.5, 1.0, 2.0],
-    "ffn_dim_divisor": 64,
-}
-
 ROW_FIELDS = ("engine", "model", "bits", "dtype", "prompt_tokens", "generation_tokens", "prompt_tps",
               "generation_tps", "peak_memory_gb", "total_tps", "trials")
-
-
-@pytest.fixture(scope="module")
-def tiny_preset(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench") / "tiny"
-    folder.mkdir()
-    path = folder / "config.json"
-    path.write_text(json.dumps(BENCH_CONFIG))
-    return str(path)
 
 
 def assert_ok(result):
     assert result.exit_code == 0, result.output + repr(result.exception)
 
 
-def test_tiny_preset_through_the_command(tiny_preset, tmp_path, invoke_cli):
+def test_tiny_preset_through_the_command(bench_preset, tmp_path, invoke_cli):
     out, table = tmp_path / "out.json", tmp_path / "out.csv"
-    result = invoke_cli("bench", "--preset", tiny_preset, "--bits", "16,4", "--prompt-tokens", 12,
+    result = invoke_cli("bench", "--preset", bench_preset, "--bits", "16,4", "--prompt-tokens", 12,
                         "--generation-tokens", 6, "--trials", 2, "--dtype", "float32", "--json", out, "--csv", table)
     assert_ok(result)
     assert "prompt tok/s" in result.stdout and "q4/g64" in result.stdout
@@ -81,9 +58,9 @@ def test_tiny_preset_through_the_command(tiny_preset, tmp_path, invoke_cli):
     assert all(int(line["generation_tokens"]) == 6 for line in lines)
 
 
-def test_bandwidth_override_gives_a_share(tiny_preset, tmp_path, invoke_cli):
+def test_bandwidth_override_gives_a_share(bench_preset, tmp_path, invoke_cli):
     out = tmp_path / "out.json"
-    assert_ok(invoke_cli("bench", "--preset", tiny_preset, "--prompt-tokens", 4, "--generation-tokens", 3,
+    assert_ok(invoke_cli("bench", "--preset", bench_preset, "--prompt-tokens", 4, "--generation-tokens", 3,
                          "--trials", 1, "--no-warmup", "--bandwidth", 100, "--json", out))
     row = json.loads(out.read_text())["rows"][0]
     assert row["peak_bandwidth_gbs"] == 100
@@ -105,10 +82,10 @@ def test_naive_and_fused_rmsnorm_agree():
     assert not mx.allclose(naive, x).item()
 
 
-def test_naive_rmsnorm_swaps_every_norm_and_restores(tiny_preset):
+def test_naive_rmsnorm_swaps_every_norm_and_restores(bench_preset):
     from mlx_openelm.bench.core import NaiveRMSNorm, naive_rmsnorm, random_model
 
-    args = ModelArgs.from_file(tiny_preset)
+    args = ModelArgs.from_file(bench_preset)
     model = random_model(args, mx.float32, seed=3)
     tokens = mx.array([[5, 9, 17, 33, 65]])
     fused = model(tokens)
@@ -122,9 +99,9 @@ def test_naive_rmsnorm_swaps_every_norm_and_restores(tiny_preset):
     assert mx.allclose(naive, fused, rtol=1e-4, atol=1e-4).item()
 
 
-def test_ablation_through_the_command(tiny_preset, tmp_path, invoke_cli):
+def test_ablation_through_the_command(bench_preset, tmp_path, invoke_cli):
     out = tmp_path / "out.json"
-    result = invoke_cli("bench", "--preset", tiny_preset, "--ablation", "rmsnorm", "--prompt-tokens", 8,
+    result = invoke_cli("bench", "--preset", bench_preset, "--ablation", "rmsnorm", "--prompt-tokens", 8,
                         "--generation-tokens", 4, "--trials", 1, "--json", out)
     assert_ok(result)
     assert "naive-rmsnorm" in result.stdout and "RMSNorm ablation" in result.stdout
@@ -136,10 +113,10 @@ def test_ablation_through_the_command(tiny_preset, tmp_path, invoke_cli):
 
 # ---- mlx-lm side by side ----------------------------------------------------------------
 
-def test_compare_mlx_lm_gives_both_rows(tiny_preset, tmp_path, invoke_cli):
+def test_compare_mlx_lm_gives_both_rows(bench_preset, tmp_path, invoke_cli):
     pytest.importorskip("mlx_lm")
     out = tmp_path / "out.json"
-    result = invoke_cli("bench", "--preset", tiny_preset, "--bits", "16,8", "--compare", "mlx-lm", "--prompt-tokens", 8,
+    result = invoke_cli("bench", "--preset", bench_preset, "--bits", "16,8", "--compare", "mlx-lm", "--prompt-tokens", 8,
                         "--generation-tokens", 5, "--trials", 1, "--json", out)
     assert_ok(result)
     doc = json.loads(out.read_text())
@@ -152,11 +129,11 @@ def test_compare_mlx_lm_gives_both_rows(tiny_preset, tmp_path, invoke_cli):
     assert "mlx-openelm / mlx-lm" in result.stdout
 
 
-def test_mlx_lm_gets_the_same_weights_and_tokens(tiny_preset):
+def test_mlx_lm_gets_the_same_weights_and_tokens(bench_preset):
     pytest.importorskip("mlx_lm")
     from mlx_openelm.bench.core import MlxLmEngine, OursEngine, make_prompt, mlx_lm_model, quantize, random_model
 
-    args = ModelArgs.from_file(tiny_preset)
+    args = ModelArgs.from_file(bench_preset)
     model = random_model(args, mx.float32, seed=0)
     quantize(model, 4, 64)
     lm = mlx_lm_model(model)
@@ -169,9 +146,9 @@ def test_mlx_lm_gets_the_same_weights_and_tokens(tiny_preset):
     assert list(OursEngine(model).tokens(prompt, 6)) == list(MlxLmEngine(lm).tokens(prompt, 6))
 
 
-def test_compare_without_mlx_lm_says_how_to_get_it(tiny_preset, monkeypatch, invoke_cli):
+def test_compare_without_mlx_lm_says_how_to_get_it(bench_preset, monkeypatch, invoke_cli):
     monkeypatch.setitem(sys.modules, "mlx_lm", None)  # import mlx_lm -> ImportError
-    result = invoke_cli("bench", "--preset", tiny_preset, "--compare", "mlx-lm", "--trials", 1)
+    result = invoke_cli("bench", "--preset", bench_preset, "--compare", "mlx-lm", "--trials", 1)
     assert result.exit_code == 2
     assert "pip install 'mlx-openelm[compare]'" in result.output
     assert "Traceback" not in result.output
@@ -179,9 +156,9 @@ def test_compare_without_mlx_lm_says_how_to_get_it(tiny_preset, monkeypatch, inv
 
 # ---- other sources and protocols ------------------------------------------------------
 
-def test_paper_protocol_settings(tiny_preset, tmp_path, invoke_cli):
+def test_paper_protocol_settings(bench_preset, tmp_path, invoke_cli):
     out = tmp_path / "out.json"
-    result = invoke_cli("bench", "--preset", tiny_preset, "--protocol", "paper", "--generation-tokens", 4,
+    result = invoke_cli("bench", "--preset", bench_preset, "--protocol", "paper", "--generation-tokens", 4,
                         "--trials", 1, "--json", out)
     assert_ok(result)
     doc = json.loads(out.read_text())
@@ -191,7 +168,7 @@ def test_paper_protocol_settings(tiny_preset, tmp_path, invoke_cli):
     assert "not found" not in result.stdout and "--reference-json" in result.stdout  # no invented figures
 
 
-def test_paper_protocol_defaults_to_1024_tokens(tiny_preset, monkeypatch, invoke_cli):
+def test_paper_protocol_defaults_to_1024_tokens(bench_preset, monkeypatch, invoke_cli):
     """Without length flags the paper protocol asks the runner for 35 + 1024 tokens at 16 and 4 bits."""
     from mlx_openelm.bench import runner
 
@@ -202,9 +179,9 @@ def test_paper_protocol_defaults_to_1024_tokens(tiny_preset, monkeypatch, invoke
         return {"rows": [], "ratios": [], "notes": [], "machine": {}}
 
     monkeypatch.setattr(runner, "run_benchmark", fake_run)
-    assert_ok(invoke_cli("bench", "--preset", tiny_preset, "--protocol", "paper"))
+    assert_ok(invoke_cli("bench", "--preset", bench_preset, "--protocol", "paper"))
     assert (seen[0].prompt_tokens, seen[0].generation_tokens, seen[0].bits) == ([35], [1024], [None, 4])
-    assert_ok(invoke_cli("bench", "--preset", tiny_preset))
+    assert_ok(invoke_cli("bench", "--preset", bench_preset))
     assert (seen[1].prompt_tokens, seen[1].generation_tokens, seen[1].bits) == ([512], [128], None)
 
 
@@ -234,11 +211,11 @@ def test_random_model_matches_the_preset_architecture():
     assert kv_bytes_per_position(args, mx.float16) == sum(2 * kv * 64 * 2 for kv in args.num_kv_heads)
 
 
-def test_generate_step_ignores_eos(tiny_preset):
+def test_generate_step_ignores_eos(bench_preset):
     from mlx_openelm.bench.core import random_model
     from mlx_openelm.generation import generate_step
 
-    model = random_model(ModelArgs.from_file(tiny_preset), mx.float32)
+    model = random_model(ModelArgs.from_file(bench_preset), mx.float32)
     always_eos = lambda logprobs: mx.full((logprobs.shape[0],), model.args.eos_token_id, dtype=mx.uint32)  # noqa: E731
     tokens = [step.token for step in generate_step([1, 5, 7], model, max_tokens=7, sampler=always_eos)]
     assert tokens == [model.args.eos_token_id] * 7
@@ -267,14 +244,14 @@ def test_bad_values_are_clear_errors(args, option, words, invoke_cli):
     assert "Traceback" not in result.output
 
 
-def test_model_or_preset_exactly_one(tiny_preset, hf_checkpoint, invoke_cli):
-    for args in ([], ["--preset", tiny_preset, "--model", str(hf_checkpoint)]):
+def test_model_or_preset_exactly_one(bench_preset, hf_checkpoint, invoke_cli):
+    for args in ([], ["--preset", bench_preset, "--model", str(hf_checkpoint)]):
         result = invoke_cli("bench", *args)
         assert result.exit_code == 2 and "--model" in result.output and "--preset" in result.output
 
 
-def test_context_overflow_is_a_clear_error(tiny_preset, invoke_cli):
-    result = invoke_cli("bench", "--preset", tiny_preset, "--prompt-tokens", 2000, "--generation-tokens", 100,
+def test_context_overflow_is_a_clear_error(bench_preset, invoke_cli):
+    result = invoke_cli("bench", "--preset", bench_preset, "--prompt-tokens", 2000, "--generation-tokens", 100,
                         "--trials", 1)
     assert result.exit_code == 1 and "context" in result.output and "Traceback" not in result.output
 
@@ -300,15 +277,15 @@ def test_chip_bandwidth_table():
     assert chip_bandwidth_gbs("AMD EPYC") is None and apple_chip("Intel(R) Xeon(R) M5") is None
 
 
-def test_plot(tiny_preset, tmp_path, invoke_cli):
+def test_plot(bench_preset, tmp_path, invoke_cli):
     pytest.importorskip("matplotlib")
     png = tmp_path / "tps.png"
-    assert_ok(invoke_cli("bench", "--preset", tiny_preset, "--prompt-tokens", 4, "--generation-tokens", 3,
+    assert_ok(invoke_cli("bench", "--preset", bench_preset, "--prompt-tokens", 4, "--generation-tokens", 3,
                          "--trials", 1, "--no-warmup", "--plot", png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_plot_without_matplotlib_is_a_clear_error(tiny_preset, tmp_path, monkeypatch, invoke_cli):
+def test_plot_without_matplotlib_is_a_clear_error(bench_preset, tmp_path, monkeypatch, invoke_cli):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    result = invoke_cli("bench", "--preset", tiny_preset, "--trials", 1, "--plot", tmp_path / "x.png")
+    result = invoke_cli("bench", "--preset", bench_preset, "--trials", 1, "--plot", tmp_path / "x.png")
     assert result.exit_code == 2 and "matplotlib" in result.output and "--plot" in result.output

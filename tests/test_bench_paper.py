@@ -10,7 +10,7 @@ import pytest
 from mlx_openelm.bench.paper import load_reference, machine_title, size_key
 from mlx_openelm.errors import ConfigError
 
-from test_bench import BENCH_CONFIG
+from synthetic import BENCH_CONFIG
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from mlx_openelm.chat import ChatSession
 from mlx_openelm.errors import ContextLengthError
 from mlx_openelm.tokenizer import Tokenizer
 
-from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
+from synthetic import TINY_CONFIG, CountingModel, random_weights, write_hf_checkpoint
 
 BOS, EOS = 1, 2
 
@@ -89,24 +89,6 @@ def test_template_matches_transformers_fast_llama_tokenizer(tok, tokenizer_path,
 
 
 # ---- ChatSession -----------------------------------------------------------------------
-
-class CountingModel:
-    """Wraps a model, recording how many tokens each call feeds; can raise KeyboardInterrupt on call k."""
-
-    def __init__(self, model, interrupt_at=None):
-        self.model = model
-        self.args = model.args
-        self.layers = model.layers
-        self.widths: list[int] = []
-        self.interrupt_at = interrupt_at
-
-    def __call__(self, tokens, cache=None):
-        if self.interrupt_at is not None and len(self.widths) + 1 == self.interrupt_at:
-            self.interrupt_at = None
-            raise KeyboardInterrupt
-        self.widths.append(tokens.shape[1])
-        return self.model(tokens, cache=cache)
-
 
 def fresh_reply(model, ids, max_tokens, penalty=1.2):
     """What the model says after the whole conversation, with no cache reuse."""

@@ -7,12 +7,12 @@ import json
 import subprocess
 import sys
 
-from test_chat import CountingModel
-
 from mlx_openelm import load, make_logits_processors
 from mlx_openelm.chat import ChatSession
 from mlx_openelm.chat_cli import run_repl
 from mlx_openelm.generation import stream_generate
+
+from synthetic import CountingModel
 
 
 # ---- the REPL and the command line -----------------------------------------------------

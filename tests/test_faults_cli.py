@@ -15,7 +15,6 @@ import time
 import click
 import pytest
 from click.testing import CliRunner
-from test_bench import BENCH_CONFIG
 
 from mlx_openelm import generate, make_logits_processors
 from mlx_openelm.cli_common import user_errors
@@ -45,39 +44,32 @@ def warning_lines(err: str) -> list[str]:
 
 # ---- output locations are checked before any work -----------------------------------------
 
-@pytest.fixture(scope="module")
-def bench_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("faults") / "config.json"
-    path.write_text(json.dumps(BENCH_CONFIG))
-    return path
-
-
 @pytest.mark.parametrize("option, where, reason", [
     ("--json", "/dev/null/out", "/dev/null is not a folder"),
     ("--json", "/proc/out", "cannot write /proc/out"),
     ("--csv", "{tmp}/missing/out", "missing does not exist"),
     ("--plot", "{tmp}", "is a folder"),
 ])
-def test_bench_output_paths_fail_before_the_benchmark(bench_config, tmp_path, option, where, reason):
+def test_bench_output_paths_fail_before_the_benchmark(bench_preset, tmp_path, option, where, reason):
     path = where.format(tmp=tmp_path)
-    proc = cli("bench", "--preset", bench_config, "--trials", 1, option, path)
+    proc = cli("bench", "--preset", bench_preset, "--trials", 1, option, path)
     err = assert_clean(proc, 2, option, path, reason)
     assert "building" not in err  # no model was built, no trial ran
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"Error: Invalid value for '{option}': cannot write {path}")
 
 
-def test_a_failed_bench_leaves_existing_outputs_and_no_scratch_files(bench_config, tmp_path):
+def test_a_failed_bench_leaves_existing_outputs_and_no_scratch_files(bench_preset, tmp_path):
     out = tmp_path / "out.json"
     out.write_bytes(b"the user's old results")
-    proc = cli("bench", "--preset", bench_config, "--prompt-tokens", 4000, "--json", out)
+    proc = cli("bench", "--preset", bench_preset, "--prompt-tokens", 4000, "--json", out)
     assert_clean(proc, 1, "context")
     assert out.read_bytes() == b"the user's old results"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
-def test_bench_writes_to_a_device(bench_config):
-    proc = cli("bench", "--preset", bench_config, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
+def test_bench_writes_to_a_device(bench_preset):
+    proc = cli("bench", "--preset", bench_preset, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
                "--generation-tokens", 2, "--json", "/dev/null")
     assert_clean(proc, 0, "wrote /dev/null")
 
@@ -287,13 +279,13 @@ def outcome(result) -> tuple[int, str]:
                                                          "--json output"),
     (["--json", "{config}"], 2, "Error: Invalid value for '--json': {config} would overwrite the input {config}"),
 ])
-def test_bench_refuses_bad_values_and_clashing_outputs_before_any_work(bench_config, tmp_path, args, code, message,
+def test_bench_refuses_bad_values_and_clashing_outputs_before_any_work(bench_preset, tmp_path, args, code, message,
                                                                         invoke_cli):
-    before = bench_config.read_bytes()
-    fill = {"tmp": tmp_path, "config": bench_config}
-    got = outcome(invoke_cli("bench", "--preset", bench_config, "--trials", 1, *[a.format(**fill) for a in args]))
+    before = bench_preset.read_bytes()
+    fill = {"tmp": tmp_path, "config": bench_preset}
+    got = outcome(invoke_cli("bench", "--preset", bench_preset, "--trials", 1, *[a.format(**fill) for a in args]))
     assert got == (code, message.format(**fill))
-    assert bench_config.read_bytes() == before and list(tmp_path.iterdir()) == []
+    assert bench_preset.read_bytes() == before and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -318,7 +310,7 @@ def test_generate_and_chat_refuse_a_seed_mlx_cannot_hold_in_one_line(hf_checkpoi
 
 # ---- outputs on a full disk ------------------------------------------------------------------
 
-def test_a_bench_output_failing_on_a_full_disk_keeps_the_old_file_and_says_so(bench_config, tmp_path):
+def test_a_bench_output_failing_on_a_full_disk_keeps_the_old_file_and_says_so(bench_preset, tmp_path):
     out = tmp_path / "out.json"
     out.write_bytes(b"the user's old results")
 
@@ -326,7 +318,7 @@ def test_a_bench_output_failing_on_a_full_disk_keeps_the_old_file_and_says_so(be
         resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead of a kill
 
-    proc = subprocess.run([sys.executable, "-m", "mlx_openelm.cli", "bench", "--preset", str(bench_config),
+    proc = subprocess.run([sys.executable, "-m", "mlx_openelm.cli", "bench", "--preset", str(bench_preset),
                            "--trials", "1", "--no-warmup", "--prompt-tokens", "4", "--generation-tokens", "2",
                            "--json", str(out)], capture_output=True, timeout=120, preexec_fn=small_disk)
     err = assert_clean(proc, 1)
@@ -345,13 +337,13 @@ def test_standard_output_on_a_full_disk_is_one_line_not_a_traceback(hf_checkpoin
     assert "Exception ignored" not in err  # stdout's buffer does not fail a second time at exit
 
 
-def test_bench_replaces_the_file_behind_a_linked_output_and_keeps_its_mode(bench_config, tmp_path, invoke_cli):
+def test_bench_replaces_the_file_behind_a_linked_output_and_keeps_its_mode(bench_preset, tmp_path, invoke_cli):
     results = tmp_path / "shared" / "results.csv"
     results.parent.mkdir()
     results.write_text("old")
     results.chmod(0o640)
     (tmp_path / "link.csv").symlink_to(results)
-    got = outcome(invoke_cli("bench", "--preset", bench_config, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
+    got = outcome(invoke_cli("bench", "--preset", bench_preset, "--trials", 1, "--no-warmup", "--prompt-tokens", 4,
                              "--generation-tokens", 2, "--csv", tmp_path / "link.csv"))
     assert got == (0, f"wrote {tmp_path / 'link.csv'}")
     assert (tmp_path / "link.csv").is_symlink() and results.read_text().startswith("engine,")
@@ -369,12 +361,12 @@ NO_ROOT_OVERRIDE = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv")
-def test_bench_does_not_replace_a_read_only_output_file(bench_config, tmp_path):
+def test_bench_does_not_replace_a_read_only_output_file(bench_preset, tmp_path):
     out = tmp_path / "out.json"
     out.write_text("old")
     out.chmod(0o444)
     proc = subprocess.run([*NO_ROOT_OVERRIDE, sys.executable, "-m", "mlx_openelm.cli", "bench", "--preset",
-                           str(bench_config), "--trials", "1", "--json", str(out)], capture_output=True, timeout=120)
+                           str(bench_preset), "--trials", "1", "--json", str(out)], capture_output=True, timeout=120)
     err = assert_clean(proc, 2)
     assert err.strip().splitlines()[-1] == f"Error: Invalid value for '--json': cannot write {out}: permission denied"
     assert out.read_text() == "old"

@@ -1,65 +1,29 @@
 """`mlx-openelm serve` end to end: a real server process on 127.0.0.1, driven by the official `openai` client.
 
-One server (tiny synthetic model, fp32) serves the whole module; it runs as a
-subprocess because MLX must run on a process's main thread (see serve/scheduler.py).
-Expected texts come from `generate` in this process with the same settings.
+One server (tiny synthetic model, fp32) serves the whole module, a subprocess started by
+`serving.start_server`. Expected texts come from `generate` in this process with the same settings.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
 import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
 
 openai = pytest.importorskip("openai")
 
 from mlx_openelm import generate, load, make_logits_processors, make_sampler, stream_generate  # noqa: E402
+from serving import KEY, MAX_TOKENS, expected, health, raw, start_server  # noqa: E402
 
-KEY = "test-key"
-MAX_TOKENS = 24  # the server's default --max-tokens in these tests
 LIMIT = 64 * 1024  # --max-request-bytes
 JSON = {"Content-Type": "application/json"}  # what the server requires of a body
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    port: int
-    log: list
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def start_server(checkpoint, *extra, python=("-m", "mlx_openelm.cli")) -> Server:
-    """`mlx-openelm serve` on a free port; `python` is what follows the interpreter (the CLI module)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, *python, "serve", "--model", str(checkpoint), "--port", "0", *extra],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    log = []
-    deadline = time.monotonic() + 60
-    for line in proc.stderr:
-        log.append(line)
-        match = re.search(r"Serving .* on http://\S+:(\d+)/v1", line)
-        if match:
-            break
-        assert time.monotonic() < deadline, "".join(log)
-    else:
-        raise AssertionError("server did not start:\n" + "".join(log))
-    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()  # keep the pipe drained
-    return Server(proc, int(match.group(1)), log)
 
 
 @pytest.fixture(scope="module")
@@ -79,29 +43,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(hf_checkpoint):
     return load(hf_checkpoint, dtype="float32")
-
-
-def expected(local, prompt_ids, max_tokens=MAX_TOKENS, **kwargs) -> str:
-    model, tokenizer = local
-    return generate(model, tokenizer, prompt_ids, max_tokens=max_tokens,
-                    logits_processors=make_logits_processors(1.2), **kwargs)
-
-
-def raw(server, method, path, body=None, headers=None):
-    """(status, decoded JSON) of one plain HTTP request."""
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    connection.request(method, path, body=data,
-                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
-                                **(headers or {})})
-    response = connection.getresponse()
-    result = response.status, json.loads(response.read())
-    connection.close()
-    return result
-
-
-def health(server) -> dict:
-    return raw(server, "GET", "/health")[1]
 
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Once upon a time"}]

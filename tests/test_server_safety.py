@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from test_server import KEY, start_server
+from serving import KEY, start_server
 
 
 @pytest.fixture(scope="module")

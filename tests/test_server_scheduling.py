@@ -13,7 +13,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from mlx_openelm import load, make_logits_processors, stream_generate  # noqa: E402
-from test_server import expected, health, start_server  # noqa: E402
+from serving import expected, health, start_server  # noqa: E402
 
 FAULTY_SEED = 666  # a request with this seed gets a sampler that raises after FAULT_AFTER tokens
 FAULT_AFTER = 3

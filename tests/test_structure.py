@@ -234,3 +234,29 @@ def test_layout_table_names_every_top_level_entry():
     table = ARCHITECTURE.read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
     first_cells = " ".join(row.split("|")[1] for row in table.splitlines() if row.startswith("| `"))
     assert sorted(name for name in top if f"`{name}" not in first_cells) == []
+
+
+# --- tests and scripts share support code through modules made for it ---
+
+def test_no_test_module_imports_another():
+    """Shared fixtures live in conftest.py, shared helpers in support modules (synthetic.py,
+    serving.py, ...): a test module importing another runs that module's imports and skips too."""
+    found = {}
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        names = imported_names(path.stem, path)
+        found.update({path.name: sorted(n for n in names if n.split(".")[0].startswith("test_"))})
+    assert {name: imports for name, imports in found.items() if imports} == {}
+
+
+def test_scripts_reach_the_test_support_through_scripts_support():
+    """No script edits sys.path; `from support import trained, synthetic` loads tests/'s own files."""
+    import subprocess
+    import sys
+
+    assert sorted(p.name for p in (ROOT / "scripts").glob("*.py") if "sys.path" in p.read_text()) == []
+    code = "import support, sys; print(support.trained.__file__, support.synthetic.__file__); import conftest"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "scripts", capture_output=True, text=True,
+                          timeout=60)
+    trained, synthetic = proc.stdout.split()
+    assert (Path(trained), Path(synthetic)) == (ROOT / "tests" / "trained.py", ROOT / "tests" / "synthetic.py")
+    assert "No module named 'conftest'" in proc.stderr  # nothing else in tests/ became importable

@@ -9,13 +9,7 @@ import pytest
 from mlx_openelm.errors import PromptError
 from mlx_openelm.tokenizer import Tokenizer, clean_text
 
-SAMPLES = [
-    "Once upon a time there was a little robot who loved apples.",
-    "Héllo wörld! Ça va? 日本語のテキスト。 Emoji 🎉🚀 are fun.",
-    "  leading spaces and\ttabs\nnewlines   here",
-    "🎉",
-    " x",
-]
+from synthetic import TEXT_SAMPLES
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +31,7 @@ def test_bos_prepended_and_special_ids(tokenizer):
     assert (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
 
 
-@pytest.mark.parametrize("text", SAMPLES)
+@pytest.mark.parametrize("text", TEXT_SAMPLES)
 def test_streaming_equals_decoding_at_once(tokenizer, text):
     ids = tokenizer.encode(text)
     pieces = _stream(tokenizer, ids)

@@ -15,10 +15,9 @@ from mlx_openelm.errors import CheckpointError, OpenELMWarning, TokenizerError
 from mlx_openelm.hub import resolve_tokenizer
 from mlx_openelm.tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer
 
-from synthetic import TOKENIZER_TEXT, cache_repo, train_byte_level_tokenizer
-from test_tokenizer import SAMPLES as SENTENCEPIECE_SAMPLES
+from synthetic import TEXT_SAMPLES, TOKENIZER_TEXT, cache_repo, train_byte_level_tokenizer
 
-SAMPLES = [*SENTENCEPIECE_SAMPLES, ""]  # the same texts as the SentencePiece tests, and nothing
+SAMPLES = [*TEXT_SAMPLES, ""]  # the same texts as the SentencePiece tests, and nothing
 BOS, EOS = 1, 2
 
 

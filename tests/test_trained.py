@@ -19,6 +19,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 import trained
+from serving import start_server
 from mlx_openelm import generate_step, load_model, make_cache
 from mlx_openelm.config import ModelArgs
 
@@ -212,7 +213,6 @@ def test_chat_command_answers_in_the_instruct_format(run_cli, trained_model_path
 
 def test_serve_answers_the_openai_client(trained_model_path):
     openai = pytest.importorskip("openai")
-    from test_server import start_server
 
     server = start_server(trained_model_path, "--max-tokens", str(NEW_TOKENS), "--repetition-penalty", "1")
     try:

@@ -15,6 +15,8 @@ from mlx_openelm.tuning.adapters import adapter_weights, apply_adapters
 from mlx_openelm.tuning.config import check_adapter_config
 from mlx_openelm.tuning.saving import save_adapters
 
+from serving import start_server
+
 PROMPT = "Once upon a time"
 
 
@@ -71,7 +73,6 @@ def test_eval_uses_the_adapter(hf_checkpoint, adapter, adapted, loaded, tmp_path
 
 def test_serve_uses_the_adapter(hf_checkpoint, adapter, adapted):
     openai = pytest.importorskip("openai")
-    from test_server import start_server
 
     server = start_server(hf_checkpoint, "--adapter-path", str(adapter), "--max-tokens", "10")
     try:
