@@ -138,11 +138,16 @@ def to_logprobs(logits: mx.array, history: mx.array, processors: Sequence[Logits
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
+def validate_repetition_penalty(penalty: float) -> None:
+    """A repetition penalty is a finite number > 0 (1: off)."""
+    if not (_is_number(penalty) and penalty > 0 and math.isfinite(penalty)):
+        raise OptionError(f"repetition_penalty must be a positive number, got {penalty}")
+
+
 def make_repetition_penalty(penalty: float) -> LogitsProcessor:
     """Hugging Face's repetition penalty over every token seen (prompt included):
     positive logits of seen tokens are divided by `penalty`, negative ones multiplied."""
-    if not (_is_number(penalty) and penalty > 0 and math.isfinite(penalty)):
-        raise OptionError(f"repetition_penalty must be a positive number, got {penalty}")
+    validate_repetition_penalty(penalty)
 
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:

@@ -293,6 +293,7 @@ def test_bench_refuses_bad_values_and_clashing_outputs_before_any_work(bench_pre
     ("--top-p", "nan", "top_p must be in (0, 1] (1 disables it), got nan"),
     ("--repetition-penalty", "nan", "repetition_penalty must be a positive number, got nan"),
     ("--prefill-chunk", "-1", "prefill_chunk must be an integer >= 0 (0: whole prompts at once), got -1"),
+    ("--seed", "-1", "seed must be an integer from 0 to 2**64 - 1, got -1"),
 ])
 def test_serve_refuses_sampling_defaults_no_request_could_use_before_loading(tmp_path, option, value, message,
                                                                                invoke_cli):
