@@ -43,7 +43,7 @@ def train_args(model, data, out, *extra):
 @pytest.mark.parametrize("kind", ["lora", "dora", "full"])
 def test_training_lowers_the_validation_loss_and_the_adapter_loads(hf_checkpoint, data, tmp_path, kind, invoke_cli):
     extra = ["--fine-tune-type", kind] + (["--num-layers", 1, "--learning-rate", 1e-3] if kind == "full" else [])
-    result = invoke_cli(*train_args(hf_checkpoint, data, tmp_path / "a", "--test", *extra))
+    result = invoke_cli(*train_args(hf_checkpoint, data, tmp_path / "a", "--train", "--test", *extra))
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["val_loss"] < 0.5 * summary["first_val_loss"], summary
@@ -167,3 +167,47 @@ def test_ctrl_c_saves_the_adapters_so_far_and_says_where(hf_checkpoint, data, tm
     assert f"interrupted at iteration {iteration} of 100000" in err and iteration >= 1
     load_model(hf_checkpoint, adapter_path=out)  # a complete, loadable adapter
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+
+
+def test_train_and_test_flags_as_mlx_lm_users_type_them(hf_checkpoint, data, tmp_path, invoke_cli):
+    """`--train --test` trains then tests; `--test` alone evaluates the adapter already there (or, with
+    --adapter-path '', the base model) on test.jsonl alone, training nothing and writing nothing."""
+    out = tmp_path / "a"
+    trained = invoke_cli(*train_args(hf_checkpoint, data, out, "--train", "--test"))
+    assert trained.exit_code == 0, trained.output
+    summary = json.loads(trained.stdout)
+    assert summary["iterations"] == 12 and summary["val_loss"] < 0.5 * summary["first_val_loss"]
+    only_test = tmp_path / "only-test"  # no train.jsonl: testing alone does not need it
+    only_test.mkdir()
+    (only_test / "test.jsonl").write_bytes((data / "test.jsonl").read_bytes())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    tested = invoke_cli("lora", "--model", hf_checkpoint, "--data", only_test, "--adapter-path", out, "--test", "--json")
+    assert tested.exit_code == 0, tested.output
+    result = json.loads(tested.stdout)
+    assert result["adapter"] == str(out) and result["test_examples"] == 4 and "iterations" not in result
+    assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-5)
+    assert result["test_perplexity"] == pytest.approx(np.exp(result["test_loss"]))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    test_set = read_dataset(data / "test.jsonl", _tokenizer(hf_checkpoint), 2048)
+    base = invoke_cli("lora", "--model", hf_checkpoint, "--data", only_test, "--adapter-path", "", "--test", "--json")
+    assert base.exit_code == 0, base.output
+    base_loss = json.loads(base.stdout)["test_loss"]
+    assert base_loss == pytest.approx(evaluate(load_model(hf_checkpoint, dtype="float32"), test_set, 4), rel=1e-5)
+    assert abs(base_loss - result["test_loss"]) > 1e-3  # the adapter was applied
+    table = invoke_cli("lora", "--model", hf_checkpoint, "--data", only_test, "--adapter-path", out, "--test",
+                       "--test-batches", 1, "--batch-size", 2)
+    assert table.exit_code == 0, table.output
+    rows = {" ".join(line.split()[:-1]): line.split()[-1] for line in table.stdout.splitlines()}
+    adapted = load_model(hf_checkpoint, dtype="float32", adapter_path=out)
+    assert rows["test examples"] == "4" and float(rows["test loss"]) == pytest.approx(evaluate(adapted, test_set, 2, 1),
+                                                                                       abs=1e-4)
+
+
+def test_testing_alone_names_what_is_missing(hf_checkpoint, data, tmp_path, invoke_cli):
+    missing = invoke_cli("lora", "--model", hf_checkpoint, "--data", tmp_path, "--adapter-path", "", "--test")
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert f"{tmp_path / 'test.jsonl'}: not found" in missing.output
+    no_adapter = invoke_cli("lora", "--model", hf_checkpoint, "--data", data, "--adapter-path", tmp_path / "none",
+                            "--test")
+    assert no_adapter.exit_code == 1 and "adapter folder not found" in no_adapter.output
+    assert not (tmp_path / "none").exists()

@@ -1,4 +1,5 @@
-"""`mlx-openelm lora`: fine-tune a model (LoRA, DoRA or full) on JSONL data; MLX loads inside the command."""
+"""`mlx-openelm lora`: fine-tune a model (LoRA, DoRA or full) on JSONL data, and test an adapter
+(`--train`, `--test`: mlx_lm.lora's flags); `mlx-openelm fuse`. MLX loads inside the commands."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def format_summary(summary: dict) -> str:
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def format_test(summary: dict) -> str:
+    rows = [("adapter", summary["adapter"] or "none (the base model)"), ("test examples", str(summary["test_examples"])),
+            ("test loss", f"{summary['test_loss']:.4f}"), ("test perplexity", f"{summary['test_perplexity']:.4f}"),
+            ("peak memory", format_memory(summary["peak_memory_gb"]))]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
 def _keys(values: tuple) -> list | None:
     names = [name.strip() for value in values for name in value.split(",") if name.strip()]
     return names or None
@@ -49,7 +58,7 @@ def _keys(values: tuple) -> list | None:
 def check_output(adapter_path: Path, resume: str | None, force: bool) -> None:
     """Never replace adapters the user has without --force (resuming from them continues them)."""
     from mlx_openelm.errors import ConfigError
-    from mlx_openelm.tuning.config import ADAPTERS_FILE
+    from mlx_openelm.folder.names import ADAPTERS_FILE
 
     existing = adapter_path / ADAPTERS_FILE
     if adapter_path.exists() and not adapter_path.is_dir():
@@ -64,10 +73,11 @@ def resume_from(model, path: str, config) -> None:
     """Load `path` into the freshly adapted model; a file from another rank/layers/type is refused."""
     from mlx_openelm.errors import ConfigError
     from mlx_openelm.tuning.adapters import load_adapter_weights
-    from mlx_openelm.tuning.config import CONFIG_FILE, read_adapter_config
+    from mlx_openelm.folder.names import ADAPTER_CONFIG_FILE
+    from mlx_openelm.tuning.config import read_adapter_config
 
     path = Path(path)
-    beside = path.parent / CONFIG_FILE
+    beside = path.parent / ADAPTER_CONFIG_FILE
     if beside.is_file():
         saved = read_adapter_config(path.parent, len(model.layers))
         for key in ("fine_tune_type", "num_layers", "rank", "keys", "scale"):
@@ -90,6 +100,12 @@ def resume_from(model, path: str, config) -> None:
 @click.option("--num-layers", type=int, default=-1, show_default=True, help="Adapt the last N layers (-1: all).")
 @click.option("--keys", "keys", multiple=True, metavar="NAMES",
               help=f"Projections to adapt, comma-separated or repeated (default all: {','.join(PROJECTION_NAMES)}).")
+@click.option("--train", "train", is_flag=True,
+              help="Train (mlx_lm.lora's flag; training is also what runs when --test is not given).")
+@click.option("--test", is_flag=True,
+              help="Report test.jsonl's loss and perplexity: after training with --train; alone, of the adapter "
+                   "already in --adapter-path (--adapter-path '': the base model), without training.")
+@click.option("--test-batches", type=int, default=-1, show_default=True, help="Test batches (-1: all).")
 @click.option("--iters", type=int, default=1000, show_default=True, help="Training steps.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--learning-rate", type=float, default=1e-5, show_default=True, help="Adam's peak learning rate.")
@@ -109,23 +125,29 @@ def resume_from(model, path: str, config) -> None:
 @click.option("--adapter-path", default="adapters", show_default=True, type=click.Path(),
               help="Output folder: adapters.safetensors and adapter_config.json.")
 @click.option("--force", is_flag=True, help="Replace adapters already in --adapter-path.")
-@click.option("--test", is_flag=True, help="Report test.jsonl's loss and perplexity at the end.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary (and every event) as JSON.")
 @user_errors
 def lora_command(model_path, tokenizer_path, dtype, data_path, fine_tune_type, rank, scale, alpha, dropout, num_layers,
-                 keys, iters, batch_size, learning_rate, lr_schedule, warmup, max_seq_length, grad_checkpoint,
-                 val_batches, steps_per_report, steps_per_eval, save_every, resume_adapter_file, seed, adapter_path,
-                 force, test, as_json):
+                 keys, train, test, test_batches, iters, batch_size, learning_rate, lr_schedule, warmup, max_seq_length,
+                 grad_checkpoint, val_batches, steps_per_report, steps_per_eval, save_every, resume_adapter_file, seed,
+                 adapter_path, force, as_json):
     """Fine-tune --model on --data with LoRA, DoRA or full fine-tuning; adapters go to --adapter-path.
 
     A quantized --model (from `convert`) stays quantized and frozen (QLoRA). Ctrl-C saves the
-    adapters trained so far and says where."""
+    adapters trained so far and says where. `--test` alone evaluates the adapter in
+    --adapter-path on test.jsonl without training; `--train --test` trains, then tests."""
     from mlx_openelm.tuning.config import scale_from_alpha
     from mlx_openelm.tuning.trainer import TrainSettings
 
     settings = TrainSettings(iters=iters, batch_size=batch_size, learning_rate=learning_rate, lr_schedule=lr_schedule,
                              warmup=warmup, steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
-                             val_batches=val_batches, save_every=save_every, grad_checkpoint=grad_checkpoint, seed=seed)
+                             val_batches=val_batches, test_batches=test_batches, save_every=save_every,
+                             grad_checkpoint=grad_checkpoint, seed=seed)
+    if test and not train:
+        summary = run_test(model_path, tokenizer_path, dtype, data_path, adapter_path, settings, max_seq_length,
+                           as_json)
+        click.echo(json.dumps(summary, indent=2) if as_json else format_test(summary))
+        return
     lora = {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "rank": rank,
             "scale": scale_from_alpha(alpha, scale, rank), "dropout": dropout, "keys": _keys(keys)}
     check_output(Path(adapter_path), resume_adapter_file, force)
@@ -142,7 +164,7 @@ def run_training(model_path, tokenizer_path, dtype, data_path, lora: dict, setti
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from mlx_openelm.convert.install import handle_signals
+    from mlx_openelm.signals import handle_signals
     from mlx_openelm.tuning.adapters import adapter_weights, apply_adapters
     from mlx_openelm.tuning.config import check_adapter_config
     from mlx_openelm.tuning.data import load_splits
@@ -174,11 +196,29 @@ def run_training(model_path, tokenizer_path, dtype, data_path, lora: dict, setti
     summary["first_val_loss"] = vals[0] if vals else None
     summary["tokens_per_second"] = sum(speeds) / len(speeds) if speeds else None
     if test:
-        summary["test_loss"] = evaluate(model, splits["test"], settings.batch_size)
+        summary["test_loss"] = evaluate(model, splits["test"], settings.batch_size, settings.test_batches)
         summary["test_perplexity"] = math.exp(summary["test_loss"])
     if as_json:
         summary["events"] = events
     return summary
+
+
+def run_test(model_path, tokenizer_path, dtype, data_path, adapter_path: str, settings, max_seq_length: int,
+             as_json: bool) -> dict:
+    """test.jsonl's mean loss per target token (and perplexity) under the adapter in `adapter_path`
+    ('': the base model), as `mlx_lm.lora --test` without --train: nothing is trained or written."""
+    import mlx.core as mx
+
+    from mlx_openelm.tuning.data import load_splits
+    from mlx_openelm.tuning.trainer import evaluate
+
+    adapter = str(adapter_path) or None
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json, adapter_path=adapter)
+    test = load_splits(Path(data_path), tokenizer, max_seq_length, need=("test",), splits=("test",))["test"]
+    mx.reset_peak_memory()
+    loss = evaluate(model, test, settings.batch_size, settings.test_batches)
+    return {"adapter": adapter, "test_examples": len(test), "test_loss": loss, "test_perplexity": math.exp(loss),
+            "peak_memory_gb": mx.get_peak_memory() / 1e9}
 
 
 @click.command("fuse")

@@ -160,19 +160,21 @@ def read_dataset(path: Path, tokenizer, max_seq_length: int) -> Dataset:
     return Dataset(path, tuple(examples))
 
 
-def load_splits(folder: Path, tokenizer, max_seq_length: int, need: Sequence[str]) -> dict[str, Dataset]:
-    """The data folder's splits that exist; those in `need` must (DataError naming the missing file)."""
+def load_splits(folder: Path, tokenizer, max_seq_length: int, need: Sequence[str],
+                splits: Sequence[str] = SPLITS) -> dict[str, Dataset]:
+    """The data folder's `splits` that exist (read and tokenized); those in `need` must (DataError
+    naming the missing file)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"{folder}: data folder not found (expected {', '.join(s + '.jsonl' for s in SPLITS)})")
-    splits = {}
-    for split in SPLITS:
+    found = {}
+    for split in splits:
         path = folder / f"{split}.jsonl"
         if path.is_file():
-            splits[split] = read_dataset(path, tokenizer, max_seq_length)
+            found[split] = read_dataset(path, tokenizer, max_seq_length)
         elif split in need:
             raise DataError(f"{path}: not found (the data folder needs {split}.jsonl)")
-    return splits
+    return found
 
 
 def batches(dataset: Dataset, batch_size: int, seed: Optional[int] = None, loop: bool = False,

@@ -25,8 +25,9 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_openelm.errors import OptionError, TrainingInterrupted
+from mlx_openelm.folder.names import ADAPTERS_FILE
 
-from .config import ADAPTERS_FILE, AdapterConfig
+from .config import AdapterConfig
 from .data import Dataset, batches
 from .saving import save_adapters
 
@@ -47,6 +48,7 @@ class TrainSettings:
     steps_per_report: int = 10
     steps_per_eval: int = 200
     val_batches: int = 25  # -1: the whole validation set
+    test_batches: int = -1  # -1: the whole test set
     save_every: int = 100
     grad_checkpoint: bool = False
     seed: int = 0
@@ -57,8 +59,9 @@ class TrainSettings:
                                      ("--steps-per-eval", self.steps_per_eval, 1), ("--save-every", self.save_every, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise OptionError(f"{option}: {value!r} is not an integer of at least {least}")
-        if self.val_batches != -1 and self.val_batches < 1:
-            raise OptionError(f"--val-batches: {self.val_batches!r} must be positive, or -1 for the whole set")
+        for option, value in (("--val-batches", self.val_batches), ("--test-batches", self.test_batches)):
+            if value != -1 and value < 1:
+                raise OptionError(f"{option}: {value!r} must be positive, or -1 for the whole set")
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise OptionError(f"--learning-rate: {self.learning_rate!r} is not a positive number")
