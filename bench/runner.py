@@ -16,6 +16,7 @@ from mlx.utils import tree_flatten
 from mlx_openelm import __version__
 from mlx_openelm.config import ModelArgs, preset_args
 from mlx_openelm.errors import ConfigError
+from mlx_openelm.folder.names import CONFIG_FILE
 from mlx_openelm.loading import DTYPE_NAMES, default_dtype, load_model, model_dtype, parse_dtype
 from mlx_openelm.model import Model
 from mlx_openelm.quantization import BITS, plan_quantization
@@ -53,7 +54,7 @@ class Source:
         if kind == "preset":
             if Path(ref).is_file():
                 self.args = ModelArgs.from_file(ref)
-                self.label = Path(ref).parent.name if Path(ref).name == "config.json" else Path(ref).stem
+                self.label = Path(ref).parent.name if Path(ref).name == CONFIG_FILE else Path(ref).stem
             else:
                 self.args = preset_args(ref)
                 self.label = ref
@@ -63,8 +64,8 @@ class Source:
             from mlx_openelm.hub import resolve_model_path
 
             self.folder = resolve_model_path(ref)
-            config = read_config(Path(self.folder) / "config.json")
-            self.args = ModelArgs.from_dict(config, source=str(Path(self.folder) / "config.json"))
+            config = read_config(Path(self.folder) / CONFIG_FILE)
+            self.args = ModelArgs.from_dict(config, source=str(Path(self.folder) / CONFIG_FILE))
             self.stored_quantization = config.get("quantization")
             self.label = Path(self.folder).name
             self.dtype = None  # known once loaded

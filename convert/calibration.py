@@ -34,7 +34,7 @@ from mlx_openelm.tokenizer import Tokenizer
 
 from .importance import NORM_INPUTS, head_weight_name, normalised
 from .quality import load_module
-from .quantizers import quantize
+from mlx_openelm.quantizers import quantize
 from .sources import Source
 
 OPTION = "--calibration-text"

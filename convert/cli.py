@@ -146,7 +146,8 @@ def convert(hf_path, mlx_path, average, checkpoints, preset, config, dtype, quan
     if average and not checkpoints:
         raise click.UsageError("--average needs the checkpoints to average as arguments")
 
-    from .install import Interrupted, handle_signals
+    from mlx_openelm.signals import Interrupted, handle_signals
+
     from .pipeline import convert as run_convert
 
     if quantize and bits is None and recipe is None:

@@ -2,8 +2,9 @@
 
 `convert(...)` tells the story; each step lives in the module named for its job:
 `sources` (reading inputs lazily, tensor by tensor), `mlx_openelm.quantization` (the plan),
-`quantize` (casting or quantizing each tensor), `writing` (shards, config.json, tokenizer),
-`quality` (the layer-wise KL check) and `install` (temp folder, atomic rename, signals).
+`quantize` (casting or quantizing each tensor), `quality` (the layer-wise KL check); the folder
+is written and installed by the core's `mlx_openelm.folder` (shards, config.json, tokenizer; temp
+folder, atomic rename).
 It holds about one output shard and one input tensor at a time.
 """
 
@@ -19,6 +20,9 @@ import mlx.core as mx
 
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, TokenizerError
+from mlx_openelm.folder.install import check_replaceable, installing
+from mlx_openelm.folder.writing import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_tokenizer, model_config,
+                                        parse_size, write_config)
 from mlx_openelm.hf_files import write_tokenizer_files
 from mlx_openelm.hub import resolve_tokenizer
 from mlx_openelm.loading import DTYPE_NAMES, check_tokenizer_fits, fp16_is_safe, parse_dtype
@@ -28,12 +32,10 @@ from mlx_openelm.tokenizer import Tokenizer
 from .calibration import OPTION as CALIBRATION_OPTION
 from .calibration import CalibrationText, FoldedSource, calibrate, calibration_text
 from .importance import data_free_importance
-from .install import check_replaceable, installing
 from .quality import eval_tokens, kl_divergence, model_logits, reference_logits
 from .quantize import convert_tensor
 from .report import ConvertReport, layer_bits, peak_memory_mb
 from .sources import AveragedSource, Source, leaves, open_source
-from .writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_tokenizer, model_config, parse_size, write_config
 
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_openelm.config import TOKENIZER_VOCAB_SIZE, ModelArgs, read_config
+from mlx_openelm.folder.names import CONFIG_FILE
 from mlx_openelm.loading import read_weights
 from mlx_openelm.model import Model
 from mlx_openelm.quantization import Quantization, apply_quantization, read_quantization
@@ -96,6 +97,6 @@ def reference_logits(source: Source, tokens: Sequence[int]) -> np.ndarray:
 def model_logits(folder: Path, tokens: Sequence[int], config: Optional[dict] = None) -> np.ndarray:
     """Logits of a converted folder on `tokens`, as `load_model(folder, float32)` computes them
     (`config`: its config.json, when not written yet)."""
-    config = config if config is not None else read_config(folder / "config.json")
+    config = config if config is not None else read_config(folder / CONFIG_FILE)
     weights = read_weights(folder)
     return layerwise_logits(ModelArgs.from_dict(config), weights.pop, tokens, read_quantization(config))

@@ -11,7 +11,7 @@ import numpy as np
 from mlx_openelm.errors import CheckpointError
 from mlx_openelm.quantization import DEFAULT_METHOD, MODE, QuantizationPlan
 
-from .quantizers import quantize
+from mlx_openelm.quantizers import quantize
 
 ERROR_BLOCK_ELEMENTS = 1 << 18  # rows whose error is computed together (~1 MB of float32)
 

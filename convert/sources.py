@@ -15,6 +15,7 @@ import numpy as np
 
 from mlx_openelm.config import CORENET_VOCAB_SIZE, ModelArgs, preset_args, read_config
 from mlx_openelm.errors import CheckpointError, ConfigError
+from mlx_openelm.folder.names import CONFIG_FILE
 from mlx_openelm.hub import find_tokenizer, resolve_model_path
 from mlx_openelm.loading import IGNORED_KEYS, check_weights, read_weights
 from mlx_openelm.model import Model
@@ -48,7 +49,7 @@ class HFSource(Source):
 
     def __init__(self, folder: Path):
         self.path = folder
-        config_path = folder / "config.json"
+        config_path = folder / CONFIG_FILE
         config = read_config(config_path)
         self.args = ModelArgs.from_dict(config, source=str(config_path))
         # A quantized MLX folder (--dequantize): its tensors are dequantized as they are read.

@@ -11,14 +11,14 @@ import contextlib
 import errno
 import functools
 import os
-import signal
 import sys
-import threading
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import click
+
+from .signals import signals_as_exit
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -57,7 +57,7 @@ def user_errors(fn):
     keys, options, prompts) and OS errors on a named file become a one-line `Error:` and
     exit 1 (any other exception is a bug and keeps its traceback); library warnings
     show as one-line `warning:` notes; SIGTERM/SIGHUP end the command like an exception
-    (cleanup runs, exit status 128 + signal number, no traceback)."""
+    (`signals.signals_as_exit`: cleanup runs, exit status 128 + signal number, no traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -97,30 +97,6 @@ def warnings_as_notes():
         warnings.showwarning = show
         warnings.simplefilter("once", OpenELMWarning)
         yield
-
-
-class Terminated(SystemExit):
-    """Raised by SIGTERM/SIGHUP inside a command (exit status 128 + the signal number)."""
-
-
-@contextlib.contextmanager
-def signals_as_exit():
-    """Within the block, SIGTERM and SIGHUP raise `Terminated`, so `finally` blocks and
-    context managers clean up as they do for Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        raise Terminated(128 + signum)
-
-    names = [name for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
-    previous = {name: signal.signal(getattr(signal, name), terminate) for name in names}
-    try:
-        yield
-    finally:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
 
 
 def check_output_path(path: str | None, option: str) -> Path | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError, OpenELMWarning
+from .folder.names import CONFIG_FILE
 
 RMS_NORM_EPS = 1e-6  # fixed in Apple's code; the optional `rms_norm_eps` key overrides it
 
@@ -166,7 +167,7 @@ class ModelArgs:
 
     # ---- construction -------------------------------------------------------------
     @classmethod
-    def from_dict(cls, config: Mapping[str, Any], source: str = "config.json") -> "ModelArgs":
+    def from_dict(cls, config: Mapping[str, Any], source: str = CONFIG_FILE) -> "ModelArgs":
         """Build and validate from a config.json dict. Errors name `source` and the key.
 
         Three steps: read each key with its type and bounds (`KEYS`), derive the per-layer
@@ -204,7 +205,7 @@ class ModelArgs:
     def from_file(cls, path: str | Path) -> "ModelArgs":
         path = Path(path)
         if path.is_dir():
-            path = path / "config.json"
+            path = path / CONFIG_FILE
         return cls.from_dict(read_config(path), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

@@ -26,6 +26,9 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
+from .folder.names import (GENERATION_CONFIG, HF_TOKENIZER_FILES, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG,
+                           TOKENIZER_FILE, TOKENIZER_JSON)
+
 # OpenELM-Instruct's format, as `Tokenizer.chat_segments` defines it: after BOS, each message is
 # "<|role|>\n{content}</s>\n" with </s> the EOS token, then "<|assistant|>\n" for a generation
 # prompt. tests/test_hf_files.py checks the two agree token for token.
@@ -39,10 +42,6 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
-
-TOKENIZER_FILE = "tokenizer.model"
-TOKENIZER_JSON = "tokenizer.json"
-HF_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
 PathLike = Union[str, Path]
 
@@ -112,9 +111,9 @@ def write_tokenizer_files(folder: PathLike, max_length: int = 2048, bos_id: Opti
         return []
     tokens = special_tokens(tokenizer)
     contents = {
-        "tokenizer_config.json": config(tokens, max_length),
-        "special_tokens_map.json": {name: piece for name, (_i, piece) in tokens.items()},
-        "generation_config.json": {"bos_token_id": tokens["bos_token"][0], "eos_token_id": tokens["eos_token"][0]},
+        TOKENIZER_CONFIG: config(tokens, max_length),
+        SPECIAL_TOKENS_MAP: {name: piece for name, (_i, piece) in tokens.items()},
+        GENERATION_CONFIG: {"bos_token_id": tokens["bos_token"][0], "eos_token_id": tokens["eos_token"][0]},
     }
     written = []
     for name in HF_TOKENIZER_FILES:

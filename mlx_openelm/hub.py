@@ -20,21 +20,15 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from .errors import CheckpointError, OpenELMError, TokenizerError
-
-TOKENIZER_FILE = "tokenizer.model"  # Llama-2 SentencePiece model
-TOKENIZER_JSON = "tokenizer.json"  # a Hugging Face tokenizers file (mlx-community folders, byte-level BPE models)
-# The tokenizer files a folder may hold, in the order they are preferred: OpenELM's own
-# SentencePiece model wins where a folder holds both (mlx-community's carry Llama-2's as both).
-TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_JSON)
-# What names a tokenizer.json's special tokens, and travels with it.
-TOKENIZER_JSON_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")
+from .folder.names import (CONFIG_FILE, SAFETENSORS_INDEX, TOKENIZER_FILE, TOKENIZER_FILES,
+                           TOKENIZER_JSON_COMPANIONS)
 # An ungated mirror of meta-llama/Llama-2-7b-hf (whose tokenizer OpenELM uses); only its
 # tokenizer.model is ever fetched.
 DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"
 TOKENIZER_REPO_ENV = "MLX_OPENELM_TOKENIZER_REPO"
 # What `chat` and `generate` run when no model is given (about 1 GB, fetched once).
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
-MODEL_PATTERNS = ("config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
+MODEL_PATTERNS = (CONFIG_FILE, "*.safetensors", SAFETENSORS_INDEX, *TOKENIZER_FILES,
                   *TOKENIZER_JSON_COMPANIONS)
 TOKENIZER_PATTERNS = (*TOKENIZER_FILES, *TOKENIZER_JSON_COMPANIONS)
 

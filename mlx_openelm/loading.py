@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 from .config import KEYS, ModelArgs, read_config, same_vocabulary
 from .errors import CheckpointError, ConfigError, OpenELMWarning
+from .folder.names import CONFIG_FILE, IN_PROGRESS_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX, TEMPORARY_INFIX
 from .model import Model
 from .quantization import apply_quantization, read_quantization
 from .hub import resolve_model_path, resolve_tokenizer
@@ -31,14 +32,6 @@ DTYPE_NAMES = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloa
 
 # Saved by Hugging Face's OpenELM but never used by the model.
 IGNORED_KEYS = frozenset({"transformer.classifier.weight"})
-
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-
-# The converter writes into ".<name>.tmp-<random>" beside its target, with this file inside
-# (the writer's pid) until the moment it is renamed into place.
-TEMPORARY_INFIX = ".tmp-"
-IN_PROGRESS_FILE = ".mlx-openelm-converting"
 
 DTypeLike = Union[str, mx.Dtype, None]
 
@@ -150,7 +143,7 @@ class WeightProblem:
     expected: Any = None
     found: Any = None
 
-    def describe(self, what: str = "config.json", name: Optional[str] = None) -> str:
+    def describe(self, what: str = CONFIG_FILE, name: Optional[str] = None) -> str:
         """One clause naming the tensor (as `name`, e.g. the checkpoint's own spelling)."""
         name = name or self.name
         if self.kind == "missing":
@@ -227,7 +220,7 @@ def load_model(path: Union[str, Path], dtype: DTypeLike = None,
     whose LoRA/DoRA (or fully fine-tuned layers) is added to the model.
     """
     folder = check_model_folder(path)
-    config_path = folder / "config.json"
+    config_path = folder / CONFIG_FILE
     config = read_config(config_path)
     args = ModelArgs.from_dict(config, source=str(config_path))
     quantization = read_quantization(config, str(config_path))
@@ -312,7 +305,7 @@ def load(
     mlx-lm's) to add to the model, as in `load_model`.
     """
     folder = check_model_folder(resolve_model_path(path))
-    config = read_config(folder / "config.json")  # a folder that is no model is said before any tokenizer question
+    config = read_config(folder / CONFIG_FILE)  # a folder that is no model is said before any tokenizer question
     tokenizer_path = resolve_tokenizer(folder, tokenizer, log=log)
     tok = Tokenizer(tokenizer_path, **special_token_ids(config))
     model = load_model(folder, dtype=dtype, adapter_path=adapter_path)

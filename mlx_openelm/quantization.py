@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from .errors import ConfigError
+from .folder.names import CONFIG_FILE
 
 # The one place to allow more bit widths or group sizes: every width of MLX's affine mode.
 BITS = (2, 3, 4, 5, 6, 8)
@@ -30,7 +31,7 @@ GROUP_SIZES = (32, 64, 128)
 DEFAULT_BITS = 4  # what `convert -q/--quantize` means without --bits (as mlx-lm's convert)
 MODE = "affine"
 
-# How the converter picks each group's scale and bias (mlx_openelm.convert.quantizers):
+# How each group's scale and bias are picked (`quantizers.py`):
 # "optimal" minimises the reconstruction error weighted by each input column's importance
 # (convert/importance.py), "minmax" is mx.quantize (mlx-lm bit for bit). On the trained test
 # model optimal wins in KL and perplexity (docs/quantization.md).
@@ -134,7 +135,7 @@ class Quantization:
         return entry
 
     @classmethod
-    def from_config(cls, entry: Any, source: str = "config.json") -> "Quantization":
+    def from_config(cls, entry: Any, source: str = CONFIG_FILE) -> "Quantization":
         """Read and validate a config.json `quantization` entry (ours or mlx-lm's format).
         Errors are ConfigErrors naming `source` and the key."""
         where = f"{source}: quantization"
@@ -183,7 +184,7 @@ def _layer_spec(value: Any, bits: int, group_size: int, where: str) -> Optional[
             check_group_size(value.get("group_size", group_size), f"{where}.group_size"))
 
 
-def read_quantization(config: Mapping[str, Any], source: str = "config.json") -> Optional[Quantization]:
+def read_quantization(config: Mapping[str, Any], source: str = CONFIG_FILE) -> Optional[Quantization]:
     """The validated `quantization` entry of a config dict, or None for a float model."""
     if "quantization" not in config:
         return None
@@ -247,7 +248,7 @@ def plan_quantization(
     return QuantizationPlan(Quantization(bits, group_size, exceptions, recipe, method=method), specs, skipped)
 
 
-def apply_quantization(model, quantization: Any, source: str = "config.json",
+def apply_quantization(model, quantization: Any, source: str = CONFIG_FILE,
                        weights: Optional[Mapping[str, Any]] = None) -> Quantization:
     """Swap the model's Linear/Embedding layers for quantized ones as `quantization` (a
     `Quantization` or a config entry, validated here) prescribes; returns the Quantization.

@@ -233,7 +233,7 @@ def part_scores(source: Path, settings, spec: str, tokens: list, reference, done
 
     from mlx_openelm import load_model
     from mlx_openelm.convert.importance import data_free_importance
-    from mlx_openelm.convert.quantizers import quantize
+    from mlx_openelm.quantizers import quantize
 
     model = load_model(source, dtype="float32")
     original = dict(tree_flatten(model.parameters()))

@@ -10,7 +10,7 @@ import pytest
 
 from mlx_openelm.convert import calibration, convert
 from mlx_openelm.convert.calibration import FoldedSource, best_scale, calibrate, calibration_text
-from mlx_openelm.convert.quantizers import quantize
+from mlx_openelm.quantizers import quantize
 from mlx_openelm.convert.quality import eval_tokens, reference_logits
 from mlx_openelm.convert.sources import open_source
 from mlx_openelm.loading import load_model, read_weights

@@ -15,7 +15,7 @@ from mlx_openelm.config import preset_args
 from mlx_openelm.convert import convert, pipeline
 from mlx_openelm.convert.pipeline import default_convert_dtype
 from mlx_openelm.convert.quality import kl_divergence
-from mlx_openelm.convert.writing import parse_size
+from mlx_openelm.folder.writing import parse_size
 from mlx_openelm.errors import CheckpointError, ConfigError, OpenELMError, TokenizerError
 from mlx_openelm.loading import load_model, read_weights
 from mlx_openelm.quantization import apply_quantization

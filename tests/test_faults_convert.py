@@ -101,7 +101,7 @@ def test_folder_appearing_while_converting_is_never_replaced(user_files, monkeyp
 def test_an_empty_folder_appearing_is_not_replaced_either(user_files, monkeypatch, claim):
     # os.rename would silently replace an empty folder; the claim must not (with the system
     # call, or with the portable fallback: an exclusive mkdir, then a rename onto our own folder)
-    from mlx_openelm.convert import install
+    from mlx_openelm.folder import install
 
     if claim == "mkdir":
         monkeypatch.setattr(install, "_libc_rename_noreplace", lambda: None)
@@ -196,7 +196,7 @@ def convert_with_signal(src: Path, out: Path, at, handlers: str) -> tuple[str, S
     `handle_signals`, SIGINT raises `Interrupted`) or as a library call in a program that left
     Python's own handler (`"python"`: KeyboardInterrupt); returns how it ended: "done",
     "interrupted" or "failed" (a RuntimeError)."""
-    from mlx_openelm.convert.install import handle_signals
+    from mlx_openelm.signals import handle_signals
 
     tracer = SignalAt(at)
     try:
@@ -218,7 +218,7 @@ def test_a_signal_at_any_moment_leaves_no_temporary_folder(user_files, monkeypat
     """The conversion's own work stubbed (a file written, then config.json or a RuntimeError, as a
     C call failing with a signal on its way does), so that the signal can be sent at each moment of
     what handles the output: the temp folder's creation, the install, the cleanup after an interrupt
-    or a failure. With the CLI's handlers: every moment in pipeline.py, install.py and contextlib and
+    or a failure. With the CLI's handlers: every moment in pipeline.py, install.py, signals.py and contextlib and
     every 50th elsewhere (pathlib, tempfile, ctypes...), and after a failure every moment. With
     Python's own handler (nothing is deferred then), after a failure every call: where Python runs it."""
     root, src = user_files
@@ -245,7 +245,7 @@ def test_a_signal_at_any_moment_leaves_no_temporary_folder(user_files, monkeypat
     def chosen(i, event, file):
         if work == "fails":
             return i >= failure and (handlers == "cli" or event == "call")
-        return file in ("pipeline.py", "install.py", "contextlib.py") or i % 50 == 0
+        return file in ("pipeline.py", "install.py", "signals.py", "contextlib.py") or i % 50 == 0
 
     moments = [i for i, (event, file, _) in enumerate(tracer.moments) if chosen(i, event, file)]
     assert len(moments) > 20
@@ -334,7 +334,7 @@ def test_a_live_runs_temp_folder_is_left_alone(tmp_path, slow_source):
     theirs = wait_for_temp_folder(tmp_path, run)
     os.kill(run.pid, signal.SIGSTOP)  # paused, not dead
     try:
-        from mlx_openelm.convert.install import remove_stale_temp_folders
+        from mlx_openelm.folder.install import remove_stale_temp_folders
 
         assert remove_stale_temp_folders(tmp_path / "a") == [] and theirs.is_dir()
     finally:

@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from mlx_openelm.convert.quantizers import (
+from mlx_openelm.quantizers import (
     _least_squares,
     METHODS,
     fit_scales_biases,
@@ -111,7 +111,7 @@ def test_degenerate_groups_stay_exact():
 
 
 def test_large_tensors_are_quantized_in_chunks_with_the_same_result(monkeypatch):
-    from mlx_openelm.convert import quantizers
+    from mlx_openelm import quantizers
 
     weight = gaussian(40, 128, seed=5)
     whole = quantize(weight, 3, 32, "optimal", mx.float16)

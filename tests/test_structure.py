@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mlx_openelm": ROOT / "mlx_openelm", "mlx_openelm.tokenizer": ROOT / "mlx_openelm" / "tokenizer",
             "mlx_openelm.convert": ROOT / "convert", "mlx_openelm.bench": ROOT / "bench",
-            "mlx_openelm.tuning": ROOT / "mlx_openelm" / "tuning", "mlx_openelm.serve": ROOT / "mlx_openelm" / "serve"}
+            "mlx_openelm.tuning": ROOT / "mlx_openelm" / "tuning", "mlx_openelm.serve": ROOT / "mlx_openelm" / "serve",
+            "mlx_openelm.folder": ROOT / "mlx_openelm" / "folder"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -118,6 +119,36 @@ def test_no_import_cycle_among_project_modules():
     assert find_cycle(project_edges()) is None
 
 
+def _package_edges(edges: dict[str, set[str]], source: str, target: str) -> list[tuple[str, str]]:
+    inside = lambda module, package: module == package or module.startswith(package + ".")
+    return sorted((a, b) for a, targets in edges.items() if inside(a, source) for b in targets if inside(b, target))
+
+
+# The capabilities built on the core depend only downward: on the core, never on each other (what
+# both need, such as writing and installing a model folder, lives in the core: `mlx_openelm.folder`).
+CAPABILITIES = ("mlx_openelm.convert", "mlx_openelm.tuning")
+
+
+@pytest.mark.parametrize("source, target", [(a, b) for a in CAPABILITIES for b in CAPABILITIES if a != b])
+def test_convert_and_tuning_do_not_import_each_other(source, target):
+    assert _package_edges(project_edges(), source, target) == []
+
+
+def test_package_edges_sees_a_module_of_one_package_importing_another():
+    edges = {"mlx_openelm.tuning.fuse": {"mlx_openelm.convert.writing", "mlx_openelm.folder.writing"},
+             "mlx_openelm.convert": {"mlx_openelm.convert.pipeline"}}
+    assert _package_edges(edges, "mlx_openelm.tuning", "mlx_openelm.convert") == [
+        ("mlx_openelm.tuning.fuse", "mlx_openelm.convert.writing")]
+    assert _package_edges(edges, "mlx_openelm.convert", "mlx_openelm.tuning") == []
+
+
+def test_what_both_share_imports_neither():
+    shared = [name for name in MODULES if name.startswith("mlx_openelm.folder")] + [
+        "mlx_openelm.quantizers", "mlx_openelm.signals"]
+    edges = {name: targets for name, targets in project_edges().items() if name in shared}
+    assert [edge for package in CAPABILITIES for edge in _package_edges(edges, "mlx_openelm", package)] == []
+
+
 @pytest.mark.parametrize("edges, cycle", [
     ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
     ({"a": {"b"}, "b": set()}, None),
@@ -185,6 +216,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # A subpackage before its parent: a row's first cell is matched against these in order.
 FOLDERS = {"mlx_openelm/tokenizer/": ROOT / "mlx_openelm" / "tokenizer",
            "mlx_openelm/tuning/": ROOT / "mlx_openelm" / "tuning", "mlx_openelm/serve/": ROOT / "mlx_openelm" / "serve",
+           "mlx_openelm/folder/": ROOT / "mlx_openelm" / "folder",
            "mlx_openelm/": ROOT / "mlx_openelm",
            "convert/": ROOT / "convert", "bench/": ROOT / "bench"}
 

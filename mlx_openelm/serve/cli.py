@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from ..cli_common import (
     adapter_option,
     load_model_and_tokenizer,
     load_speculative,
-    make_generation_kwargs,
     model_options,
     sampling_options,
     speculative_options,
@@ -99,12 +97,15 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     from .access import AccessPolicy, parse_allowed_hosts, parse_allowed_origins
     from .api import SamplingDefaults
     from .batching import validate_prefill_chunk
+    from ..sampling import validate_repetition_penalty, validate_sampling, validate_seed
+    from ..signals import calling_on_signals
     from .server import ServerApp, exposure_warning, make_server, serve
 
-    if max_tokens < 1:
-        raise click.BadParameter("must be at least 1 for a server", param_hint="--max-tokens")
-    make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed=None)  # refuses NaN before serving
-    validate_prefill_chunk(prefill_chunk)  # before loading, as above
+    # the request defaults, refused before loading (NaN passes click's ranges)
+    validate_sampling(temp, top_k, top_p, min_p)
+    validate_repetition_penalty(repetition_penalty)
+    validate_seed(seed)
+    validate_prefill_chunk(prefill_chunk)
     defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                                 repetition_penalty=repetition_penalty, seed=seed)
     access = AccessPolicy(host, parse_allowed_hosts(allowed_hosts), parse_allowed_origins(allowed_origins))
@@ -130,9 +131,8 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     bound_host, bound_port = httpd.server_address[:2]
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: app.stop())
     bound_host = f"[{bound_host}]" if ":" in bound_host else bound_host  # an IPv6 address in a URL
     click.echo(f"Serving {app.model_id} on http://{bound_host}:{bound_port}/v1 (Ctrl-C stops)", err=True)
-    serve(httpd)
+    with calling_on_signals(app.stop):
+        serve(httpd)
     click.echo("mlx-openelm serve: stopped", err=True)

@@ -16,8 +16,9 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_openelm.errors import CheckpointError, ConfigError
+from mlx_openelm.folder.names import ADAPTER_CONFIG_FILE, ADAPTERS_FILE
 
-from .config import ADAPTERS_FILE, AdapterConfig, read_adapter_config
+from .config import AdapterConfig, read_adapter_config
 from .layers import ADAPTER_CLASSES, LoRALinear
 
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
@@ -100,7 +101,7 @@ def load_adapter_weights(model: nn.Module, path: Path, config: AdapterConfig) ->
 
 def read_adapter_file(path: Path) -> dict[str, mx.array]:
     if not path.is_file():
-        raise CheckpointError(f"{path}: not found (an adapter folder holds adapter_config.json and {ADAPTERS_FILE})")
+        raise CheckpointError(f"{path}: not found (an adapter folder holds {ADAPTER_CONFIG_FILE} and {ADAPTERS_FILE})")
     try:
         weights = mx.load(str(path))
     except Exception as e:  # MLX raises bare RuntimeError/ValueError on corrupt files

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from mlx_openelm.errors import ConfigError
-
-CONFIG_FILE = "adapter_config.json"
-ADAPTERS_FILE = "adapters.safetensors"
+from mlx_openelm.folder.names import ADAPTER_CONFIG_FILE, ADAPTERS_FILE
 
 FINE_TUNE_TYPES = ("lora", "dora", "full")
 # short name (the CLI's --keys) -> module path inside a decoder layer (mlx-lm's `keys`)
@@ -112,13 +110,13 @@ def _check_keys(keys: Any, where: str) -> tuple[str, ...]:
 def read_adapter_config(folder: Path, model_layers: int) -> AdapterConfig:
     """`folder/adapter_config.json` read and checked against a model of `model_layers` layers;
     any problem is one ConfigError naming the file and the key."""
-    path = Path(folder) / CONFIG_FILE
+    path = Path(folder) / ADAPTER_CONFIG_FILE
     if not Path(folder).is_dir():
-        raise ConfigError(f"{folder}: adapter folder not found (expected {CONFIG_FILE} and {ADAPTERS_FILE})")
+        raise ConfigError(f"{folder}: adapter folder not found (expected {ADAPTER_CONFIG_FILE} and {ADAPTERS_FILE})")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path}: not found (an adapter folder holds {CONFIG_FILE} and {ADAPTERS_FILE})") from None
+        raise ConfigError(f"{path}: not found (an adapter folder holds {ADAPTER_CONFIG_FILE} and {ADAPTERS_FILE})") from None
     except (ValueError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, Mapping):

@@ -2,17 +2,16 @@
 
 Each adapted layer's weight becomes w + s b^T a^T (DoRA: with its rows rescaled to the
 magnitudes m), computed in float32. A quantized base is dequantized, merged and
-re-quantized with the converter's quantizer at the layer's own bits and group size (the
-folder's recorded method, else the converter's default), or, with `dequantize`, the whole
+re-quantized with the converter's quantizer (`quantizers`) at the layer's own bits and group
+size (the folder's recorded method, else the default), or, with `dequantize`, the whole
 model is written in float. Every other tensor is copied exactly as stored. The folder is
-written like `convert` writes one: into a temporary folder renamed into place when
-complete, never replacing an existing output without `force`.
+written as `convert` writes one (`mlx_openelm.folder`): into a temporary folder renamed into
+place when complete, never replacing an existing output without `force`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Optional, Union
@@ -20,19 +19,17 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from mlx_openelm.config import read_config
-from mlx_openelm.convert.install import installing
-from mlx_openelm.convert.quantizers import DEFAULT_METHOD, group_errors, quantize
-from mlx_openelm.convert.writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, parse_size, write_config, writing
 from mlx_openelm.errors import ConfigError
-from mlx_openelm.hub import TOKENIZER_FILES, TOKENIZER_JSON_COMPANIONS, resolve_model_path
-from mlx_openelm.hf_files import HF_TOKENIZER_FILES
+from mlx_openelm.folder.install import installing
+from mlx_openelm.folder.names import CONFIG_FILE, TOKENIZER_SIDE_FILES
+from mlx_openelm.folder.writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_file, parse_size, write_config
+from mlx_openelm.hub import resolve_model_path
 from mlx_openelm.loading import DTYPE_NAMES, IGNORED_KEYS, check_model_folder, load_model, read_weights, \
     stored_float_dtype
-from mlx_openelm.quantization import read_quantization
+from mlx_openelm.quantization import DEFAULT_METHOD, read_quantization
+from mlx_openelm.quantizers import group_errors, quantize
 
 from .layers import LoRALinear
-
-SIDE_FILES = tuple(dict.fromkeys((*TOKENIZER_FILES, *TOKENIZER_JSON_COMPANIONS, *HF_TOKENIZER_FILES)))
 
 
 def _dequantized(stored: dict, path: str) -> mx.array:
@@ -94,8 +91,8 @@ def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], save_path
     target = Path(save_path).expanduser()
     _check_target(target, force)
     max_bytes = parse_size(max_shard_size)
-    config = read_config(folder / "config.json")
-    quantization = read_quantization(config, str(folder / "config.json"))
+    config = read_config(folder / CONFIG_FILE)
+    quantization = read_quantization(config, str(folder / CONFIG_FILE))
     stored = {n: a for n, a in read_weights(folder).items() if n not in IGNORED_KEYS}
     stored["__quantization__"] = quantization
     model = load_model(folder, dtype="float32", adapter_path=adapter_path)
@@ -117,8 +114,7 @@ def _write(source: Path, target: Path, tensors: dict, config: dict, force: bool,
         for name in sorted(tensors):
             writer.add({name: tensors[name]})
         writer.finish()
-        for name in SIDE_FILES:  # the tokenizer and the Hugging Face files describing it, as they were
+        for name in TOKENIZER_SIDE_FILES:  # the tokenizer and the Hugging Face files describing it, as they were
             if (source / name).is_file():
-                with writing(tmp / name):
-                    shutil.copyfile(source / name, tmp / name)
+                copy_file(source / name, tmp / name)
         write_config(tmp, json.loads(json.dumps(config)))

@@ -11,10 +11,11 @@ from typing import Any, Mapping, Optional
 
 import mlx.core as mx
 
-from mlx_openelm.convert.writing import writing
+from mlx_openelm.folder.names import ADAPTER_CONFIG_FILE, ADAPTERS_FILE
+from mlx_openelm.folder.writing import writing
 
 from .adapters import adapter_weights
-from .config import ADAPTERS_FILE, CONFIG_FILE, AdapterConfig
+from .config import AdapterConfig
 
 
 def _replace_atomically(target: Path, write) -> None:
@@ -40,7 +41,7 @@ def save_adapter_config(folder: Path, config: AdapterConfig, record: Optional[Ma
     writes them beside the adapter's own keys; they are informative and never read back)."""
     entries = {**(record or {}), **config.to_dict()}
     text = json.dumps(entries, indent=2) + "\n"
-    _replace_atomically(Path(folder) / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    _replace_atomically(Path(folder) / ADAPTER_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def save_adapters(model, folder: Path, config: AdapterConfig, record: Optional[Mapping[str, Any]] = None,

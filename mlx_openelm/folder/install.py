@@ -1,14 +1,15 @@
-"""Installing a converted model atomically, and never losing what the user had.
+"""Installing a model folder atomically, and never losing what the user had.
 
-The output is written into `.NAME.tmp-XXXX` beside the target, holding an in-progress
+The folder is written into `.NAME.tmp-XXXX` beside the target, holding an in-progress
 file with the writer's pid until the moment it is renamed into place. The rename
 claims the target atomically (`renameat2(RENAME_NOREPLACE)` on Linux, `renamex_np(RENAME_EXCL)`
 on macOS, else an exclusive `mkdir` of the target and a rename onto that empty folder),
-so a folder that appears at the target while converting is never replaced without
---force, and of two runs racing for one target exactly one wins. Signals are deferred
-while the temp folder is created, installed and removed, and `installing` runs the
-removal again when an interrupt lands as it starts, so an interrupt cannot leave it behind;
-`handle_signals` makes SIGTERM and SIGHUP interrupt a conversion like Ctrl-C does.
+so a folder that appears at the target while writing is never replaced without
+`force`, and of two runs racing for one target exactly one wins. Signals are deferred
+(`signals.signals_deferred`) while the temp folder is created, installed and removed, and
+`installing` runs the removal again when an interrupt lands as it starts, so an interrupt
+cannot leave it behind; `signals.handle_signals` makes SIGTERM and SIGHUP interrupt the work
+like Ctrl-C does.
 """
 
 from __future__ import annotations
@@ -19,94 +20,16 @@ import errno
 import functools
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from mlx_openelm.errors import CheckpointError, ConfigError
-from mlx_openelm.loading import IN_PROGRESS_FILE, TEMPORARY_INFIX
-
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
-
-
-class Interrupted(KeyboardInterrupt):
-    """A conversion stopped by a signal (SIGINT, SIGTERM or SIGHUP)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class _SignalState:
-    """What `handle_signals`' handler and `signals_deferred` share. Signal handlers are
-    process-wide, so this is too: one instance, used only from the main thread."""
-
-    def __init__(self):
-        self.active = False  # handle_signals is installed
-        self.fired = False  # an Interrupted was raised: later signals are ignored
-        self.depth = 0  # inside signals_deferred
-        self.pending: Optional[int] = None  # a signal that arrived while deferred
-
-    def interrupt(self, signum: int) -> None:
-        self.fired, self.pending = True, None
-        raise Interrupted(signum)
-
-
-_STATE = _SignalState()
-
-
-def _handler(signum, _frame):
-    # A signal may reach Python while another thread holds it at the C level, so deferral is
-    # decided here, not by a signal mask (which is per thread and MLX runs its own threads).
-    if _STATE.fired:
-        return
-    if _STATE.depth or sys.exc_info()[1] is not None:
-        # Deferred within a block that must not be cut, and while a failure is being handled: its
-        # way to `installing`'s cleanup passes through `with` exits (contextlib's __exit__) where an
-        # interrupt would cut it. Raised when the next deferral (the cleanup's own) ends.
-        _STATE.pending = _STATE.pending or signum
-        return
-    _STATE.interrupt(signum)
-
-
-@contextmanager
-def signals_deferred(finishing: bool = False) -> Iterator[None]:
-    """Within, SIGINT/SIGTERM/SIGHUP wait (when `handle_signals` is active); a signal that
-    arrived meanwhile raises `Interrupted` once the block completed, unless the block was
-    the `finishing` one (the install: the work is done, and is reported as done)."""
-    _STATE.depth += 1
-    try:
-        yield
-    finally:
-        if finishing:  # before the deferral ends, so that no moment is left for a signal to raise
-            _STATE.fired = True
-        _STATE.depth -= 1
-    if _STATE.depth == 0 and _STATE.pending is not None and not _STATE.fired:
-        _STATE.interrupt(_STATE.pending)
-
-
-@contextmanager
-def handle_signals() -> Iterator[None]:
-    """Within: SIGINT, SIGTERM and SIGHUP raise `Interrupted` (once: the cleanup that starts
-    cannot itself be interrupted). Only in the main thread, where Python can install handlers;
-    a no-op elsewhere."""
-    if threading.current_thread() is not threading.main_thread() or _STATE.active:
-        yield
-        return
-    previous = {s: signal.signal(s, _handler) for s in SIGNALS}
-    _STATE.__init__()
-    _STATE.active = True
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        _STATE.__init__()
+from ..errors import CheckpointError, ConfigError
+from ..signals import signals_deferred
+from .names import IN_PROGRESS_FILE, TEMPORARY_INFIX
 
 
 # ---- the temporary folder -------------------------------------------------------------------

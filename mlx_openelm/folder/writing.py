@@ -1,4 +1,5 @@
-"""Writing a converted model: safetensors shards, config.json and the tokenizer, into the temp folder.
+"""Writing a model folder: safetensors shards, config.json and the tokenizer files, into the
+temporary folder that `install.installing` gives (the converter and `fuse` both write through here).
 
 OS errors (disk full, read-only or vanished folders) become one-line CheckpointErrors
 naming the path; MLX reports a failed write as a RuntimeError, which is turned the same way.
@@ -15,12 +16,13 @@ from typing import Iterator, Optional, Union
 
 import mlx.core as mx
 
-from mlx_openelm.config import ModelArgs
-from mlx_openelm.errors import CheckpointError, ConfigError
-from mlx_openelm.hub import TOKENIZER_FILE, TOKENIZER_JSON, TOKENIZER_JSON_COMPANIONS
-from mlx_openelm.tokenizer import HFTokenizer, Tokenizer
-from mlx_openelm.loading import DTYPE_NAMES, SAFETENSORS_FILE, SAFETENSORS_INDEX
-from mlx_openelm.quantization import Quantization
+from ..config import ModelArgs
+from ..errors import CheckpointError, ConfigError
+from ..loading import DTYPE_NAMES
+from ..quantization import Quantization
+from ..tokenizer import HFTokenizer, Tokenizer
+from .names import (CONFIG_FILE, SAFETENSORS_FILE, SAFETENSORS_INDEX, TOKENIZER_FILE, TOKENIZER_JSON,
+                    TOKENIZER_JSON_COMPANIONS, shard_name)
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
 
@@ -101,7 +103,7 @@ class ShardWriter:
         n = len(self.files)
         weight_map, finals = {}, []
         for i, (path, names) in enumerate(self.files):
-            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            final = self.folder / shard_name(i + 1, n)
             os.replace(path, final)
             finals.append(final)
             weight_map.update({name: final.name for name in names})
@@ -121,7 +123,7 @@ def model_config(args: ModelArgs, dtype: mx.Dtype, quantization: Optional[Quanti
 
 def write_config(folder: Path, config: dict) -> None:
     """config.json last of all: a folder without one is never taken for a model."""
-    path = folder / "config.json"
+    path = folder / CONFIG_FILE
     with writing(path):
         path.write_text(json.dumps(config, indent=2) + "\n")
 
@@ -135,5 +137,10 @@ def copy_tokenizer(folder: Path, tokenizer: Tokenizer) -> None:
         copies += [(tokenizer.path.parent / name, name) for name in TOKENIZER_JSON_COMPANIONS
                    if (tokenizer.path.parent / name).is_file()]
     for source, name in copies:
-        with writing(folder / name):
-            shutil.copyfile(source, folder / name)
+        copy_file(source, folder / name)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """`source`'s bytes to `target`; a failed write is a CheckpointError naming it."""
+    with writing(target):
+        shutil.copyfile(source, target)

@@ -1,5 +1,8 @@
 """Affine group quantizers that write MLX's format: packed uint32 codes, scales, biases.
 
+The converter quantizes with them, and `fuse` re-quantizes merged layers; which method and
+which layers is `quantization`'s policy (`METHODS`, `DEFAULT_METHOD` are defined there).
+
 A group of `group_size` consecutive weights w is stored as codes q in [0, 2**bits - 1]
 with one scale s and one bias b, and read back as s * q + b (`mx.dequantize`,
 `nn.QuantizedLinear`, mlx-lm: all unchanged). Two ways to choose s and b:
@@ -7,7 +10,7 @@ with one scale s and one bias b, and read back as s * q + b (`mx.dequantize`,
 - "minmax": `mx.quantize` (b = min, s = (max - min) / (2**bits - 1)), bit for bit what
   mlx-lm writes.
 - "optimal": minimise the group's squared reconstruction error, each input column's term
-  weighted by its importance (`importance.py`: the mean square of the activations it
+  weighted by its importance (the converter's `importance.py`: the mean square of the activations it
   multiplies, estimated from the RMSNorm before the layer or measured on a calibration text;
   uniform when unknown). Several clipping candidates (the min/max range shrunk at either
   end), each followed by a weighted least-squares refit of s and b for its codes (as
@@ -24,10 +27,8 @@ from typing import Optional
 
 import mlx.core as mx
 
-from mlx_openelm.errors import OptionError
-
-METHODS = ("minmax", "optimal")
-DEFAULT_METHOD = "optimal"
+from .errors import OptionError
+from .quantization import DEFAULT_METHOD, METHODS
 
 # Clipping candidates: the group's [min, max] range shrunk at the bottom and at the top by
 # these fractions of a min/max step, each refitted by least squares. On Gaussian groups of
