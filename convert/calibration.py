@@ -37,7 +37,7 @@ from .quality import load_module
 from mlx_openelm.quantizers import quantize
 from .sources import Source
 
-OPTION = "--calibration-text"
+OPTION = "calibration_text"
 MAX_TOKENS = 512  # enough for per-channel means; keeps calibration to seconds on 270M
 ERROR_ROWS = 256  # activation rows the output error is measured on
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -95,10 +95,10 @@ def convert(
     start = time.perf_counter()
     references = _references(hf_path, average)
     default_bits = check_options(bits, group_size, recipe, method)
-    out_dtype = parse_dtype(dtype, option="--dtype") if dtype is not None else None
+    out_dtype = parse_dtype(dtype, option="dtype") if dtype is not None else None
     max_bytes = parse_size(max_shard_size)
     if mlx_path is None or str(mlx_path) == "":
-        raise ConfigError("--mlx-path: an output folder is required")
+        raise ConfigError("mlx_path: an output folder is required")
     target = Path(mlx_path).expanduser()
 
     source = open_sources(references, preset, config)
@@ -109,7 +109,7 @@ def convert(
     plan = plan_quantization(source.shapes(), default_bits, group_size, recipe, method) if default_bits else None
     calibration = _calibration(source, calibration_text, tok, plan)
 
-    with installing(target, force) as tmp:
+    with installing(target, force, "mlx_path") as tmp:
         # a source reads each tensor once: calibration and the quality check open their own
         scratch = (lambda: open_sources(references, preset, config))
         report = (_write_model(source, tmp, out_dtype, plan, max_bytes, progress, _importance(scratch, plan))
@@ -178,10 +178,10 @@ def _calibration(source: Source, path, tokenizer: Optional[Tokenizer], plan: Opt
     if path is None:
         return None
     if plan is None:
-        raise ConfigError(f"{CALIBRATION_OPTION}: calibration only applies when quantizing (--bits, -q or --recipe)")
+        raise ConfigError(f"{CALIBRATION_OPTION}: calibration only applies when quantizing (`bits` or `recipe`)")
     if tokenizer is None:
         raise TokenizerError(f"{CALIBRATION_OPTION}: {source.path} has no tokenizer.model or tokenizer.json "
-                             "to tokenize the text; pass --tokenizer")
+                             "to tokenize the text; pass `tokenizer`")
     return calibration_text(path, tokenizer, source.args)
 
 
@@ -205,11 +205,11 @@ def _references(hf_path, average: Sequence) -> list:
     if isinstance(average, (str, bytes, Path)):  # its characters would be read as paths ('/' among them)
         raise TypeError(f"average must be a list of checkpoints, got {type(average).__name__}")
     if hf_path is not None and average:
-        raise ConfigError("give either --hf-path or --average, not both")
+        raise ConfigError("give either `hf_path` or `average`, not both")
     if hf_path is None and not average:
-        raise ConfigError("nothing to convert: give --hf-path (or --average CKPT CKPT ...)")
+        raise ConfigError("nothing to convert: give `hf_path` (or `average`: several checkpoints)")
     if average and len(average) < 2:
-        raise ConfigError("--average needs at least two checkpoints")
+        raise ConfigError("average: needs at least two checkpoints")
     return [hf_path] if hf_path is not None else list(average)
 
 
@@ -232,20 +232,20 @@ def _check_inputs(source: Source, target: Path, force: bool, dequantize: bool, b
     inputs = [s.path for s in leaves(source)]
     for path in inputs:
         if _is_within(target, path) or _is_within(path, target):
-            raise ConfigError(f"--mlx-path: {target} overlaps the input {path}; choose another output folder")
+            raise ConfigError(f"mlx_path: {target} overlaps the input {path}; choose another output folder")
     quantized_inputs = [s.path for s in leaves(source) if getattr(s, "quantization", None)]
     if dequantize and not quantized_inputs:
-        raise ConfigError(f"--dequantize: {inputs[0]} is not a quantized model")
+        raise ConfigError(f"dequantize: {inputs[0]} is not a quantized model")
     if quantized_inputs and not dequantize:
         raise ConfigError(
-            f"{quantized_inputs[0]} holds a quantized model: pass --dequantize to write it back in float "
+            f"{quantized_inputs[0]} holds a quantized model: pass `dequantize=True` to write it back in float "
             "(to quantize differently, convert the original checkpoint: re-quantizing compounds the error)"
         )
     if dequantize and bits is not None:
-        raise ConfigError("--dequantize writes float weights; it cannot be combined with --bits or --recipe")
+        raise ConfigError("dequantize: writes float weights; it cannot be combined with `bits` or `recipe`")
     if (target.exists() or target.is_symlink()) and not force:
-        raise ConfigError(f"--mlx-path: {target} already exists; pass --force to replace it")
-    check_replaceable(target)
+        raise ConfigError(f"mlx_path: {target} already exists; pass `force=True` to replace it")
+    check_replaceable(target, "mlx_path")
 
 
 def _write_model(source: Source, folder: Path, dtype: mx.Dtype, plan: Optional[QuantizationPlan],

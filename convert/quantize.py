@@ -63,7 +63,7 @@ def convert_tensor(
         raise CheckpointError(f"{source}: tensor '{name}' holds NaN or infinite values")
     if not math.isfinite(num) and not mx.isfinite(represented(0, w_rows.shape[0])).all().item():
         raise CheckpointError(f"{source}: tensor '{name}' overflows {dtype} (values beyond its range); "
-                              "convert with --dtype bfloat16 or float32")
+                              "convert with `dtype=bfloat16` or float32")
     return tensors, math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 

@@ -128,7 +128,7 @@ class AveragedSource(Source):
         first = sources[0]
         for other in sources[1:]:
             if other.args != first.args:
-                raise ConfigError(f"--average: {other.path} has a different architecture from {first.path}")
+                raise ConfigError(f"average: {other.path} has a different architecture from {first.path}")
         self.sources = list(sources)
         self.path = first.path
         self.args = first.args
@@ -157,16 +157,16 @@ def open_source(reference: Union[str, Path], preset: Optional[str] = None,
     path = resolve_model_path(reference)
     if path.is_dir():
         if preset is not None or config is not None:
-            option = "--preset" if preset is not None else "--config"
+            option = "preset" if preset is not None else "config"
             raise ConfigError(
                 f"{option}: {path} is a Hugging Face folder whose config.json gives the architecture; "
-                f"{option} is only for CoreNet .pt checkpoints"
+                f"`{option}` is only for CoreNet .pt checkpoints"
             )
         return HFSource(path)
     if preset is not None and config is not None:
-        raise ConfigError("give either --preset or --config for a CoreNet checkpoint, not both")
+        raise ConfigError("give either `preset` or `config` for a CoreNet checkpoint, not both")
     if preset is None and config is None:
-        raise ConfigError(f"{path}: a CoreNet .pt checkpoint needs --preset (270M, 450M, 1_1B or 3B) or --config")
+        raise ConfigError(f"{path}: a CoreNet .pt checkpoint needs `preset` (270M, 450M, 1_1B or 3B) or `config`")
     try:
         with open(path, "rb"):
             pass

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterable
@@ -52,6 +53,36 @@ def _silence_stdout() -> None:
         pass
 
 
+_LEADING_NAME = re.compile(r"^(\w+):")
+_QUOTED_NAME = re.compile(r"`(\w+)(?:=([^`]*))?`")
+
+
+def _flag(param: click.Parameter) -> str:
+    return next((opt for opt in param.opts if opt.startswith("--")), param.opts[0])
+
+
+def as_flags(message: str) -> str:
+    """A library message as the command's user reads it. Library errors name the parameters of the
+    call, never flags: the one at fault leads (`mlx_path: ...`), others are quoted (`force=True`,
+    `batch_size=4`, `average`); here each that is an option of the running command becomes its flag
+    (`--mlx-path: ...`, `--force`, `--batch-size 4`, `--average`). Other text stays as it is."""
+    context = click.get_current_context(silent=True)
+    if context is None:
+        return message
+    flags = {p.name: _flag(p) for p in context.command.params if isinstance(p, click.Option)}
+
+    def quoted(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        if name not in flags:
+            return match.group(0)
+        return flags[name] if value in (None, "True") else f"{flags[name]} {value}"
+
+    leading = _LEADING_NAME.match(message)
+    if leading and leading.group(1) in flags:
+        message = flags[leading.group(1)] + message[leading.end(1):]
+    return _QUOTED_NAME.sub(quoted, message)
+
+
 def user_errors(fn):
     """Run a command the way every subcommand runs: mlx-openelm's own errors (bad files,
     keys, options, prompts) and OS errors on a named file become a one-line `Error:` and
@@ -67,7 +98,7 @@ def user_errors(fn):
             try:
                 return fn(*args, **kwargs)
             except OpenELMError as e:
-                raise click.ClickException(str(e)) from None
+                raise click.ClickException(as_flags(str(e))) from None
             except OSError as e:
                 if e.filename is None and e.errno in OUTPUT_FULL_ERRNOS:  # stdout on a full disk or /dev/full
                     _silence_stdout()
@@ -90,7 +121,7 @@ def warnings_as_notes():
 
         def show(message, category, filename, lineno, file=None, line=None):
             if issubclass(category, OpenELMWarning):
-                click.echo(f"warning: {message}", err=True)
+                click.echo(f"warning: {as_flags(str(message))}", err=True)
             else:
                 plain(message, category, filename, lineno, file, line)
 

@@ -1,4 +1,9 @@
-"""Errors meant for users: each message names the file, key or option at fault."""
+"""Errors meant for users: each message names the file, key or option at fault.
+
+An option is named as the library call's parameter, never as a command-line flag: the one at
+fault leads the message (`mlx_path: ...`), others are quoted in backticks (`force=True`,
+`batch_size=4`). The CLI shows each as its command's flag (`cli_common.as_flags`).
+"""
 
 
 class OpenELMError(Exception):

@@ -280,7 +280,7 @@ def _evaluate_finite(parameters: Mapping[str, Any], folder: Path, stored: Mappin
     if bad and bad[0] in stored and mx.isfinite(stored[bad[0]]).all().item():
         dtype = DTYPE_NAMES.get(dict(flat)[bad[0]].dtype, str(dict(flat)[bad[0]].dtype))
         raise CheckpointError(f"{folder}: tensor '{bad[0]}' holds values too large for {dtype} (the compute "
-                              "dtype); load it in float32 or bfloat16 (--dtype)")
+                              "dtype); load it in float32 or bfloat16 (`dtype`)")
     if bad:
         raise CheckpointError(f"{folder}: tensor '{bad[0]}' holds NaN or infinite values"
                               + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""))

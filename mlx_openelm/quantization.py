@@ -193,17 +193,18 @@ def read_quantization(config: Mapping[str, Any], source: str = CONFIG_FILE) -> O
 
 def check_options(bits: Optional[int], group_size: int, recipe: Optional[str],
                   method: str = DEFAULT_METHOD) -> Optional[int]:
-    """Validate --bits/--group-size/--recipe/--quant-method; returns the default bits (None: no quantization)."""
-    check_group_size(group_size, "--group-size")
-    check_method(method, "--quant-method")
+    """Validate the `bits`, `group_size`, `recipe` and `method` a conversion is asked for (errors name
+    them as these parameters); returns the default bits (None: no quantization)."""
+    check_group_size(group_size, "group_size")
+    check_method(method, "method")
     if recipe is not None:
         if recipe not in RECIPES:
-            raise ConfigError(f"--recipe: unknown recipe {recipe!r}; choose {_recipe_choices()}")
+            raise ConfigError(f"recipe: unknown recipe {recipe!r}; choose {_recipe_choices()}")
         rest, _head = RECIPES[recipe]
         if bits is not None and bits != rest:
-            raise ConfigError(f"--recipe {recipe} quantizes to {rest} bits; it cannot be combined with --bits {bits}")
+            raise ConfigError(f"recipe: {recipe} quantizes to {rest} bits; it cannot be combined with `bits={bits}`")
         return rest
-    return None if bits is None else check_bits(bits, "--bits")
+    return None if bits is None else check_bits(bits, "bits")
 
 
 @dataclass

@@ -229,7 +229,7 @@ def test_large_output_is_sharded_with_an_index(hf_checkpoint, tmp_path, float_lo
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("64kb") == 64_000 and parse_size(1234) == 1234
-    with pytest.raises(ConfigError, match="--max-shard-size"):
+    with pytest.raises(ConfigError, match="max_shard_size: "):
         parse_size("lots")
 
 
@@ -426,9 +426,9 @@ def test_dequantize_writes_the_quantized_model_back_in_float(hf_checkpoint, tmp_
 
 
 @pytest.mark.parametrize("case, message", [
-    ("quantized-without-flag", "holds a quantized model: pass --dequantize"),
-    ("float-with-flag", "--dequantize: "),
-    ("flag-with-bits", "--dequantize writes float weights; it cannot be combined with --bits"),
+    ("quantized-without-flag", "holds a quantized model: pass `dequantize=True`"),
+    ("float-with-flag", "dequantize: "),
+    ("flag-with-bits", "dequantize: writes float weights; it cannot be combined with `bits`"),
 ])
 def test_dequantize_refusals_leave_nothing_behind(hf_checkpoint, tmp_path, case, message):
     quantized = tmp_path / "q4"

@@ -107,6 +107,39 @@ def test_only_the_projects_own_errors_become_one_line_messages():
     assert isinstance(result.exception, ValueError) and str(result.exception) == "an internal mistake"
 
 
+def test_library_errors_name_parameters_and_the_cli_shows_its_flags():
+    """A library error names the call's parameters (the one at fault leading, others in backticks); the
+    command shows each of its own options as the flag (the first long one), and leaves other text alone."""
+    from mlx_openelm.errors import ConfigError
+
+    messages = {
+        "lead": "save_path: out exists; pass `force=True` to replace it",
+        "values": "warmup: 12 steps leave none of the 12 `iters`; fewer than `batch_size=4`",
+        "others": "dtype: `seed` and `recipe=x` are no options here; not_an_option: stays",
+        "path": "max_seq_length.txt: a file, `hf download x` as it is",
+    }
+
+    @click.command()
+    @click.argument("kind")
+    @click.option("--save-path", "--mlx-path", "save_path")
+    @click.option("--force", is_flag=True)
+    @click.option("--warmup", type=int)
+    @click.option("--iters", type=int)
+    @click.option("--batch-size", "-b", type=int)
+    @click.option("--max-seq-length", type=int)
+    @user_errors
+    def command(kind, **options):
+        raise ConfigError(messages[kind])
+
+    shown = {kind: CliRunner().invoke(command, [kind]).output.strip() for kind in messages}
+    assert shown == {
+        "lead": "Error: --save-path: out exists; pass --force to replace it",
+        "values": "Error: --warmup: 12 steps leave none of the 12 --iters; fewer than --batch-size 4",
+        "others": "Error: dtype: `seed` and `recipe=x` are no options here; not_an_option: stays",
+        "path": "Error: max_seq_length.txt: a file, `hf download x` as it is",
+    }
+
+
 # ---- bytes that are not UTF-8 -------------------------------------------------------------------
 
 def expected_text(loaded, prompt: str, max_tokens: int) -> str:

@@ -91,7 +91,7 @@ def test_folder_appearing_while_converting_is_never_replaced(user_files, monkeyp
         real(folder, config)
 
     monkeypatch.setattr(pipeline, "write_config", someone_creates_the_target)
-    with pytest.raises(ConfigError, match=r"out appeared while converting .*it was left as it is"):
+    with pytest.raises(ConfigError, match=r"out appeared while writing .*it was left as it is"):
         convert(src, target, evaluate=False)
     assert snapshot(target) == {"theirs.txt": hashlib.sha256(b"created meanwhile").hexdigest()}
     assert temp_folders(root) == []
@@ -109,7 +109,7 @@ def test_an_empty_folder_appearing_is_not_replaced_either(user_files, monkeypatc
     target = root / "out"
     real = pipeline.write_config
     monkeypatch.setattr(pipeline, "write_config", lambda folder, config: (target.mkdir(), real(folder, config)))
-    with pytest.raises(ConfigError, match="appeared while converting"):
+    with pytest.raises(ConfigError, match="appeared while writing"):
         convert(src, target, evaluate=False)
     assert list(target.iterdir()) == [] and temp_folders(root) == []
     monkeypatch.setattr(pipeline, "write_config", real)
@@ -129,7 +129,7 @@ def test_two_concurrent_converts_into_one_path_exactly_one_wins(user_files, slow
     for code, _, err in results:
         if code:
             lines = [line for line in err.splitlines() if line.startswith("Error:")]
-            assert len(lines) == 1 and ("already exists" in lines[0] or "appeared while converting" in lines[0])
+            assert len(lines) == 1 and ("already exists" in lines[0] or "appeared while writing" in lines[0])
             assert "Traceback" not in err
     assert load_model(root / "out").args.model_dim == SLOW_CONFIG["model_dim"]
     after = snapshot(root)
@@ -469,7 +469,7 @@ def test_force_never_replaces_something_that_is_not_a_folder(user_files, kind):
     before = snapshot(root) if kind != "fifo" else None
     with pytest.raises(ConfigError) as info:
         convert(src, target, force=True, evaluate=False)
-    assert str(info.value) == f"--mlx-path: {target} exists and is not a folder; --force only replaces a folder"
+    assert str(info.value) == f"mlx_path: {target} exists and is not a folder; `force=True` only replaces a folder"
     assert temp_folders(root) == [] and (target.is_fifo() if kind == "fifo" else snapshot(root) == before)
 
 

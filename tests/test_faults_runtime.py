@@ -274,7 +274,7 @@ def test_a_weight_too_large_for_the_compute_dtype_is_said_as_such_not_as_nan(tmp
     with pytest.raises(CheckpointError) as info:
         load(folder, dtype="float16")
     assert str(info.value) == (f"{folder}: tensor '{name}' holds values too large for float16 (the compute dtype); "
-                               "load it in float32 or bfloat16 (--dtype)")
+                               "load it in float32 or bfloat16 (`dtype`)")
     assert load(folder, dtype="bfloat16")[0].args.model_dim == TINY_CONFIG["model_dim"]
 
 

@@ -150,7 +150,7 @@ def test_cli_quant_method_reaches_the_output(hf_checkpoint, tmp_path):
 
 
 def test_library_refuses_an_unknown_method(hf_checkpoint, tmp_path):
-    with pytest.raises(ConfigError, match="--quant-method: 'best' is not a quantization method"):
+    with pytest.raises(ConfigError, match="method: 'best' is not a quantization method"):
         convert(hf_checkpoint, tmp_path / "x", bits=4, method="best")
 
 

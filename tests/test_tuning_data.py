@@ -102,7 +102,7 @@ def test_a_line_longer_than_max_seq_length_is_truncated_with_one_warning(tmp_pat
         warnings.simplefilter("always")
         dataset = read_dataset(path, tokenizer, 16)
     messages = [str(w.message) for w in caught if issubclass(w.category, OpenELMWarning)]
-    assert len(messages) == 1 and "2 line(s) longer than --max-seq-length 16" in messages[0]
+    assert len(messages) == 1 and "2 line(s) longer than `max_seq_length=16` tokens" in messages[0]
     assert max(len(e.tokens) for e in dataset.examples) == 16
     long_prompt = write_jsonl(tmp_path / "valid.jsonl", [{"prompt": "word " * 40, "completion": "yes"}])
     with pytest.raises(DataError, match=r"valid.jsonl:1: nothing to learn in the first 16 tokens"):

@@ -38,13 +38,13 @@ def temp_prefix(target: Path) -> str:
     return f".{target.name}{TEMPORARY_INFIX}"
 
 
-def make_temp_folder(target: Path) -> Path:
+def make_temp_folder(target: Path, param: str = "target") -> Path:
     """A new empty folder beside `target` marked with our pid; call with signals deferred.
-    Raises a ConfigError naming the folder when it is not writable."""
+    Raises a ConfigError naming `param` and the folder when it is not writable."""
     try:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=temp_prefix(target)))
     except OSError as e:
-        raise ConfigError(f"--mlx-path: cannot write into {target.parent} ({e.strerror})") from None
+        raise ConfigError(f"{param}: cannot write into {target.parent} ({e.strerror})") from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -52,7 +52,7 @@ def make_temp_folder(target: Path) -> Path:
         (tmp / IN_PROGRESS_FILE).write_text(f"{os.getpid()}\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"--mlx-path: cannot write into {target.parent} ({e.strerror})") from None
+        raise ConfigError(f"{param}: cannot write into {target.parent} ({e.strerror})") from None
     return tmp
 
 
@@ -99,8 +99,9 @@ def _remove(tmp: Optional[Path], created_parents: list[Path]) -> None:
             pass
 
 
-def make_parents(folder: Path) -> list[Path]:
-    """Create `folder` and missing parents; return those created (outermost first)."""
+def make_parents(folder: Path, param: str = "target") -> list[Path]:
+    """Create `folder` and missing parents; return those created (outermost first). A ConfigError
+    names `param` and the folder that cannot be made."""
     missing = []
     current = folder.absolute()
     while not current.exists():
@@ -113,7 +114,7 @@ def make_parents(folder: Path) -> list[Path]:
         except OSError as e:
             for done in reversed(created):
                 done.rmdir()
-            raise ConfigError(f"--mlx-path: cannot create {path} ({e.strerror})") from None
+            raise ConfigError(f"{param}: cannot create {path} ({e.strerror})") from None
         created.append(path)
     return created
 
@@ -158,27 +159,27 @@ def rename_noreplace(src: Path, dst: Path) -> None:
         raise FileExistsError(errno.EEXIST, "appeared while installing", str(dst)) from None
 
 
-def check_replaceable(target: Path) -> None:
-    """`--force` replaces an output folder, never a file or a device (`--mlx-path /dev/null`
-    run as root would otherwise delete the device node)."""
+def check_replaceable(target: Path, param: str = "target") -> None:
+    """`force` replaces an output folder, never a file or a device (`mlx_path="/dev/null"` run as
+    root would otherwise delete the device node); the ConfigError names `param`."""
     if (target.exists() or target.is_symlink()) and not target.is_dir():
-        raise ConfigError(f"--mlx-path: {target} exists and is not a folder; --force only replaces a folder")
+        raise ConfigError(f"{param}: {target} exists and is not a folder; `force=True` only replaces a folder")
 
 
 @contextmanager
-def installing(target: Path, force: bool) -> Iterator[Path]:
+def installing(target: Path, force: bool, param: str = "target") -> Iterator[Path]:
     """A temporary folder beside `target` to write the output into; installed at `target` when the
     block completes, removed (with any parent folders made for it) when it fails or is interrupted,
-    whatever moment the signal lands."""
+    whatever moment the signal lands. Errors name `param` (the caller's name for `target`)."""
     created_parents, tmp = [], None
     try:
         with signals_deferred():
-            created_parents = make_parents(target.parent)
+            created_parents = make_parents(target.parent, param)
             remove_stale_temp_folders(target)
-            tmp = make_temp_folder(target)
+            tmp = make_temp_folder(target, param)
         yield tmp
         with signals_deferred(finishing=True):
-            install(tmp, target, force)
+            install(tmp, target, force, param)
             tmp, created_parents = None, []
     except BaseException as failure:
         # A signal already on its way lands at the next call, which may be `discard` itself, before
@@ -196,16 +197,16 @@ def installing(target: Path, force: bool) -> Iterator[Path]:
         raise failure
 
 
-def install(tmp: Path, target: Path, force: bool) -> None:
+def install(tmp: Path, target: Path, force: bool, param: str = "target") -> None:
     """Rename the finished `tmp` to `target`. Without `force` an existing target is never
     touched; with it the old one is moved aside and deleted only once the new one is in place."""
     try:
-        _install(tmp, target, force)
+        _install(tmp, target, force, param)
     except OSError as e:
         raise CheckpointError(f"{e.filename or target}: cannot install the output ({e.strerror or e})") from None
 
 
-def _install(tmp: Path, target: Path, force: bool) -> None:
+def _install(tmp: Path, target: Path, force: bool, param: str) -> None:
     os.unlink(tmp / IN_PROGRESS_FILE)
     exists = target.exists() or target.is_symlink()
     if not exists or not force:
@@ -213,11 +214,11 @@ def _install(tmp: Path, target: Path, force: bool) -> None:
             rename_noreplace(tmp, target)
         except FileExistsError:
             raise ConfigError(
-                f"--mlx-path: {target} appeared while converting (another run?); it was left as it is "
-                "and nothing was written (pass --force to replace it)"
+                f"{param}: {target} appeared while writing (another run?); it was left as it is "
+                "and nothing was written (pass `force=True` to replace it)"
             ) from None
         return
-    check_replaceable(target)
+    check_replaceable(target, param)
     old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(target, old)
     try:

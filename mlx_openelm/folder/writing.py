@@ -50,15 +50,15 @@ def parse_size(value: Union[str, int, float]) -> int:
                 try:
                     size = int(float(text[: -len(unit)]) * factor)
                 except (ValueError, OverflowError):
-                    raise ConfigError(f"--max-shard-size: cannot read {value!r} (e.g. 5GB, 500MB)") from None
+                    raise ConfigError(f"max_shard_size: cannot read {value!r} (e.g. 5GB, 500MB)") from None
                 break
         else:
             try:
                 size = int(text)
             except (ValueError, OverflowError):
-                raise ConfigError(f"--max-shard-size: cannot read {value!r} (e.g. 5GB, 500MB)") from None
+                raise ConfigError(f"max_shard_size: cannot read {value!r} (e.g. 5GB, 500MB)") from None
     if size <= 0:
-        raise ConfigError(f"--max-shard-size: must be positive, got {value!r}")
+        raise ConfigError(f"max_shard_size: must be positive, got {value!r}")
     return size
 
 

@@ -149,9 +149,9 @@ def config_from_dict(raw: Mapping[str, Any], model_layers: int, source: str) -> 
 
 
 def scale_from_alpha(alpha: Optional[float], scale: Optional[float], rank: int) -> float:
-    """--alpha (the Hugging Face PEFT convention, scale = alpha / rank) or --scale (mlx-lm's), not both."""
+    """`alpha` (the Hugging Face PEFT convention, scale = alpha / rank) or `scale` (mlx-lm's), not both."""
     if alpha is not None and scale is not None:
-        raise ConfigError("--alpha and --scale both set the LoRA scale (scale = alpha / rank); pass one")
+        raise ConfigError("`alpha` and `scale` both set the LoRA scale (scale = alpha / rank); pass one")
     if alpha is not None:
         return alpha / rank
     return DEFAULT_SCALE if scale is None else scale

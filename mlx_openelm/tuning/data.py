@@ -148,14 +148,14 @@ def read_dataset(path: Path, tokenizer, max_seq_length: int) -> Dataset:
             truncated.append((number, len(example.tokens)))
             example = Example(example.tokens[:max_seq_length], example.mask[:max_seq_length])
             if not example.targets:
-                raise DataError(f"{where}: nothing to learn in the first {max_seq_length} tokens (--max-seq-length); "
+                raise DataError(f"{where}: nothing to learn in the first {max_seq_length} tokens (`max_seq_length`); "
                                 "its loss tokens come later")
         examples.append(example)
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty); {FORMAT_HELP}")
     if truncated:
         longest = max(n for _, n in truncated)
-        warnings.warn(f"{path}: {len(truncated)} line(s) longer than --max-seq-length {max_seq_length} tokens were "
+        warnings.warn(f"{path}: {len(truncated)} line(s) longer than `max_seq_length={max_seq_length}` tokens were "
                       f"truncated (line {truncated[0][0]} first; longest {longest} tokens)", OpenELMWarning, stacklevel=2)
     return Dataset(path, tuple(examples))
 
@@ -186,7 +186,7 @@ def batches(dataset: Dataset, batch_size: int, seed: Optional[int] = None, loop:
     stop = len(order) - len(order) % batch_size if full_only else len(order)
     groups = [order[i : i + batch_size] for i in range(0, stop, batch_size)]
     if not groups:
-        raise DataError(f"{dataset.path}: {len(dataset)} examples, fewer than --batch-size {batch_size}")
+        raise DataError(f"{dataset.path}: {len(dataset)} examples, fewer than `batch_size={batch_size}`")
     rng = np.random.default_rng(seed)
     while True:
         for g in (rng.permutation(len(groups)) if loop else range(len(groups))):

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from mlx_openelm.config import read_config
 from mlx_openelm.errors import ConfigError
-from mlx_openelm.folder.install import installing
+from mlx_openelm.folder.install import check_replaceable, installing
 from mlx_openelm.folder.names import CONFIG_FILE, TOKENIZER_SIDE_FILES
 from mlx_openelm.folder.writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_file, parse_size, write_config
 from mlx_openelm.hub import resolve_model_path
@@ -76,9 +76,8 @@ def _fully_tuned(model, stored: dict) -> dict:
 
 def _check_target(target: Path, force: bool) -> None:
     if (target.exists() or target.is_symlink()) and not force:
-        raise ConfigError(f"--save-path: {target} exists; pass --force to replace it")
-    if (target.exists() or target.is_symlink()) and not target.is_dir():
-        raise ConfigError(f"--save-path: {target} exists and is not a folder; --force only replaces a folder")
+        raise ConfigError(f"save_path: {target} exists; pass `force=True` to replace it")
+    check_replaceable(target, "save_path")
 
 
 def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], save_path: Union[str, Path], *,
@@ -109,7 +108,7 @@ def fuse(model_path: Union[str, Path], adapter_path: Union[str, Path], save_path
 
 
 def _write(source: Path, target: Path, tensors: dict, config: dict, force: bool, max_bytes: int) -> None:
-    with installing(target, force) as tmp:
+    with installing(target, force, "save_path") as tmp:
         writer = ShardWriter(tmp, max_bytes, {"format": "mlx"})
         for name in sorted(tensors):
             writer.add({name: tensors[name]})

@@ -38,7 +38,7 @@ Report = Callable[[dict], None]
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How to train; validated on creation (errors name the command-line option)."""
+    """How to train; validated on creation (errors name the field)."""
 
     iters: int = 1000
     batch_size: int = 4
@@ -54,21 +54,21 @@ class TrainSettings:
     seed: int = 0
 
     def __post_init__(self):
-        for option, value, least in (("--iters", self.iters, 1), ("--batch-size", self.batch_size, 1),
-                                     ("--warmup", self.warmup, 0), ("--steps-per-report", self.steps_per_report, 1),
-                                     ("--steps-per-eval", self.steps_per_eval, 1), ("--save-every", self.save_every, 1)):
+        for option, value, least in (("iters", self.iters, 1), ("batch_size", self.batch_size, 1),
+                                     ("warmup", self.warmup, 0), ("steps_per_report", self.steps_per_report, 1),
+                                     ("steps_per_eval", self.steps_per_eval, 1), ("save_every", self.save_every, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise OptionError(f"{option}: {value!r} is not an integer of at least {least}")
-        for option, value in (("--val-batches", self.val_batches), ("--test-batches", self.test_batches)):
+        for option, value in (("val_batches", self.val_batches), ("test_batches", self.test_batches)):
             if value != -1 and value < 1:
                 raise OptionError(f"{option}: {value!r} must be positive, or -1 for the whole set")
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
-            raise OptionError(f"--learning-rate: {self.learning_rate!r} is not a positive number")
+            raise OptionError(f"learning_rate: {self.learning_rate!r} is not a positive number")
         if self.lr_schedule not in SCHEDULES:
-            raise OptionError(f"--lr-schedule: {self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+            raise OptionError(f"lr_schedule: {self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
         if self.warmup >= self.iters:
-            raise OptionError(f"--warmup: {self.warmup} steps leave none of the {self.iters} --iters to train")
+            raise OptionError(f"warmup: {self.warmup} steps leave none of the {self.iters} `iters` to train")
 
 
 def learning_rate_schedule(settings: TrainSettings):
