@@ -110,7 +110,7 @@ def evaluate(
         raise OptionError(f"the text has {len(tokens)} token(s); at least two are needed to score one")
     for m in (model, reference):
         if m is not None and context > m.args.max_context_length:
-            raise ContextLengthError(f"--context {context} exceeds the model's context of "
+            raise ContextLengthError(f"`context={context}` exceeds the model's context of "
                                      f"{m.args.max_context_length} tokens")
     stride = stride or max(1, context // 2)
     windows = sliding_windows(len(tokens), context, stride)

@@ -127,7 +127,7 @@ def test_evaluate_text_counts_bytes_and_prepends_bos(hf_checkpoint):
 
 
 def test_context_beyond_the_model_and_too_short_texts_are_refused(model):
-    with pytest.raises(ContextLengthError, match="--context 4096 exceeds the model's context of 2048"):
+    with pytest.raises(ContextLengthError, match="`context=4096` exceeds the model's context of 2048"):
         evaluate(model, TOKENS, context=4096, stride=512)
     with pytest.raises(ValueError, match="at least two are needed"):
         evaluate(model, [1], context=8, stride=4)

@@ -53,7 +53,7 @@ def parse_allowed_hosts(values: Iterable[str]) -> frozenset[str]:
         if name.startswith("[") and name.endswith("]"):
             name = name[1:-1]
         if name != "*" and _ip(name) is None and not _NAME.match(name):
-            raise OptionError(f"--allowed-hosts: {value!r} is not a host name or IP address "
+            raise OptionError(f"allowed_hosts: {value!r} is not a host name or IP address "
                               "(give it without a port or scheme, or '*' for any)")
         hosts.add(name)
     return frozenset(hosts)
@@ -75,7 +75,7 @@ def parse_allowed_origins(values: Iterable[str]) -> frozenset[str]:
             parts = None
         if parts is None or not parts.scheme or not parts.hostname or parts.path or parts.query or parts.fragment \
                 or "@" in parts.netloc:
-            raise OptionError(f"--allowed-origins: {value!r} is not a web origin (scheme://host[:port], "
+            raise OptionError(f"allowed_origins: {value!r} is not a web origin (scheme://host[:port], "
                               "as a browser sends it, e.g. http://localhost:3000; or '*' for any)")
         origins.add(origin)
     return frozenset(origins)

@@ -43,7 +43,7 @@ class ServerLimits:
     def __post_init__(self):
         bounds = {"max_header_bytes": (256, 65536), "max_headers": (1, 100)}  # http.client's own line/count limits
         for field in fields(self):
-            value, option = getattr(self, field.name), "--" + field.name.replace("_", "-")
+            value, option = getattr(self, field.name), f"`{field.name}`"
             lo, hi = bounds.get(field.name, (1, math.inf))
             if field.name == "read_timeout":
                 if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
