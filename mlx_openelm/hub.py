@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence, Union
 from .errors import CheckpointError, OpenELMError, TokenizerError
 from .folder.names import (CONFIG_FILE, SAFETENSORS_INDEX, TOKENIZER_FILE, TOKENIZER_FILES,
                            TOKENIZER_JSON_COMPANIONS)
+
 # An ungated mirror of meta-llama/Llama-2-7b-hf (whose tokenizer OpenELM uses); only its
 # tokenizer.model is ever fetched.
 DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"
