@@ -177,8 +177,7 @@ def run_training(model_path, tokenizer_path, dtype, data_path, lora: dict, setti
         note(format_event(event, settings.iters))
 
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json)
-    config = check_adapter_config(model_layers=len(model.layers), **lora,
-                                  name=lambda key: "--" + key.replace("_", "-"))
+    config = check_adapter_config(model_layers=len(model.layers), **lora)  # errors: as_flags names the flags
     splits = load_splits(Path(data_path), tokenizer, max_seq_length, need=("train", "test") if test else ("train",))
     mx.random.seed(settings.seed)
     apply_adapters(model, config)
