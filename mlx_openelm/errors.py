@@ -50,3 +50,8 @@ class TrainingInterrupted(OpenELMError):
         super().__init__(message)
         self.iteration = iteration
         self.path = path
+
+
+class ChatTemplateError(OpenELMError, ValueError):
+    """A chat template that cannot be read, compiled or rendered (the message names its file), or one that
+    refused the conversation it was given (its `raise_exception`)."""

@@ -1,15 +1,19 @@
-"""What every tokenizer backend shares: OpenELM's conventions (BOS always first, EOS stops),
-the Instruct chat template, and the checks on the text it is given."""
+"""What every tokenizer backend shares: the conventions its folder sets (whether BOS comes first,
+the chat template, the special tokens' names; `_read_conventions`), OpenELM-Instruct's chat
+format for folders without a template, and the checks on the text it is given."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence, Union
 
 from ..errors import PromptError, TokenizerError
+from .chat_template import ChatTemplate, read_folder_template, read_tokenizer_config
 
 CHAT_ROLES = ("system", "user", "assistant")
+# The special tokens transformers names (and passes to chat templates as variables).
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 # Lone surrogates: how Python carries bytes that are not valid UTF-8 in a str (argv and
 # stdin decode with errors="surrogateescape"); no tokenizer can take them.
@@ -63,19 +67,34 @@ def register_backend(accepts: Callable[[Path], bool]):
     return register
 
 
+def token_text(value: Any) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string, or an object with its "content"."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
 class Tokenizer:
-    """A tokenizer with OpenELM's conventions: BOS prepended, EOS stops, the Instruct template.
+    """A tokenizer with its folder's conventions: whether BOS comes first, which ids end a reply, the chat
+    template (OpenELM-Instruct's format where the folder has none).
 
     ``Tokenizer(path)`` opens a SentencePiece ``tokenizer.model`` or a Hugging Face
     ``tokenizer.json`` (chosen by the file: a ``.json`` name or JSON content), returning the
     backend's subclass. `bos_id`/`eos_id` serve formats whose file does not say which token
     is which (tokenizer.json; the loader passes the model config's ``bos_token_id`` and
     ``eos_token_id``); a SentencePiece model defines its own.
+
+    From the files beside it: `add_bos` (tokenizer_config.json's ``add_bos_token``, else the
+    tokenizer's own rule: always for SentencePiece, as Llama-2's tokenizer does; a tokenizer.json's
+    post-processor), `chat_template` (a `ChatTemplate`, or None; assign another to override it) and
+    the special tokens templates see. `eos_ids`: every id that ends a reply (`eos_id` and, from the
+    loader, the model folder's generation_config.json ``eos_token_id`` list).
     """
 
     path: Path
     bos_id: int
     eos_id: int
+    add_bos: bool = True
+    chat_template: Optional[ChatTemplate] = None
 
     def __new__(cls, path: PathLike, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
         if cls is Tokenizer:
@@ -108,7 +127,23 @@ class Tokenizer:
     def detokenizer(self) -> Detokenizer:
         raise NotImplementedError
 
+    def encode_special(self, text: str) -> list[int]:
+        """Token ids of checked text a chat template wrote: special-token text becomes the special token
+        (as transformers tokenizes a template's output, with ``add_special_tokens=False``)."""
+        raise NotImplementedError
+
     # ---- the shared conventions ---------------------------------------------------
+
+    def _read_conventions(self, own_add_bos: bool) -> None:
+        """Read the folder's conventions (see the class docstring); `own_add_bos`: the tokenizer's own rule."""
+        config = read_tokenizer_config(self.path.parent)
+        add_bos = config.get("add_bos_token")
+        self.add_bos = add_bos if isinstance(add_bos, bool) else own_add_bos
+        self.chat_template = read_folder_template(self.path.parent, config)
+        named = {name: token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
+        named.update(bos_token=self.piece(self.bos_id), eos_token=self.piece(self.eos_id))
+        self.special_tokens = {name: text for name, text in named.items() if text is not None}
+        self.eos_ids = frozenset({self.eos_id})
 
     def check_special_ids(self) -> None:
         """Refuse BOS/EOS ids the vocabulary does not hold (named after the file)."""
@@ -117,14 +152,14 @@ class Tokenizer:
                 raise TokenizerError(f"{self.path}: the {name} id {token} is not in the tokenizer's "
                                      f"{self.vocab_size} tokens")
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, BOS first unless `add_bos` is False.
+    def encode(self, text: str, add_bos: Optional[bool] = None) -> list[int]:
+        """Token ids of `text`, BOS first when `add_bos` (None: the tokenizer's rule, `self.add_bos`).
 
         Raises `PromptError` (a ValueError) when `text` holds bytes that are not valid
         UTF-8 (see `clean_text`).
         """
         ids = self.encode_text(check_text(text))
-        return [self.bos_id] + ids if add_bos else ids
+        return [self.bos_id] + ids if (self.add_bos if add_bos is None else add_bos) else ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; ids past the tokenizer (a padded model vocab, e.g. CoreNet's 32128) are skipped."""
@@ -163,9 +198,39 @@ class Tokenizer:
             segments.append(text)
         return segments
 
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], tools: Optional[Sequence[Mapping]] = None,
+                    add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation as the folder's chat template writes it (`ChatTemplate.render`, with the special
+        tokens as variables; `kwargs`, such as ``documents``, override them). Needs a template."""
+        if self.chat_template is None:
+            raise PromptError(f"{self.path.parent}: this tokenizer has no chat template, only OpenELM-Instruct's "
+                              "format (which apply_chat_template writes as token ids)")
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         **{**self.special_tokens, **kwargs})
+
     def apply_chat_template(
-        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True, tokenize: bool = True
+        self, messages: Sequence[Mapping[str, Any]], tools: Optional[Sequence[Mapping]] = None,
+        add_generation_prompt: bool = True, tokenize: bool = True, **kwargs
     ) -> list[int]:
+        """Token ids of a conversation in the folder's chat template, as transformers' `apply_chat_template`
+        makes them (`render_chat`, then `encode_special`: no BOS but the one the template writes).
+
+        Without a template: OpenELM-Instruct's format (BOS first, see `chat_segments`), which has no
+        tools (given some, a `PromptError`). Messages may carry ``tool_calls`` (arguments as a JSON
+        string or an object) and ``tool`` roles where the template renders them.
+        """
+        if not tokenize:  # mlx-lm's habit; as text, special tokens would come back as text
+            raise TypeError("apply_chat_template returns token ids only (tokenize=False is not supported): "
+                            "pass the ids as the prompt to generate or stream_generate, or use render_chat")
+        if self.chat_template is not None:
+            text = self.render_chat(messages, tools, add_generation_prompt, **kwargs)
+            return self.encode_special(check_text(text, "the chat template's text"))
+        if tools:
+            raise PromptError("OpenELM-Instruct's chat format has no tools; give the tokenizer a chat template "
+                              "that renders them")
+        return self._openelm_chat(messages, add_generation_prompt)
+
+    def _openelm_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> list[int]:
         """Token ids of a conversation in OpenELM-Instruct's format (BOS first, see `chat_segments`).
 
         Matches Hugging Face's fast tokenizer rendering the same template (for Llama-2's,
@@ -174,9 +239,6 @@ class Tokenizer:
         ``"<|user|>\\nhi</s>\\n<|assistant|>\\n"`` is
         ``[BOS] + encode("<|user|>\\nhi") + [EOS] + encode("\\n<|assistant|>\\n")``.
         """
-        if not tokenize:  # mlx-lm's habit; as text, "</s>" would come back as text, not EOS
-            raise TypeError("apply_chat_template returns token ids only (tokenize=False is not supported): "
-                            "pass the ids as the prompt to generate or stream_generate")
         ids = [self.bos_id]
         for segment in self.chat_segments(messages, add_generation_prompt):
             ids += [self.eos_id] if segment is None else self.encode_text(segment)

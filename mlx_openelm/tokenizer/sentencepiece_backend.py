@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import codecs
+import re
+from functools import cached_property
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +16,8 @@ _SPACE = "\u2581"  # SentencePiece's word-boundary marker
 
 @register_backend(lambda path: True)  # tried last: whatever is not a tokenizer.json
 class SentencePieceTokenizer(Tokenizer):
-    """A SentencePiece model; it names its own BOS and EOS pieces (`bos_id`/`eos_id` are not used)."""
+    """A SentencePiece model; it names its own BOS and EOS pieces (`bos_id`/`eos_id` are not used).
+    BOS comes first unless a tokenizer_config.json beside it says ``"add_bos_token": false``."""
 
     def __init__(self, path: PathLike, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
         import sentencepiece as spm
@@ -39,6 +42,7 @@ class SentencePieceTokenizer(Tokenizer):
                 self._piece_bytes.append(" \u2047 ".encode())
             else:
                 self._piece_bytes.append(self.sp.id_to_piece(i).replace(_SPACE, " ").encode())
+        self._read_conventions(own_add_bos=True)
 
     @property
     def vocab_size(self) -> int:
@@ -49,6 +53,24 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode_ids(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    @cached_property
+    def _specials(self) -> tuple[re.Pattern, dict[str, int]]:
+        """The control and unknown pieces (<s>, </s>, <unk>: the special tokens transformers' Llama tokenizer
+        has) and a pattern that finds them, longest first."""
+        pieces = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                  if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        return re.compile("|".join(map(re.escape, sorted(pieces, key=len, reverse=True)))), pieces
+
+    def encode_special(self, text: str) -> list[int]:
+        # as transformers' Llama tokenizer in legacy mode: the text between special tokens is encoded piece by
+        # piece, each with SentencePiece's leading space
+        pattern, ids = self._specials
+        out, start = [], 0
+        for match in pattern.finditer(text):
+            out += self.encode_text(text[start:match.start()]) + [ids[match.group()]]
+            start = match.end()
+        return out + self.encode_text(text[start:])
 
     def piece(self, token: int) -> str:
         return self.sp.id_to_piece(token)

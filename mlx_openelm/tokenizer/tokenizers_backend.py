@@ -96,10 +96,11 @@ def _named_special_ids(path: Path, backend) -> tuple[Optional[Path], dict[str, i
 
 @register_backend(is_tokenizer_json)
 class HFTokenizer(Tokenizer):
-    """A Hugging Face ``tokenizer.json``, with OpenELM's conventions.
+    """A Hugging Face ``tokenizer.json``.
 
-    Text is encoded without the file's post-processor (BOS is prepended once, here, never
-    twice) and with special-token text kept as text, as SentencePiece does. A tokenizer.json
+    Text is encoded without the file's post-processor (BOS is prepended once, by `encode`, where
+    the post-processor or tokenizer_config.json's ``add_bos_token`` says so, never twice) and
+    with special-token text kept as text, as SentencePiece does. A tokenizer.json
     does not say which token is BOS or EOS: they are `bos_id`/`eos_id` when given (the
     loader passes the model config's ``bos_token_id``/``eos_token_id``), else the
     ``bos_token``/``eos_token`` of a tokenizer_config.json or special_tokens_map.json beside it.
@@ -114,6 +115,26 @@ class HFTokenizer(Tokenizer):
         self._set_special_ids(bos_id, eos_id)
         decoder = data.get("decoder")
         self.byte_level = isinstance(decoder, dict) and decoder.get("type") == "ByteLevel"
+        self._read_conventions(own_add_bos=self._post_processor_adds_bos())
+
+    def _post_processor_adds_bos(self) -> bool:
+        """Whether the file's post-processor puts BOS before the text (a Llama-2 tokenizer.json's does,
+        SmolLM2's has none)."""
+        bare = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
+        return full[: len(full) - len(bare)][:1] == [self.bos_id] and full[len(full) - len(bare):] == bare
+
+    @cached_property
+    def _special_backend(self):
+        """A copy of the backend that finds special-token text (for a chat template's output)."""
+        from tokenizers import Tokenizer as Backend
+
+        backend = Backend.from_str(self.backend.to_str())
+        backend.encode_special_tokens = False
+        return backend
+
+    def encode_special(self, text: str) -> list[int]:
+        return self._special_backend.encode(text, add_special_tokens=False).ids
 
     @cached_property
     def _piece_bytes(self) -> list[bytes]:
