@@ -11,6 +11,7 @@ It holds about one output shard and one input tensor at a time.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,7 @@ import mlx.core as mx
 from mlx_openelm.config import ModelArgs
 from mlx_openelm.errors import ConfigError, TokenizerError
 from mlx_openelm.folder.install import check_replaceable, installing
+from mlx_openelm.folder.names import GENERATION_CONFIG
 from mlx_openelm.folder.writing import (DEFAULT_MAX_SHARD_BYTES, ShardWriter, copy_tokenizer, model_config,
                                         parse_size, write_config)
 from mlx_openelm.hf_files import write_tokenizer_files
@@ -117,7 +119,7 @@ def convert(
                   _write_calibrated(source, scratch(), calibration, tmp, out_dtype, plan, max_bytes, progress))
         report.output, report.bits, report.recipe = str(target), default_bits, recipe
         report.method = method if plan else None
-        _finish_folder(tmp, report, args, out_dtype, plan, tok,
+        _finish_folder(tmp, report, source, out_dtype, plan, tok,
                        open_sources(references, preset, config) if evaluate else None)
     report.seconds = time.perf_counter() - start
     report.peak_memory_mb = peak_memory_mb()
@@ -134,17 +136,21 @@ def _stage(source: Source, progress: Optional[Progress]) -> Optional[Callable[[i
                                                          f"calibrating: layer {done}/{layers}"))
 
 
-def _finish_folder(folder: Path, report: ConvertReport, args: ModelArgs, dtype: mx.Dtype,
+def _finish_folder(folder: Path, report: ConvertReport, source: Source, dtype: mx.Dtype,
                    plan: Optional[QuantizationPlan], tokenizer: Optional[Tokenizer], reference: Optional[Source]
                    ) -> None:
-    """Everything after the weights: tokenizer files, the quality check against `reference`
-    (None: skipped), and config.json last."""
+    """Everything after the weights: tokenizer files, the source's generation_config.json, the quality
+    check against `reference` (None: skipped), and config.json last."""
+    args = source.args
+    generation = Path(source.path) / GENERATION_CONFIG
+    if generation.is_file():
+        shutil.copyfile(generation, folder / GENERATION_CONFIG)
     if tokenizer is not None:
         copy_tokenizer(folder, tokenizer)
         # so transformers and mlx-lm open it too
         write_tokenizer_files(folder, args.max_context_length, tokenizer.bos_id, tokenizer.eos_id)
         report.tokenizer = str(tokenizer.path)
-    out_config = model_config(args, dtype, plan.quantization if plan else None)
+    out_config = model_config(args, dtype, plan.quantization if plan else None, source.architectures)
     if reference is not None:
         _evaluate(report, reference, folder, out_config)
     write_config(folder, out_config)

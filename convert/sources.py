@@ -18,6 +18,7 @@ from mlx_openelm.errors import CheckpointError, ConfigError
 from mlx_openelm.folder.names import CONFIG_FILE
 from mlx_openelm.hub import find_tokenizer, resolve_model_path
 from mlx_openelm.loading import IGNORED_KEYS, check_weights, read_weights
+from mlx_openelm.generation_config import OPENELM_ARCHITECTURE
 from mlx_openelm.model import Model
 from mlx_openelm.quantization import apply_quantization, read_quantization
 
@@ -31,6 +32,7 @@ class Source:
     args: ModelArgs
     kind: str
     tokenizer: Optional[Path] = None
+    architectures: Optional[list] = None  # config.json's, kept in the output (it says whether this is an OpenELM)
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -68,6 +70,8 @@ class HFSource(Source):
         self._shapes = expected_shapes(self.args)  # the float model's, in model order
         self._order = list(self._shapes)
         self.tokenizer = find_tokenizer(folder)
+        names = config.get("architectures")
+        self.architectures = names if isinstance(names, list) and all(isinstance(n, str) for n in names) else None
 
     def names(self) -> list[str]:
         return list(self._order)
@@ -107,6 +111,7 @@ class CoreNetSource(Source):
             what = f"preset {preset} (vocab {CORENET_VOCAB_SIZE})"
         self._tensors = read_corenet(path, self.args, what)
         self.tokenizer = None
+        self.architectures = [OPENELM_ARCHITECTURE]  # CoreNet's checkpoints are Apple's OpenELM
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -133,6 +138,7 @@ class AveragedSource(Source):
         self.path = first.path
         self.args = first.args
         self.tokenizer = first.tokenizer
+        self.architectures = first.architectures
 
     def names(self) -> list[str]:
         return self.sources[0].names()

@@ -175,7 +175,7 @@ class ChatSession:
                 yield response
         finally:
             # A stop string ends the reply before itself: the conversation keeps what was shown.
-            stopped_by_text = finish == "stop" and reply[-1:] != [self.tokenizer.eos_id]
+            stopped_by_text = finish == "stop" and not (reply and reply[-1] in self.tokenizer.eos_ids)
             self._end_turn(new, reply, finish, "".join(shown) if stopped_by_text else None)
 
     def _end_turn(self, new: list[int], reply: list[int], finish: Optional[str], text: Optional[str]) -> None:
@@ -187,7 +187,7 @@ class ChatSession:
         self._trim_cache(min(c.offset for c in self.cache))
         self.finish_reason = finish or "interrupted"
         if text is None:
-            text = self.tokenizer.decode([t for t in reply if t != self.tokenizer.eos_id])
+            text = self.tokenizer.decode([t for t in reply if t not in self.tokenizer.eos_ids])
         if reply:
             self.messages.append({"role": "assistant", "content": text})
         else:  # nothing was said: forget the question too

@@ -324,7 +324,7 @@ def stream_responses(steps: Iterator[GenerationStep], tokenizer: Tokenizer, prom
             first_token_time = now
             prompt_tps = prompt_size / (now - tic)
         generation_tps = (n - 1) / (now - first_token_time) if n > 1 else 0.0
-        if step.token == tokenizer.eos_id:
+        if step.token in tokenizer.eos_ids:
             finish = "stop"
             text = detokenizer.finalize()
         else:

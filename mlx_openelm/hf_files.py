@@ -11,7 +11,8 @@ ids:
   follows a special token, so ``</s>\\n<|assistant|>`` would lose the ``▁`` the Instruct
   models were tuned with.
 - ``special_tokens_map.json``: the same special tokens, for older readers.
-- ``generation_config.json``: BOS/EOS ids, as Apple's repos ship it.
+- ``generation_config.json``: BOS/EOS ids, as Apple's repos ship it (one already in the folder,
+  the source's, is kept).
 
 No ``tokenizer.json`` is written beside a tokenizer.model: transformers builds the fast
 tokenizer from it (in legacy mode) when it loads the folder. Beside a tokenizer.json the
@@ -102,8 +103,8 @@ def write_tokenizer_files(folder: PathLike, max_length: int = 2048, bos_id: Opti
 
     folder = Path(folder)
     if (folder / TOKENIZER_FILE).is_file():
-        tokenizer, keep = Tokenizer(folder / TOKENIZER_FILE), set()
-        config = tokenizer_config
+        tokenizer, config = Tokenizer(folder / TOKENIZER_FILE), tokenizer_config
+        keep = {GENERATION_CONFIG} if (folder / GENERATION_CONFIG).is_file() else set()
     elif (folder / TOKENIZER_JSON).is_file():
         tokenizer = Tokenizer(folder / TOKENIZER_JSON, bos_id=bos_id, eos_id=eos_id)
         keep, config = {name for name in HF_TOKENIZER_FILES if (folder / name).is_file()}, json_tokenizer_config

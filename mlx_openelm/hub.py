@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 from .errors import CheckpointError, OpenELMError, TokenizerError
-from .folder.names import (CONFIG_FILE, SAFETENSORS_INDEX, TOKENIZER_FILE, TOKENIZER_FILES,
+from .folder.names import (CONFIG_FILE, GENERATION_CONFIG, SAFETENSORS_INDEX, TOKENIZER_FILE, TOKENIZER_FILES,
                            TOKENIZER_JSON_COMPANIONS)
 
 # An ungated mirror of meta-llama/Llama-2-7b-hf (whose tokenizer OpenELM uses); only its
@@ -29,7 +29,7 @@ DEFAULT_TOKENIZER_REPO = "NousResearch/Llama-2-7b-hf"
 TOKENIZER_REPO_ENV = "MLX_OPENELM_TOKENIZER_REPO"
 # What `chat` and `generate` run when no model is given (about 1 GB, fetched once).
 DEFAULT_MODEL = "apple/OpenELM-270M-Instruct"
-MODEL_PATTERNS = (CONFIG_FILE, "*.safetensors", SAFETENSORS_INDEX, *TOKENIZER_FILES,
+MODEL_PATTERNS = (CONFIG_FILE, "*.safetensors", SAFETENSORS_INDEX, GENERATION_CONFIG, *TOKENIZER_FILES,
                   *TOKENIZER_JSON_COMPANIONS)
 TOKENIZER_PATTERNS = (*TOKENIZER_FILES, *TOKENIZER_JSON_COMPANIONS)
 

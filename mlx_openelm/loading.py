@@ -18,7 +18,8 @@ from .folder.names import CONFIG_FILE, IN_PROGRESS_FILE, SAFETENSORS_FILE, SAFET
 from .model import Model
 from .quantization import apply_quantization, read_quantization
 from .hub import resolve_model_path, resolve_tokenizer
-from .tokenizer import Tokenizer
+from .generation_config import read_generation_defaults
+from .tokenizer import ChatTemplate, Tokenizer
 
 DTYPES = {
     "float32": mx.float32,
@@ -292,6 +293,7 @@ def load(
     dtype: DTypeLike = None,
     log: Optional[Callable[[str], None]] = None,
     adapter_path: Union[str, Path, None] = None,
+    chat_template: Union[str, Path, None] = None,
 ) -> tuple[Model, Tokenizer]:
     """Load a model and its tokenizer; returns `(model, tokenizer)`.
 
@@ -302,12 +304,18 @@ def load(
     repo; when none is found the error says what to pass. A tokenizer.json gets its BOS
     and EOS from config.json (`special_token_ids`). `log` receives one-line notices
     (which tokenizer was picked). `adapter_path`: a LoRA/DoRA adapter folder (ours or
-    mlx-lm's) to add to the model, as in `load_model`.
+    mlx-lm's) to add to the model, as in `load_model`. `chat_template`: a Jinja file used instead
+    of the tokenizer folder's chat template. Every ``eos_token_id`` of the model folder's
+    generation_config.json ends a reply too (`Tokenizer.eos_ids`).
     """
     folder = check_model_folder(resolve_model_path(path))
     config = read_config(folder / CONFIG_FILE)  # a folder that is no model is said before any tokenizer question
     tokenizer_path = resolve_tokenizer(folder, tokenizer, log=log)
     tok = Tokenizer(tokenizer_path, **special_token_ids(config))
+    tok.eos_ids = tok.eos_ids | {i for i in read_generation_defaults(folder, config).eos_token_ids
+                                 if i < tok.vocab_size}
+    if chat_template is not None:
+        tok.chat_template = ChatTemplate.from_file(chat_template)
     model = load_model(folder, dtype=dtype, adapter_path=adapter_path)
     check_tokenizer_fits(tok, model.args.vocab_size)
     return model, tok

@@ -158,4 +158,4 @@ def test_convert_tokenizer_option_takes_a_tokenizer_json(sharded_checkpoint, tok
     convert(sharded_checkpoint, out, dtype="float32", evaluate=False, tokenizer=tokenizer_json_path)
     assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
     _model, tok = load(out)
-    assert tok.path == out / "tokenizer.json" and tok.encode("Once")[0] == 1
+    assert tok.path == out / "tokenizer.json" and tok.encode("Once", add_bos=True)[0] == 1

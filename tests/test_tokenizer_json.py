@@ -55,7 +55,9 @@ def test_tokenizer_path_picks_the_tokenizers_backend(tokenizer, tokenizer_path):
 def test_encode_and_decode_equal_transformers(tokenizer, hf, text):
     ids = hf(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.encode(text, add_bos=False) == ids
-    assert tokenizer.encode(text) == [BOS] + ids
+    assert tokenizer.encode(text, add_bos=True) == [BOS] + ids
+    # no post-processor and no add_bos_token (SmolLM2's tokenizer.json): no BOS, as transformers
+    assert not tokenizer.add_bos and tokenizer.encode(text) == ids == hf(text)["input_ids"]
     assert tokenizer.decode([BOS] + ids + [EOS]) == hf.decode([BOS] + ids + [EOS], skip_special_tokens=True) == text
 
 
@@ -220,7 +222,7 @@ def test_bos_and_eos_follow_the_model_config(json_checkpoint, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "bos_token_id": 2, "eos_token_id": 0}))
     _model, tok = load(folder)
-    assert (tok.bos_id, tok.eos_id) == (2, 0) and tok.encode("hi")[0] == 2
+    assert (tok.bos_id, tok.eos_id) == (2, 0) and tok.encode("hi", add_bos=True)[0] == 2
     del config["bos_token_id"], config["eos_token_id"]
     (folder / "config.json").write_text(json.dumps(config))
     _model, tok = load(folder)
@@ -245,7 +247,7 @@ def test_tokenizer_option_takes_a_json_file_its_folder_or_a_repo_id(sharded_chec
                             ("someone/byte-tok", snapshot / "tokenizer.json")]:
         assert resolve_tokenizer(sharded_checkpoint, reference) == path
         _model, tok = load(sharded_checkpoint, tokenizer=reference)
-        assert isinstance(tok, HFTokenizer) and tok.encode("Once") == [BOS] + tok.encode("Once", add_bos=False)
+        assert isinstance(tok, HFTokenizer) and tok.encode("Once", add_bos=True) == [BOS] + tok.encode("Once")
 
 
 def test_vocabulary_size_checks_work_for_tokenizer_json(sharded_checkpoint, tokenizer_json_path, tmp_path):
@@ -303,8 +305,8 @@ def test_the_trained_models_tokenizer_matches_transformers_on_real_text(trained_
     assert (tok.piece(tok.bos_id), tok.piece(tok.eos_id)) == ("<|im_start|>", "<|im_end|>")
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
     text = real_text()[:20000]
-    ids = tok.encode(text)
-    assert ids == [1] + hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    ids = tok.encode(text)  # no BOS: the folder's tokenizer_config.json says add_bos_token false, as SmolLM2's
+    assert ids == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert "".join(stream(tok, ids)) == tok.decode(ids) == text
     rng = random.Random(3)
     for _ in range(1000):
@@ -318,4 +320,4 @@ def test_generate_on_the_trained_model_answers_in_english(trained_model_path, in
                         "--repetition-penalty", "1", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["text"].startswith(" Paris") and data["prompt_tokens"] == 6  # BOS + 5 words
+    assert data["text"].startswith(" Paris") and data["prompt_tokens"] == 5  # 5 words; SmolLM2's tokenizer adds no BOS

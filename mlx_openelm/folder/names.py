@@ -21,8 +21,8 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' newer home for the chat template
-# What names a tokenizer.json's special tokens, and travels with it.
-TOKENIZER_JSON_COMPANIONS = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
+# What names a tokenizer.json's special tokens and chat template, and travels with it.
+TOKENIZER_JSON_COMPANIONS = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE)
 # The Hugging Face files a converted folder gets beside its tokenizer (`hf_files`).
 HF_TOKENIZER_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
 # Everything beside the weights and config.json that describes the tokenizer, copied as it is

@@ -112,9 +112,13 @@ class ShardWriter:
         return finals
 
 
-def model_config(args: ModelArgs, dtype: mx.Dtype, quantization: Optional[Quantization]) -> dict:
-    """The output's config.json: the architecture, its float dtype and its quantization entry."""
+def model_config(args: ModelArgs, dtype: mx.Dtype, quantization: Optional[Quantization],
+                 architectures: Optional[list] = None) -> dict:
+    """The output's config.json: the architecture, its float dtype and its quantization entry (and the
+    source's ``architectures``, which tell Apple's OpenELM from another model in OpenELM form)."""
     config = args.to_dict()
+    if architectures:
+        config["architectures"] = list(architectures)
     config["torch_dtype"] = DTYPE_NAMES[dtype]
     if quantization is not None:
         config["quantization"] = quantization.to_config()

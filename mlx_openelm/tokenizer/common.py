@@ -95,6 +95,7 @@ class Tokenizer:
     eos_id: int
     add_bos: bool = True
     chat_template: Optional[ChatTemplate] = None
+    _more_eos_ids: frozenset = frozenset()
 
     def __new__(cls, path: PathLike, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
         if cls is Tokenizer:
@@ -143,7 +144,15 @@ class Tokenizer:
         named = {name: token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         named.update(bos_token=self.piece(self.bos_id), eos_token=self.piece(self.eos_id))
         self.special_tokens = {name: text for name, text in named.items() if text is not None}
-        self.eos_ids = frozenset({self.eos_id})
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Every id that ends a reply: `eos_id` and the ones added (the loader adds generation_config.json's)."""
+        return frozenset({self.eos_id}) | self._more_eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: Iterable[int]) -> None:
+        self._more_eos_ids = frozenset(int(i) for i in ids)
 
     def check_special_ids(self) -> None:
         """Refuse BOS/EOS ids the vocabulary does not hold (named after the file)."""

@@ -81,8 +81,9 @@ def chat_example(tokenizer, messages: Sequence[Mapping[str, str]]) -> Example:
         through = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
         start, end = _common_prefix(before, tokens), _common_prefix(through, tokens)
         span = tokens[start:end]
-        if tokenizer.eos_id in span:  # not the separator after the EOS: it belongs to the next turn
-            end = start + len(span) - span[::-1].index(tokenizer.eos_id)
+        ends = [j for j, t in enumerate(span) if t in tokenizer.eos_ids]
+        if ends:  # not the separator after the EOS: it belongs to the next turn
+            end = start + ends[-1] + 1
         mask[start:end] = [True] * (end - start)
     return Example(tuple(tokens), tuple(mask))
 
