@@ -9,6 +9,7 @@ import click
 
 from .cli_common import (
     adapter_option,
+    chat_template_option,
     clean_prompt,
     echo_stream,
     format_speculative,
@@ -18,6 +19,7 @@ from .cli_common import (
     model_options,
     note,
     sampling_options,
+    sampling_settings,
     stop_option,
     speculative_options,
     user_errors,
@@ -148,6 +150,7 @@ def _tolerant_stdin() -> None:
 @click.command("chat")
 @model_options
 @adapter_option
+@chat_template_option
 @click.option("--system", "-s", default=None, help="System prompt (kept when old turns are dropped).")
 @sampling_options
 @speculative_options
@@ -155,8 +158,10 @@ def _tolerant_stdin() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No loading message or statistics lines.")
 @user_errors
 def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, top_k, top_p, min_p,
-                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, adapter_path):
-    """Chat with an OpenELM-Instruct model in the terminal (or through a pipe, one message a line).
+                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, adapter_path,
+                 chat_template):
+    """Chat with an instruction-tuned model in the terminal (or through a pipe, one message a line),
+    in the model's chat template (OpenELM-Instruct's format where it has none).
 
     Replies stream to stdout; statistics and notices go to stderr. Commands: /reset,
     /help, /exit (or Ctrl-D). Ctrl-C stops a reply and keeps the conversation.
@@ -165,8 +170,12 @@ def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, to
 
     if system is not None:
         system = clean_prompt(system, "--system")
-    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet, adapter_path=adapter_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet, adapter_path=adapter_path,
+                                                chat_template=chat_template)
+    settings = sampling_settings(model_path, max_tokens, temp, top_k, top_p, repetition_penalty)
+    max_tokens = settings["max_tokens"]
+    kwargs = make_generation_kwargs(settings["temperature"], settings["top_k"], settings["top_p"], min_p,
+                                    settings["repetition_penalty"], seed, stop)
     speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     draft = speculative.pop("draft_model", None)
     session = ChatSession(model, tokenizer, system=system, notify=note, draft_model=draft)

@@ -188,23 +188,48 @@ def _apply(options, fn):
     return fn
 
 
+FOLDER_DEFAULT = "default: the model folder's generation_config.json, else "
+
+
 def sampling_options(fn):
-    """The sampling flags shared by `generate` and `chat`."""
+    """The sampling flags shared by `generate`, `chat` and `serve` (None: the folder's default, see
+    `sampling_settings`)."""
     return _apply([
-        click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True,
-                     help="Most tokens to generate."),
-        click.option("--temp", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Sampling temperature; 0 is greedy."),
-        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
-                     help="Keep the k most likely tokens (0: off)."),
-        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0,
-                     show_default=True, help="Nucleus sampling mass (1: off)."),
+        click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=None,
+                     help=f"Most tokens to generate ({FOLDER_DEFAULT}256)."),
+        click.option("--temp", type=click.FloatRange(min=0), default=None,
+                     help=f"Sampling temperature; 0 is greedy ({FOLDER_DEFAULT}0)."),
+        click.option("--top-k", type=click.IntRange(min=0), default=None,
+                     help=f"Keep the k most likely tokens (0: off; {FOLDER_DEFAULT}0)."),
+        click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+                     help=f"Nucleus sampling mass (1: off; {FOLDER_DEFAULT}1)."),
         click.option("--min-p", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0,
                      show_default=True, help="Drop tokens below min-p times the top probability (0: off)."),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.2,
-                     show_default=True, help="Hugging Face repetition penalty (Apple recommends 1.2; 1: off)."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help=f"Hugging Face repetition penalty (1: off; {FOLDER_DEFAULT}1.2 for Apple's OpenELM, "
+                          "1 for other models)."),
         click.option("--seed", type=int, default=None, help="Seed for sampling."),
     ], fn)
+
+
+def chat_template_option(fn):
+    """`--chat-template FILE`: a Jinja chat template used instead of the tokenizer folder's."""
+    return click.option("--chat-template", "chat_template", default=None, metavar="FILE",
+                        type=click.Path(dir_okay=False),
+                        help="Jinja chat template to use instead of the model's (chat_template.jinja or "
+                             "tokenizer_config.json; OpenELM-Instruct's format where it has none).")(fn)
+
+
+def sampling_settings(model_ref, max_tokens, temp, top_k, top_p, repetition_penalty) -> dict:
+    """The sampling options with each one left out taken from the model folder's defaults
+    (`read_generation_defaults`): explicit values always win."""
+    from .generation_config import read_generation_defaults
+    from .hub import resolve_model_path
+
+    defaults = read_generation_defaults(resolve_model_path(model_ref))
+    given = {"max_tokens": max_tokens, "temperature": temp, "top_k": top_k, "top_p": top_p,
+             "repetition_penalty": repetition_penalty}
+    return {key: getattr(defaults, key) if value is None else value for key, value in given.items()}
 
 
 def model_options(fn):
@@ -290,9 +315,10 @@ def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, 
     return kwargs
 
 
-def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False, adapter_path=None):
+def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = False, adapter_path=None,
+                             chat_template=None):
     """Resolve `--model` / `--tokenizer` (paths or Hugging Face repo ids; no model: the default) and load both,
-    with the `--adapter-path` adapter if one is given."""
+    with the `--adapter-path` adapter and the `--chat-template` file if given."""
     from .loading import load
 
     def log(message: str) -> None:
@@ -305,7 +331,8 @@ def load_model_and_tokenizer(model_ref, tokenizer_ref, dtype, quiet: bool = Fals
         log(f"Loading {DEFAULT_MODEL} (the default; choose another with --model) ...")
     else:
         log(f"Loading {model_ref} ...")
-    model, tokenizer = load(model_ref, tokenizer=tokenizer_ref, dtype=dtype, log=log, adapter_path=adapter_path)
+    model, tokenizer = load(model_ref, tokenizer=tokenizer_ref, dtype=dtype, log=log, adapter_path=adapter_path,
+                            chat_template=chat_template)
     if adapter_path is not None:
         log(f"Adapter {adapter_path} applied")
     return model, tokenizer

@@ -8,6 +8,7 @@ import click
 
 from .cli_common import (
     adapter_option,
+    chat_template_option,
     clean_prompt,
     echo_stream,
     format_finish,
@@ -18,6 +19,7 @@ from .cli_common import (
     model_options,
     read_stdin,
     sampling_options,
+    sampling_settings,
     stop_option,
     speculative_fields,
     speculative_options,
@@ -44,8 +46,10 @@ def _json_fields(last) -> dict:
 @model_options
 @adapter_option
 @click.option("--prompt", "-p", required=True, help="Prompt text, or '-' to read it from stdin.")
-@click.option("--chat", "--chat-template", "chat", is_flag=True,
-              help="Wrap the prompt in OpenELM-Instruct's chat format (a user turn, then the assistant's).")
+@click.option("--chat", "chat", is_flag=True,
+              help="Wrap the prompt in the model's chat template (a user turn, then the assistant's; "
+                   "OpenELM-Instruct's format where the model has none).")
+@chat_template_option
 @click.option("--system", "-s", default=None, help="System prompt for --chat (implies --chat).")
 @sampling_options
 @speculative_options
@@ -53,9 +57,12 @@ def _json_fields(last) -> dict:
 @click.option("--quiet", "-q", is_flag=True, help="Print only the generated text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and statistics) at the end.")
 @user_errors
-def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, max_tokens, temp, top_k, top_p,
-                     min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, as_json, adapter_path):
-    """Generate text from a prompt, streaming it to stdout (statistics go to stderr)."""
+def generate_command(model_path, tokenizer_path, dtype, prompt, chat, chat_template, system, max_tokens, temp, top_k,
+                     top_p, min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet,
+                     as_json, adapter_path):
+    """Generate text from a prompt, streaming it to stdout (statistics go to stderr). A plain prompt gets
+    BOS first where the model's tokenizer adds one; --chat (implied by --system and --chat-template)
+    wraps it in the chat template."""
     from .generation import stream_generate
 
     if prompt == "-":
@@ -64,11 +71,15 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, system, ma
         prompt = clean_prompt(prompt, "--prompt")
     if system is not None:
         system = clean_prompt(system, "--system")
-    kwargs = make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop)
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json, adapter_path=adapter_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json,
+                                                adapter_path=adapter_path, chat_template=chat_template)
+    settings = sampling_settings(model_path, max_tokens, temp, top_k, top_p, repetition_penalty)
+    max_tokens = settings["max_tokens"]
+    kwargs = make_generation_kwargs(settings["temperature"], settings["top_k"], settings["top_p"], min_p,
+                                    settings["repetition_penalty"], seed, stop)
     speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet or as_json)
     kwargs.update(speculative)
-    if chat or system is not None:
+    if chat or system is not None or chat_template is not None:
         messages = [{"role": "system", "content": system}] if system else []
         prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import PromptError
+from ..errors import ChatTemplateError, PromptError
 from ..stopping import normalize_stops
 
 MAX_STOPS = 4  # as OpenAI
@@ -183,7 +183,13 @@ def _message_text(i: int, content: Any) -> str:
     raise _bad(f"messages[{i}].content", "must be a string or a list of text parts")
 
 
-def chat_messages(body: dict) -> list[dict[str, str]]:
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+MESSAGE_EXTRAS = ("name", "tool_calls", "tool_call_id")  # kept for templates that render them
+
+
+def chat_messages(body: dict) -> list[dict]:
+    """The request's messages as the chat template takes them: text content (an assistant message with
+    `tool_calls` may have none), and the tool-call fields kept."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "must be a non-empty list of {role, content} objects")
@@ -192,23 +198,28 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise _bad(f"messages[{i}]", "must be an object with 'role' and 'content'")
         role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
-        if role not in ("system", "user", "assistant"):
-            raise _bad(f"messages[{i}].role", f"must be system, user or assistant, got {message.get('role')!r}")
-        out.append({"role": role, "content": _message_text(i, message.get("content"))})
+        if role not in CHAT_ROLES:
+            raise _bad(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}")
+        content = message.get("content")
+        if not (content is None and role == "assistant" and message.get("tool_calls")):
+            content = _message_text(i, content)
+        extras = {key: message[key] for key in MESSAGE_EXTRAS if message.get(key) is not None}
+        out.append({"role": role, "content": content, **extras})
     return out
 
 
 @contextmanager
 def _prompt_errors(param: str):
-    """Text the tokenizer refuses (JSON can carry lone surrogates, which are not UTF-8) is a 400 naming `param`."""
+    """Text the tokenizer refuses (JSON can carry lone surrogates, which are not UTF-8), or messages the chat
+    template refuses, is a 400 naming `param`."""
     try:
         yield
-    except PromptError as e:
+    except (PromptError, ChatTemplateError, ValueError) as e:
         raise _bad(param, str(e)) from None
 
 
 def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -> ParsedRequest:
-    """A `/v1/chat/completions` body -> `ParsedRequest` (OpenELM-Instruct's template applied)."""
+    """A `/v1/chat/completions` body -> `ParsedRequest` (the tokenizer's chat template applied)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
@@ -226,7 +237,7 @@ def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -
 
 
 def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
-    """Prompt text (BOS prepended, as `generate` does) or token ids (taken as they are)."""
+    """Prompt text (BOS first where the tokenizer adds one, as `generate` does) or token ids (taken as they are)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one

@@ -9,10 +9,12 @@ import click
 
 from ..cli_common import (
     adapter_option,
+    chat_template_option,
     load_model_and_tokenizer,
     load_speculative,
     model_options,
     sampling_options,
+    sampling_settings,
     speculative_options,
     user_errors,
 )
@@ -65,6 +67,7 @@ def _model_id(model_ref) -> str:
 @click.command("serve")
 @model_options
 @adapter_option
+@chat_template_option
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (anything but localhost is reachable from your network).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
@@ -86,10 +89,12 @@ def _model_id(model_ref) -> str:
 def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_id, max_request_bytes,
                   prompt_cache_size, prefill_chunk, max_tokens, temp, top_k, top_p, min_p, repetition_penalty, seed,
                   draft_path, num_draft_tokens, prompt_lookup, allowed_hosts, allowed_origins, quiet, adapter_path,
-                  **limits):
+                  chat_template, **limits):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions).
 
-    The sampling options are the defaults for requests that leave those fields out.
+    The sampling options are the defaults for requests that leave those fields out (left out
+    here too: the model folder's generation_config.json). Chat messages go through the model's
+    chat template (or --chat-template).
     Ctrl-C or SIGTERM stops the server: running requests are cancelled, exit status 0.
     """
     import logging
@@ -101,13 +106,13 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
     from ..signals import calling_on_signals
     from .server import ServerApp, exposure_warning, make_server, serve
 
-    # the request defaults, refused before loading (NaN passes click's ranges)
-    validate_sampling(temp, top_k, top_p, min_p)
-    validate_repetition_penalty(repetition_penalty)
+    # the request defaults given here, refused before loading (NaN passes click's ranges); the folder's
+    # generation_config.json fills the others (checked as it is read)
+    validate_sampling(0.0 if temp is None else temp, 0 if top_k is None else top_k, 1.0 if top_p is None else top_p,
+                      min_p)
+    validate_repetition_penalty(1.0 if repetition_penalty is None else repetition_penalty)
     validate_seed(seed)
     validate_prefill_chunk(prefill_chunk)
-    defaults = SamplingDefaults(max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-                                repetition_penalty=repetition_penalty, seed=seed)
     access = AccessPolicy(host, parse_allowed_hosts(allowed_hosts), parse_allowed_origins(allowed_origins))
     bounds = ServerLimits(**limits)
     try:  # bind before loading, so a taken port fails at once
@@ -119,7 +124,9 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
         click.echo(f"warning: {warning}", err=True)
     try:
         model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet,
-                                                    adapter_path=adapter_path)
+                                                    adapter_path=adapter_path, chat_template=chat_template)
+        defaults = SamplingDefaults(**sampling_settings(model_path, max_tokens, temp, top_k, top_p,
+                                                        repetition_penalty), min_p=min_p, seed=seed)
         speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     except BaseException:
         httpd.server_close()

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-from mlx_openelm.cli_common import format_memory, load_model_and_tokenizer, model_options, note, user_errors
+from mlx_openelm.cli_common import (chat_template_option, format_memory, load_model_and_tokenizer, model_options, note,
+                                    user_errors)
 
 PROJECTION_NAMES = ("qkv_proj", "out_proj", "proj_1", "proj_2")
 
@@ -89,6 +90,7 @@ def resume_from(model, path: str, config) -> None:
 
 @click.command("lora")
 @model_options
+@chat_template_option
 @click.option("--data", "data_path", required=True, type=click.Path(), metavar="DIR",
               help="Folder with train.jsonl (and valid.jsonl, test.jsonl): {\"text\"}, {\"prompt\", \"completion\"} "
                    "or {\"messages\"} lines.")
@@ -130,12 +132,13 @@ def resume_from(model, path: str, config) -> None:
 def lora_command(model_path, tokenizer_path, dtype, data_path, fine_tune_type, rank, scale, alpha, dropout, num_layers,
                  keys, train, test, test_batches, iters, batch_size, learning_rate, lr_schedule, warmup, max_seq_length,
                  grad_checkpoint, val_batches, steps_per_report, steps_per_eval, save_every, resume_adapter_file, seed,
-                 adapter_path, force, as_json):
+                 adapter_path, force, as_json, chat_template):
     """Fine-tune --model on --data with LoRA, DoRA or full fine-tuning; adapters go to --adapter-path.
 
-    A quantized --model (from `convert`) stays quantized and frozen (QLoRA). Ctrl-C saves the
-    adapters trained so far and says where. `--test` alone evaluates the adapter in
-    --adapter-path on test.jsonl without training; `--train --test` trains, then tests."""
+    A quantized --model (from `convert`) stays quantized and frozen (QLoRA). Chat lines are written
+    in the model's chat template (or --chat-template). Ctrl-C saves the adapters trained so far and
+    says where. `--test` alone evaluates the adapter in --adapter-path on test.jsonl without
+    training; `--train --test` trains, then tests."""
     from mlx_openelm.tuning.config import scale_from_alpha
     from mlx_openelm.tuning.trainer import TrainSettings
 
@@ -145,7 +148,7 @@ def lora_command(model_path, tokenizer_path, dtype, data_path, fine_tune_type, r
                              grad_checkpoint=grad_checkpoint, seed=seed)
     if test and not train:
         summary = run_test(model_path, tokenizer_path, dtype, data_path, adapter_path, settings, max_seq_length,
-                           as_json)
+                           as_json, chat_template)
         click.echo(json.dumps(summary, indent=2) if as_json else format_test(summary))
         return
     lora = {"fine_tune_type": fine_tune_type, "num_layers": num_layers, "rank": rank,
@@ -155,12 +158,12 @@ def lora_command(model_path, tokenizer_path, dtype, data_path, fine_tune_type, r
               "learning_rate": learning_rate, "lr_schedule": lr_schedule, "warmup": warmup,
               "max_seq_length": max_seq_length, "grad_checkpoint": grad_checkpoint, "seed": seed}
     summary = run_training(model_path, tokenizer_path, dtype, data_path, lora, settings, max_seq_length,
-                           resume_adapter_file, Path(adapter_path), record, test, as_json)
+                           resume_adapter_file, Path(adapter_path), record, test, as_json, chat_template)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 def run_training(model_path, tokenizer_path, dtype, data_path, lora: dict, settings, max_seq_length: int,
-                 resume, adapter_path: Path, record: dict, test: bool, as_json: bool) -> dict:
+                 resume, adapter_path: Path, record: dict, test: bool, as_json: bool, chat_template=None) -> dict:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
@@ -176,7 +179,8 @@ def run_training(model_path, tokenizer_path, dtype, data_path, lora: dict, setti
         events.append(event)
         note(format_event(event, settings.iters))
 
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json,
+                                                chat_template=chat_template)
     config = check_adapter_config(model_layers=len(model.layers), **lora)  # errors: as_flags names the flags
     splits = load_splits(Path(data_path), tokenizer, max_seq_length, need=("train", "test") if test else ("train",))
     mx.random.seed(settings.seed)
@@ -203,7 +207,7 @@ def run_training(model_path, tokenizer_path, dtype, data_path, lora: dict, setti
 
 
 def run_test(model_path, tokenizer_path, dtype, data_path, adapter_path: str, settings, max_seq_length: int,
-             as_json: bool) -> dict:
+             as_json: bool, chat_template=None) -> dict:
     """test.jsonl's mean loss per target token (and perplexity) under the adapter in `adapter_path`
     ('': the base model), as `mlx_lm.lora --test` without --train: nothing is trained or written."""
     import mlx.core as mx
@@ -212,7 +216,8 @@ def run_test(model_path, tokenizer_path, dtype, data_path, adapter_path: str, se
     from mlx_openelm.tuning.trainer import evaluate
 
     adapter = str(adapter_path) or None
-    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json, adapter_path=adapter)
+    model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=as_json, adapter_path=adapter,
+                                                chat_template=chat_template)
     test = load_splits(Path(data_path), tokenizer, max_seq_length, need=("test",), splits=("test",))["test"]
     mx.reset_peak_memory()
     loss = evaluate(model, test, settings.batch_size, settings.test_batches)
