@@ -93,7 +93,6 @@ def prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
 def _environment(max_chars: int):
     """transformers' chat-template environment, plus size checks on the operations that can build a huge
     value in one step (``*``, ``**``, and calls or filters given a huge width)."""
-    import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -131,12 +130,22 @@ def _environment(max_chars: int):
 
     for name in ("center", "indent", "wordwrap", "truncate"):
         env.filters[name] = widths_checked(name)
+    env.filters["tojson"] = _tojson
+    env.globals.update(_template_globals())
+    return env
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' `tojson`: no HTML escaping, and json.dumps' options."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _template_globals() -> dict:
+    """transformers' globals: raise_exception, strftime_now, a restricted dict, a namespace without `_` names."""
+    import jinja2
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     class TemplateDict:
         def __call__(self, *args, **kwargs):
@@ -162,10 +171,8 @@ def _environment(max_chars: int):
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"a namespace cannot hold the name {name!r}")
 
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt),
-                       dict=TemplateDict(), namespace=Namespace)
-    return env
+    return {"raise_exception": raise_exception, "strftime_now": lambda fmt: datetime.now().strftime(fmt),
+            "dict": TemplateDict(), "namespace": Namespace}
 
 
 @lru_cache(maxsize=64)
