@@ -195,7 +195,7 @@ def test_a_hostile_folder_template_fails_the_command_with_one_line(invoke_cli, t
     folder = tmp_path / "model"
     shutil.copytree(json_checkpoint, folder)
     (folder / "chat_template.jinja").write_text("{{ ''.__class__.__mro__ }}")
-    result = invoke_cli("generate", "--model", str(folder), "--chat", "-p", "hi", "-m", "2")
+    result = invoke_cli("generate", "--model", str(folder), "--chat", "-p", "hi", "-m", "2", "-q")
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
         f"Error: {folder / 'chat_template.jinja'}: the chat template did something its sandbox forbids "
@@ -203,8 +203,10 @@ def test_a_hostile_folder_template_fails_the_command_with_one_line(invoke_cli, t
 
 
 def test_chat_template_option_overrides_the_folder(invoke_cli, tmp_path, json_checkpoint):
+    """... and an OpenELM folder (config.json's architectures) keeps Apple's 1.2 repetition penalty by default."""
     from mlx_openelm import load
     from mlx_openelm.generation import generate
+    from mlx_openelm.sampling import make_logits_processors
 
     template = tmp_path / "mine.jinja"
     template.write_text("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>"
@@ -212,7 +214,8 @@ def test_chat_template_option_overrides_the_folder(invoke_cli, tmp_path, json_ch
     model, tok = load(json_checkpoint, chat_template=template)
     ids = tok.apply_chat_template([{"role": "user", "content": "Once upon"}])
     assert ids[:1] == [1] and ids[-1] == 1 and tok.chat_template.origin == str(template)
-    expected = generate(model, tok, ids, max_tokens=6)
+    expected = generate(model, tok, ids, max_tokens=6, logits_processors=make_logits_processors(1.2))
+    assert expected != generate(model, tok, ids, max_tokens=6)  # the penalty matters here
     result = invoke_cli("generate", "--model", str(json_checkpoint), "--chat-template", str(template), "-p",
                         "Once upon", "-m", "6", "--json")
     assert result.exit_code == 0, result.output

@@ -149,9 +149,15 @@ def _json_output(proc) -> dict:
 
 
 @pytest.fixture(scope="module")
-def greedy_text(model, encode, hf_tokenizer):
+def prompt_ids(hf_tokenizer):
+    """PROMPT as the product encodes it on this folder: no BOS (its tokenizer_config.json: add_bos_token false)."""
+    return hf_tokenizer.encode(PROMPT, add_special_tokens=False).ids
+
+
+@pytest.fixture(scope="module")
+def greedy_text(model, prompt_ids, hf_tokenizer):
     """The library's greedy continuation of PROMPT (no repetition penalty), decoded by `tokenizers`."""
-    return hf_tokenizer.decode([s.token for s in generate_step(encode(PROMPT), model, max_tokens=NEW_TOKENS)])
+    return hf_tokenizer.decode([s.token for s in generate_step(prompt_ids, model, max_tokens=NEW_TOKENS)])
 
 
 @pytest.fixture(scope="module")
@@ -163,12 +169,12 @@ def converted_4bit(run_cli, trained_model_path, tmp_path_factory):
     return folder, report
 
 
-def test_generate_command_continues_with_the_librarys_greedy_tokens(run_cli, trained_model_path, encode,
+def test_generate_command_continues_with_the_librarys_greedy_tokens(run_cli, trained_model_path, prompt_ids,
                                                                     greedy_text):
     out = _json_output(run_cli("generate", "--model", trained_model_path, "-p", PROMPT, "-m", NEW_TOKENS,
                                "--repetition-penalty", 1, "--json"))
     assert out["text"] == greedy_text and out["generation_tokens"] == NEW_TOKENS
-    assert out["prompt_tokens"] == len(encode(PROMPT))  # the folder's tokenizer.json, BOS once
+    assert out["prompt_tokens"] == len(prompt_ids)  # the folder's tokenizer.json, no BOS (SmolLM2's rule)
     assert greedy_text.startswith(" Paris"), greedy_text  # a trained model knows it; a random one does not
 
 
@@ -198,7 +204,7 @@ def test_convert_4_bit_then_eval_against_the_float_folder(run_cli, trained_model
     assert out["kl_mean"] < 1.0, out
 
 
-def test_chat_command_answers_in_the_instruct_format(run_cli, trained_model_path, model):
+def test_chat_command_answers_in_the_models_own_template(run_cli, trained_model_path, model):
     from mlx_openelm.chat import ChatSession
     from mlx_openelm.tokenizer import Tokenizer
 
@@ -208,7 +214,8 @@ def test_chat_command_answers_in_the_instruct_format(run_cli, trained_model_path
     session = ChatSession(model, Tokenizer(trained_model_path / "tokenizer.json", bos_id=1, eos_id=2))
     expected = "".join(r.text for r in session.send(QUESTION, max_tokens=NEW_TOKENS))
     assert proc.stdout == expected + "\n"
-    assert "Paris" in expected, expected  # OpenELM-Instruct's template, not SmolLM2's ChatML: it still answers
+    assert session.conversation_ids()[:3] == [1, 9690, 198]  # SmolLM2's ChatML: <|im_start|>system\n
+    assert "Paris" in expected, expected
 
 
 def test_serve_answers_the_openai_client(trained_model_path):
