@@ -183,13 +183,14 @@ def _message_text(i: int, content: Any) -> str:
     raise _bad(f"messages[{i}].content", "must be a string or a list of text parts")
 
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+TEMPLATE_ROLES = ("system", "user", "assistant", "tool")  # a chat template decides what it renders
+OPENELM_ROLES = ("system", "user", "assistant")  # OpenELM-Instruct's format
 MESSAGE_EXTRAS = ("name", "tool_calls", "tool_call_id")  # kept for templates that render them
 
 
-def chat_messages(body: dict) -> list[dict]:
+def chat_messages(body: dict, roles: tuple[str, ...] = TEMPLATE_ROLES) -> list[dict]:
     """The request's messages as the chat template takes them: text content (an assistant message with
-    `tool_calls` may have none), and the tool-call fields kept."""
+    `tool_calls` may have none), and the tool-call fields kept; a role outside `roles` is a 400."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "must be a non-empty list of {role, content} objects")
@@ -198,8 +199,8 @@ def chat_messages(body: dict) -> list[dict]:
         if not isinstance(message, dict):
             raise _bad(f"messages[{i}]", "must be an object with 'role' and 'content'")
         role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
-        if role not in CHAT_ROLES:
-            raise _bad(f"messages[{i}].role", f"must be one of {', '.join(CHAT_ROLES)}, got {message.get('role')!r}")
+        if role not in roles:
+            raise _bad(f"messages[{i}].role", f"must be one of {', '.join(roles)}, got {message.get('role')!r}")
         content = message.get("content")
         if not (content is None and role == "assistant" and message.get("tool_calls")):
             content = _message_text(i, content)
@@ -223,7 +224,7 @@ def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
-    messages = chat_messages(body)
+    messages = chat_messages(body, TEMPLATE_ROLES if tokenizer.chat_template is not None else OPENELM_ROLES)
     with _prompt_errors("messages"):
         prompt = tokenizer.apply_chat_template(messages)
     _check_context(prompt, context, "messages")
