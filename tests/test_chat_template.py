@@ -281,3 +281,21 @@ def test_greedy_continuation_equals_mlx_lm_on_the_trained_model(invoke_cli, trai
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["text"] == theirs and out["prompt_tokens"] == len(tokenizer.encode(prompt))
+
+
+def test_server_messages_go_through_the_template_tool_calls_included(tmp_path, tokenizer_json_path):
+    from mlx_openelm.serve.api import APIError, SamplingDefaults, parse_chat
+
+    folder = folder_with(tmp_path, tokenizer_json_path, {"chat_template": TOOL_TEMPLATE})
+    tok = Tokenizer(folder / "tokenizer.json", bos_id=1, eos_id=2)
+    messages = tool_conversation('{"city": "Zürich"}')
+    messages[2]["content"] = None  # OpenAI's assistant turn that only calls tools
+    request = parse_chat({"messages": messages}, tok, 2048, SamplingDefaults())
+    assert request.spec.prompt == tok.apply_chat_template(tool_conversation({"city": "Zürich"}))
+    with pytest.raises(APIError) as refused:
+        parse_chat({"messages": [{"role": "developer", "content": "x"}, {"role": "tool", "content": "y"},
+                                 {"role": "critic", "content": "z"}]}, tok, 2048, SamplingDefaults())
+    assert refused.value.status == 400 and refused.value.param == "messages[2].role"
+    bare = Tokenizer(tokenizer_json_path, bos_id=1, eos_id=2)  # no template: OpenELM's roles only
+    with pytest.raises(APIError, match="must be one of system, user, assistant, got 'tool'"):
+        parse_chat({"messages": [{"role": "tool", "content": "y"}]}, bare, 2048, SamplingDefaults())
