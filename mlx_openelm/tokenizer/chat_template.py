@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from ..errors import ChatTemplateError, PromptError, TokenizerError
 
@@ -35,7 +36,8 @@ EXTRA_TEMPLATES = "additional_chat_templates"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 MAX_RENDER_SECONDS = 10.0
 MAX_RENDER_CHARS = 8 << 20  # far more than any model's context holds
-_TEMPLATE_CODE = "<template>"  # the file name of Jinja's compiled template code
+# (deadline, seconds allowed) of the render running in this thread (or task)
+_DEADLINE: ContextVar[tuple[float, float]] = ContextVar("chat_template_deadline", default=(math.inf, math.inf))
 
 PathLike = Union[str, Path]
 
@@ -48,6 +50,8 @@ def _plain(value: Any, where: str) -> Any:
     """`value` rebuilt from plain JSON types (as transformers does), so the sandbox sees no rich objects."""
     if value is None or type(value) in (str, int, float, bool):
         return value
+    if type(value) is dict:
+        return {_plain(k, where): _plain(v, where) for k, v in value.items()}
     for kind in (bool, str, int, float):  # subclasses (enums, numpy scalars) lose their methods
         if isinstance(value, kind):
             return kind(value) if kind is bool else getattr(kind, f"__{kind.__name__}__")(value)
@@ -91,16 +95,30 @@ def prepare_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
 # ---- the environment -----------------------------------------------------------------
 
 def _environment(max_chars: int):
-    """transformers' chat-template environment, plus size checks on the operations that can build a huge
-    value in one step (``*``, ``**``, and calls or filters given a huge width)."""
+    """transformers' chat-template environment, plus a clock check at the start of every block the
+    compiled template runs (`_render_bounded`'s time bound) and size checks on the operations that can
+    build a huge value in one step (``*``, ``**``, and calls or filters given a huge width)."""
+    from jinja2.compiler import CodeGenerator
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def too_big(what: str):
         raise _Refused(f"{what} would exceed {max_chars} characters")
 
+    class TickingCodeGenerator(CodeGenerator):
+        def blockvisit(self, nodes, frame):  # each loop body, macro body, if branch, the template itself
+            self.writeline("environment.tick()")
+            super().blockvisit(nodes, frame)
+
     class Environment(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset({"*", "**"})
+        code_generator_class = TickingCodeGenerator
+
+        @staticmethod
+        def tick():
+            deadline, seconds = _DEADLINE.get()
+            if time.monotonic() > deadline:
+                raise _Refused(f"rendering took more than {seconds:g} s")
 
         def call_binop(self, context, operator, left, right):
             if operator == "*":
@@ -190,34 +208,19 @@ def _one_line(text: str, most: int = 300) -> str:
 
 def _render_bounded(template, context: dict, max_seconds: float, max_chars: int) -> str:
     """`template` rendered with `context`, streamed, refusing output past `max_chars` characters and
-    work past `max_seconds` (a line tracer on the template's own code, so loops that print nothing
-    are bounded too)."""
+    work past `max_seconds` (every block the template runs, each loop iteration and macro call
+    included, checks the clock: see `_environment`), so loops that print nothing are bounded too."""
     deadline = time.monotonic() + max_seconds
-    count = 0
-
-    def local(frame, event, arg):
-        nonlocal count
-        count += 1
-        if count % 512 == 0 and time.monotonic() > deadline:
-            raise _Refused(f"rendering took more than {max_seconds:g} s")
-        return local
-
-    def calls(frame, event, arg):
-        return local if frame.f_code.co_filename == _TEMPLATE_CODE else None
-
+    token = _DEADLINE.set((deadline, max_seconds))
     parts, size = [], 0
-    previous = sys.gettrace()
-    sys.settrace(calls)
     try:
         for chunk in template.generate(**context):
             size += len(chunk)
             if size > max_chars:
                 raise _Refused(f"its output exceeds {max_chars} characters")
-            if time.monotonic() > deadline:
-                raise _Refused(f"rendering took more than {max_seconds:g} s")
             parts.append(chunk)
     finally:
-        sys.settrace(previous)
+        _DEADLINE.reset(token)
     return "".join(parts)
 
 
