@@ -299,3 +299,29 @@ def test_server_messages_go_through_the_template_tool_calls_included(tmp_path, t
     bare = Tokenizer(tokenizer_json_path, bos_id=1, eos_id=2)  # no template: OpenELM's roles only
     with pytest.raises(APIError, match="must be one of system, user, assistant, got 'tool'"):
         parse_chat({"messages": [{"role": "tool", "content": "y"}]}, bare, 2048, SamplingDefaults())
+
+
+def test_convert_keeps_the_folders_conventions(tmp_path, json_checkpoint, hf_checkpoint):
+    """A tokenizer.json folder's template files and generation_config.json travel; config.json keeps
+    `architectures` (so an OpenELM stays one); a tokenizer.model folder gets OpenELM's template written."""
+    from mlx_openelm import load
+    from mlx_openelm.convert import convert
+
+    source = tmp_path / "source"
+    shutil.copytree(json_checkpoint, source)
+    (source / "chat_template.jinja").write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0], "repetition_penalty": 1.1}))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "architectures"}))
+    out = tmp_path / "out"
+    convert(source, out, dtype="float32", evaluate=False)
+    _model, tok = load(out)
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<hi>" and tok.eos_ids == {0, 2}
+    assert read_generation_defaults(out).repetition_penalty == 1.1
+    assert "architectures" not in json.loads((out / "config.json").read_text())
+    openelm = tmp_path / "openelm"
+    convert(hf_checkpoint, openelm, dtype="float32", evaluate=False)
+    assert json.loads((openelm / "config.json").read_text())["architectures"] == ["OpenELMForCausalLM"]
+    assert read_generation_defaults(openelm).repetition_penalty == 1.2
+    _model, tok = load(openelm)
+    assert tok.chat_template.origin == str(openelm / "tokenizer_config.json") and tok.add_bos
