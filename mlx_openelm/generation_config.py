@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .errors import ConfigError
+from .folder.names import CONFIG_FILE, GENERATION_CONFIG
 
-GENERATION_CONFIG = "generation_config.json"
 OPENELM_ARCHITECTURE = "OpenELMForCausalLM"
 OPENELM_REPETITION_PENALTY = 1.2  # Apple's model cards
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # transformers' when do_sample is true
@@ -92,7 +92,7 @@ def read_generation_defaults(folder: Union[str, Path], config: Optional[Mapping[
     path = folder / GENERATION_CONFIG
     data = _read(path)
     if config is None:
-        config = _read(folder / "config.json")
+        config = _read(folder / CONFIG_FILE)
     sample = data.get("do_sample")
     if sample is not None and not isinstance(sample, bool):
         raise ConfigError(f"{path}: 'do_sample' must be true or false, got {sample!r}")

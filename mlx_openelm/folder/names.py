@@ -21,6 +21,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP = "special_tokens_map.json"
 GENERATION_CONFIG = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' newer home for the chat template
+EXTRA_CHAT_TEMPLATES = "additional_chat_templates"  # a folder of named ones (NAME.jinja)
 # What names a tokenizer.json's special tokens and chat template, and travels with it.
 TOKENIZER_JSON_COMPANIONS = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE)
 # The Hugging Face files a converted folder gets beside its tokenizer (`hf_files`).

@@ -30,10 +30,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from ..errors import ChatTemplateError, PromptError, TokenizerError
-
-TEMPLATE_FILE = "chat_template.jinja"
-EXTRA_TEMPLATES = "additional_chat_templates"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+from ..folder.names import CHAT_TEMPLATE_FILE, EXTRA_CHAT_TEMPLATES, TOKENIZER_CONFIG
 MAX_RENDER_SECONDS = 10.0
 MAX_RENDER_CHARS = 8 << 20  # far more than any model's context holds
 # (deadline, seconds allowed) of the render running in this thread (or task)
@@ -364,9 +361,9 @@ def read_folder_template(folder: PathLike, config: Optional[Mapping[str, Any]] =
     tokenizer_config.json when the caller has read it already (`read_tokenizer_config`)."""
     folder = Path(folder)
     config = read_tokenizer_config(folder) if config is None else config
-    jinja_file = folder / TEMPLATE_FILE
+    jinja_file = folder / CHAT_TEMPLATE_FILE
     if jinja_file.is_file():
-        named = {p.stem: _read_text(p) for p in sorted((folder / EXTRA_TEMPLATES).glob("*.jinja"))}
+        named = {p.stem: _read_text(p) for p in sorted((folder / EXTRA_CHAT_TEMPLATES).glob("*.jinja"))}
         return ChatTemplate({**named, "default": _read_text(jinja_file)}, jinja_file, **bounds)
     if config and config.get("chat_template") is not None:
         path = folder / TOKENIZER_CONFIG
