@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import OpenELMWarning, TokenizerError
-from ..folder.names import TOKENIZER_JSON_COMPANIONS
+from ..folder.names import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG
 from .common import PathLike, Tokenizer, register_backend
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token (Llama-2's <0x0A>)
 
 # Files beside a tokenizer.json that name its special tokens (tried in this order).
-SPECIAL_TOKEN_FILES = TOKENIZER_JSON_COMPANIONS
+SPECIAL_TOKEN_FILES = (TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP)
 
 
 def is_tokenizer_json(path: Path) -> bool:
