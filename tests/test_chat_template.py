@@ -325,3 +325,16 @@ def test_convert_keeps_the_folders_conventions(tmp_path, json_checkpoint, hf_che
     assert read_generation_defaults(openelm).repetition_penalty == 1.2
     _model, tok = load(openelm)
     assert tok.chat_template.origin == str(openelm / "tokenizer_config.json") and tok.add_bos
+
+
+def test_generation_blocks_render_as_transformers_renders_them(tmp_path, tokenizer_json_path):
+    transformers = pytest.importorskip("transformers")
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}"
+                "{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}"
+                "<|im_end|>{% endif %}\n{% endfor %}")
+    folder = folder_with(tmp_path, tokenizer_json_path, {"chat_template": template})
+    hf = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = Tokenizer(folder / "tokenizer.json", bos_id=1, eos_id=2)
+    text = tok.render_chat(CONVERSATION, add_generation_prompt=False)
+    assert "Paris.<|im_end|>" in text
+    assert text == hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=False)

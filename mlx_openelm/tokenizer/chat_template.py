@@ -132,7 +132,7 @@ def _environment(max_chars: int):
                 too_big(f"a call of {getattr(__obj, '__name__', 'a function')}")
             return super().call(__context, __obj, *args, **kwargs)
 
-    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation_tag(), loopcontrols])
 
     def widths_checked(name: str):
         plain = env.filters[name]
@@ -148,6 +148,26 @@ def _environment(max_chars: int):
     env.filters["tojson"] = _tojson
     env.globals.update(_template_globals())
     return env
+
+
+def _generation_tag():
+    """transformers' ``{% generation %}...{% endgeneration %}`` (it marks the assistant's tokens for
+    training masks): rendered as its body, as transformers renders it."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return GenerationTag
 
 
 def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
