@@ -338,3 +338,16 @@ def test_generation_blocks_render_as_transformers_renders_them(tmp_path, tokeniz
     text = tok.render_chat(CONVERSATION, add_generation_prompt=False)
     assert "Paris.<|im_end|>" in text
     assert text == hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=False)
+
+
+def test_smollm2_conversations_grow_by_appending_so_caches_hit(trained_model_path):
+    """The server's prompt cache and ChatSession reuse the previous turn's tokens: with the folder's
+    ChatML template, a turn's prompt plus the reply and its EOS is a prefix of the next turn's prompt."""
+    tok = Tokenizer(trained_model_path / "tokenizer.json", bos_id=1, eos_id=2)
+    messages = CONVERSATION[:2]
+    for reply, question in [("Paris, of course.", "And of Italy?"), ("Rome.\n\nIt is.", "Why?")]:
+        prompt = tok.apply_chat_template(messages)
+        messages = messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": question}]
+        following = tok.apply_chat_template(messages)
+        answered = prompt + tok.encode(reply, add_bos=False) + [tok.eos_id]
+        assert following[:len(answered)] == answered
