@@ -8,7 +8,7 @@ either way. ``eos_token_id`` (an id or a list) adds ids that end a reply.
 
 A folder that sets no repetition penalty gets 1.0, except OpenELM's own (config.json's
 ``architectures`` names ``OpenELMForCausalLM``, as Apple's repos and folders converted from them
-do), which get Apple's recommended 1.2. Another model in OpenELM form (the trained test model, a
+do, or is absent), which get Apple's recommended 1.2. Another model in OpenELM form (the trained test model, a
 Llama) is not an OpenELM: on it 1.2 turns a Python docstring prompt into garbage.
 """
 
@@ -29,9 +29,11 @@ SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # transform
 
 
 def is_openelm(config: Mapping[str, Any]) -> bool:
-    """Whether a config.json describes one of Apple's OpenELM models (its ``architectures``)."""
+    """Whether a config.json describes one of Apple's OpenELM models: its ``architectures`` names
+    OpenELM's, or it has none (folders converted before the converter kept the key, hand-built ones:
+    ``model_type`` is always "openelm", so they keep the default they had)."""
     architectures = config.get("architectures") if isinstance(config, Mapping) else None
-    return isinstance(architectures, list) and OPENELM_ARCHITECTURE in architectures
+    return architectures is None or (isinstance(architectures, list) and OPENELM_ARCHITECTURE in architectures)
 
 
 @dataclass(frozen=True)

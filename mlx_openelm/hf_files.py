@@ -29,20 +29,7 @@ from typing import Optional, Union
 
 from .folder.names import (GENERATION_CONFIG, HF_TOKENIZER_FILES, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG,
                            TOKENIZER_FILE, TOKENIZER_JSON)
-
-# OpenELM-Instruct's format, as `Tokenizer.chat_segments` defines it: after BOS, each message is
-# "<|role|>\n{content}</s>\n" with </s> the EOS token, then "<|assistant|>\n" for a generation
-# prompt. tests/test_hf_files.py checks the two agree token for token.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{ raise_exception('OpenELM-Instruct roles are system, user and assistant, not ' + message['role']) }}"
-    "{% endif %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
-)
+from .tokenizer.common import OPENELM_CHAT_TEMPLATE as CHAT_TEMPLATE
 
 PathLike = Union[str, Path]
 

@@ -12,6 +12,7 @@ import pytest
 from mlx_openelm.errors import ChatTemplateError, ConfigError
 from mlx_openelm.generation_config import read_generation_defaults
 from mlx_openelm.tokenizer import ChatTemplate, Tokenizer
+from mlx_openelm.tokenizer.common import OPENELM_CHAT_TEMPLATE
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one line."},
@@ -142,7 +143,7 @@ def test_openelm_template_equals_transformers_and_the_builtin_format(tmp_path, t
     """The converter's OpenELM-Instruct template, rendered by Jinja, gives the built-in format's ids
     (which a folder without a template uses, exactly as before) and transformers' own."""
     transformers = pytest.importorskip("transformers")
-    from mlx_openelm.hf_files import write_tokenizer_files
+    from mlx_openelm.hf_files import CHAT_TEMPLATE, write_tokenizer_files
 
     folder = tmp_path / "openelm"
     folder.mkdir()
@@ -152,11 +153,14 @@ def test_openelm_template_equals_transformers_and_the_builtin_format(tmp_path, t
     builtin = bare.apply_chat_template(CONVERSATION)
     write_tokenizer_files(folder)
     tok = Tokenizer(folder / "tokenizer.model")
+    assert tok.chat_template is None  # our own template: the built-in format renders the folder
+    jinja = Tokenizer(folder / "tokenizer.model")
+    jinja.chat_template = ChatTemplate(CHAT_TEMPLATE, folder / "tokenizer_config.json")
     hf = transformers.AutoTokenizer.from_pretrained(str(folder))
-    assert tok.render_chat(CONVERSATION) == hf.apply_chat_template(CONVERSATION, tokenize=False,
-                                                                   add_generation_prompt=True)
-    assert tok.apply_chat_template(CONVERSATION) == builtin == transformers_ids(hf, CONVERSATION,
-                                                                               add_generation_prompt=True)
+    assert jinja.render_chat(CONVERSATION) == hf.apply_chat_template(CONVERSATION, tokenize=False,
+                                                                     add_generation_prompt=True)
+    assert tok.apply_chat_template(CONVERSATION) == jinja.apply_chat_template(CONVERSATION) == builtin \
+        == transformers_ids(hf, CONVERSATION, add_generation_prompt=True)
     with pytest.raises(ValueError, match="no tools"):
         bare.apply_chat_template(CONVERSATION, tools=TOOLS)
 
@@ -237,8 +241,10 @@ def write_folder(tmp_path, config: dict, generation: dict | None = None):
 
 
 def test_generation_defaults_follow_transformers_and_openelm_keeps_its_penalty(tmp_path, tiny_config):
-    other = {k: v for k, v in tiny_config.items() if k != "architectures"}
+    other = {**tiny_config, "architectures": ["LlamaForCausalLM"]}
+    unnamed = {k: v for k, v in tiny_config.items() if k != "architectures"}  # converted before the key was kept
     assert read_generation_defaults(write_folder(tmp_path, tiny_config)).repetition_penalty == 1.2
+    assert read_generation_defaults(write_folder(tmp_path, unnamed)).repetition_penalty == 1.2
     plain = read_generation_defaults(write_folder(tmp_path, other, {"temperature": 0.7, "eos_token_id": [2, 0]}))
     # no do_sample: greedy, as transformers (temperature unused); every EOS id listed
     assert (plain.temperature, plain.repetition_penalty, plain.eos_token_ids) == (0.0, 1.0, frozenset({0, 2}))
@@ -324,7 +330,9 @@ def test_convert_keeps_the_folders_conventions(tmp_path, json_checkpoint, hf_che
     assert json.loads((openelm / "config.json").read_text())["architectures"] == ["OpenELMForCausalLM"]
     assert read_generation_defaults(openelm).repetition_penalty == 1.2
     _model, tok = load(openelm)
-    assert tok.chat_template.origin == str(openelm / "tokenizer_config.json") and tok.add_bos
+    config = json.loads((openelm / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == OPENELM_CHAT_TEMPLATE  # written for other tools ...
+    assert tok.chat_template is None and tok.add_bos  # ... rendered by the built-in format here
 
 
 def test_generation_blocks_render_as_transformers_renders_them(tmp_path, tokenizer_json_path):

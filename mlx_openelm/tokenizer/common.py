@@ -22,6 +22,22 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 PathLike = Union[str, Path]
 
 
+# OpenELM-Instruct's format as Jinja (what the converter writes into tokenizer_config.json), as
+# `Tokenizer.chat_segments` defines it: after BOS, each message is
+# "<|role|>\n{content}</s>\n" with </s> the EOS token, then "<|assistant|>\n" for a generation
+# prompt. tests/test_hf_files.py checks the two agree token for token.
+OPENELM_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('OpenELM-Instruct roles are system, user and assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
 def clean_text(text: str) -> tuple[str, bool]:
     """`text` with each byte that is not valid UTF-8 (a lone surrogate) replaced by U+FFFD,
     and whether any was. Front ends call this on what a user typed or piped in; the
@@ -140,7 +156,10 @@ class Tokenizer:
         config = read_tokenizer_config(self.path.parent)
         add_bos = config.get("add_bos_token")
         self.add_bos = add_bos if isinstance(add_bos, bool) else own_add_bos
-        self.chat_template = read_folder_template(self.path.parent, config)
+        template = read_folder_template(self.path.parent, config)
+        # Our converter writes OpenELM-Instruct's format as Jinja for other tools; here the built-in
+        # path renders it, which keeps message text as text (a typed "</s>" is not EOS), as before.
+        self.chat_template = None if template and template.templates == {"default": OPENELM_CHAT_TEMPLATE} else template
         named = {name: token_text(config.get(name)) for name in SPECIAL_TOKEN_NAMES}
         named.update(bos_token=self.piece(self.bos_id), eos_token=self.piece(self.eos_id))
         self.special_tokens = {name: text for name, text in named.items() if text is not None}
