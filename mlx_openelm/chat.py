@@ -26,10 +26,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterator, Optional
 
+from .cache import cached_length, reusable_prefix_length, truncate_caches
 from .errors import ContextLengthError, OptionError
-from .generation import GenerationResponse, reusable_prefix_length, stream_generate
+from .generation import GenerationResponse, stream_generate
 from .model import make_cache
-from .speculative import check_draft
+from .speculative import SpeculativeOptions
 from .tokenizer import Tokenizer
 
 
@@ -40,8 +41,9 @@ class ChatSession:
     `notify` receives one-line notices (turns dropped to fit the context). The reply
     reserve is at most `max_reserve_fraction` of the context; when turns must be
     dropped, the rest plus the reserve is cut down to `refit_fraction` of it.
-    With `draft_model` every reply is decoded speculatively; the draft keeps its own
-    cache, in step with the model's, so it is reused across turns too.
+    With `speculative` (`SpeculativeOptions`; `draft_model=d` is short for
+    `speculative=SpeculativeOptions(draft_model=d)`) every reply is decoded speculatively;
+    a draft model keeps its own cache, in step with the model's, so it is reused across turns too.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class ChatSession:
         max_reserve_fraction: float = 0.25,
         refit_fraction: float = 0.5,
         draft_model=None,
+        speculative: Optional[SpeculativeOptions] = None,
     ):
         if not 0 < max_reserve_fraction < refit_fraction <= 1:
             raise OptionError(
@@ -66,10 +69,12 @@ class ChatSession:
         self.max_reserve_fraction = max_reserve_fraction
         self.refit_fraction = refit_fraction
         self.cache = make_cache(model)
-        if draft_model is not None:
-            check_draft(model, draft_model)
-        self.draft_model = draft_model
-        self.draft_cache = make_cache(draft_model) if draft_model is not None else None
+        if draft_model is not None and speculative is not None:
+            raise OptionError("pass the draft model either as draft_model= or in speculative=, not both")
+        self.speculative = speculative or SpeculativeOptions(draft_model=draft_model)
+        self.speculative.check_target(model)
+        self.draft_model = self.speculative.draft_model
+        self.draft_cache = make_cache(self.draft_model) if self.draft_model is not None else None
         self.cached_ids: list[int] = []  # the tokens whose keys/values are in `cache`, in order
         self.messages: list[dict[str, str]] = []
         self.last_prefill_tokens = 0  # tokens fed before the last reply (not taken from the cache)
@@ -106,9 +111,8 @@ class ChatSession:
     def _trim_cache(self, length: int) -> None:
         """Keep the first `length` cached positions (also repairs layers left uneven by an interrupt)."""
         caches = self.cache + (self.draft_cache or [])
-        length = max(0, min([length, len(self.cached_ids)] + [c.offset for c in caches]))
-        for c in caches:
-            c.trim(c.offset - length)
+        length = max(0, min(length, len(self.cached_ids), cached_length(caches)))
+        truncate_caches(caches, length)
         self.cached_ids = self.cached_ids[:length]
 
     def _fit(self, messages: list[dict[str, str]], reserve: int) -> tuple[list[dict[str, str]], list[int], int]:
@@ -146,8 +150,8 @@ class ChatSession:
             raise TypeError(f"text must be a string, got {type(text).__name__}")
         if {"cache", "draft_cache", "cached_ids"} & set(kwargs):
             raise TypeError("ChatSession manages its own cache")
-        if self.draft_model is not None:
-            kwargs.update(draft_model=self.draft_model, draft_cache=self.draft_cache)
+        if self.speculative.enabled:
+            kwargs.update(speculative=self.speculative, draft_cache=self.draft_cache)
         reserve = min(max_tokens, int(self.context_length * self.max_reserve_fraction))
         messages, ids, dropped = self._fit(self.messages + [{"role": "user", "content": text}], reserve)
         if dropped:
@@ -184,7 +188,7 @@ class ChatSession:
         # between layers: keep exactly the positions that match known tokens.
         fed = self.cached_ids + new + reply
         self.cached_ids = fed
-        self._trim_cache(min(c.offset for c in self.cache))
+        self._trim_cache(cached_length(self.cache))
         self.finish_reason = finish or "interrupted"
         if text is None:
             text = self.tokenizer.decode([t for t in reply if t not in self.tokenizer.eos_ids])

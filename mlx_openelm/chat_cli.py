@@ -74,7 +74,7 @@ def _reply(session, text: str, max_tokens: int, quiet: bool, gen_kwargs: dict) -
         click.echo(click.style(f"Error: {e}", fg="red"), err=True)
         return
     click.echo("")
-    speculative = session.draft_model is not None or gen_kwargs.get("prompt_lookup")
+    speculative = session.speculative.enabled
     if last is not None and not quiet:
         note(
             f"[{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s | "
@@ -176,9 +176,7 @@ def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, to
     max_tokens = settings["max_tokens"]
     kwargs = make_generation_kwargs(settings["temperature"], settings["top_k"], settings["top_p"], min_p,
                                     settings["repetition_penalty"], seed, stop)
-    speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
-    draft = speculative.pop("draft_model", None)
-    session = ChatSession(model, tokenizer, system=system, notify=note, draft_model=draft)
-    kwargs.update(speculative)
+    speculative = load_speculative(draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
+    session = ChatSession(model, tokenizer, system=system, notify=note, speculative=speculative)
     _tolerant_stdin()
     run_repl(session, max_tokens=max_tokens, quiet=quiet, **kwargs)

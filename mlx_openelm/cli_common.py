@@ -269,23 +269,22 @@ def speculative_options(fn):
     ], fn)
 
 
-def load_speculative(model, draft_path, num_draft_tokens: int, prompt_lookup: int, dtype, quiet: bool = False) -> dict:
-    """`generate_step` keyword arguments for the speculative options, loading and checking the draft model."""
+def load_speculative(draft_path, num_draft_tokens: int, prompt_lookup: int, dtype, quiet: bool = False):
+    """The `SpeculativeOptions` of the speculative options, loading the draft model (the library
+    checks it against the model where the two meet)."""
     if draft_path and prompt_lookup:
         raise click.UsageError("--draft-model and --prompt-lookup are two ways to propose tokens; pick one")
-    if prompt_lookup:
-        return {"prompt_lookup": prompt_lookup}
-    if not draft_path:
-        return {}
-    from .hub import resolve_model_path
-    from .loading import load_model
-    from .speculative import check_draft
+    from .speculative import SpeculativeOptions
 
-    if not quiet:
-        click.echo(f"Loading draft model {draft_path} ...", err=True)
-    draft = load_model(resolve_model_path(draft_path), dtype=dtype)
-    check_draft(model, draft)
-    return {"draft_model": draft, "num_draft_tokens": num_draft_tokens}
+    draft = None
+    if draft_path:
+        from .hub import resolve_model_path
+        from .loading import load_model
+
+        if not quiet:
+            click.echo(f"Loading draft model {draft_path} ...", err=True)
+        draft = load_model(resolve_model_path(draft_path), dtype=dtype)
+    return SpeculativeOptions(draft_model=draft, num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
 
 
 def _nonempty_stops(ctx, param, value):

@@ -77,8 +77,8 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, chat_templ
     max_tokens = settings["max_tokens"]
     kwargs = make_generation_kwargs(settings["temperature"], settings["top_k"], settings["top_p"], min_p,
                                     settings["repetition_penalty"], seed, stop)
-    speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet or as_json)
-    kwargs.update(speculative)
+    speculative = load_speculative(draft_path, num_draft_tokens, prompt_lookup, dtype, quiet or as_json)
+    kwargs["speculative"] = speculative
     if chat or system is not None or chat_template is not None:
         messages = [{"role": "system", "content": system}] if system else []
         prompt = tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}])
@@ -91,4 +91,4 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, chat_templ
         return
     click.echo()
     if not quiet and last is not None:
-        click.echo(format_stats(last, bool(speculative)) + f" | {format_finish(last)}", err=True)
+        click.echo(format_stats(last, speculative.enabled) + f" | {format_finish(last)}", err=True)

@@ -15,7 +15,7 @@ from .compat import keyword_names, print_generation, translate_kwargs
 from .errors import ContextLengthError, OptionError, PromptError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
-from .speculative import DraftProposer, SpeculativeDecoder, check_draft
+from .speculative import DraftProposer, SpeculativeDecoder, SpeculativeOptions
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
 
@@ -62,20 +62,20 @@ def wired_limit():
         mx.set_wired_limit(previous)
 
 
-def token_budget(model: Model, cache: Optional[Sequence[KVCache]], prompt_size: int, max_tokens: int) -> int:
-    """How many tokens can follow a prompt: `max_tokens`, capped by the context left.
+def token_budget(context: int, prompt_size: int, max_tokens: int, cached: int = 0) -> int:
+    """How many tokens can follow a prompt of `prompt_size` tokens after `cached` ones, in a
+    context of `context` tokens: `max_tokens`, capped by the room left. The one rule for it.
 
+    The k-th new token needs the prompt and the k-1 new tokens before it in the context (the
+    last new token is never fed), so a prompt that fills the context still gets one token.
     Raises `ContextLengthError` when the prompt itself does not fit.
     """
-    context = model.args.max_context_length
-    start = cache[0].offset if cache else 0
-    if start + prompt_size > context:
+    if cached + prompt_size > context:
         raise ContextLengthError(
-            f"prompt of {prompt_size} tokens (+{start} cached) does not fit the model's context of "
+            f"prompt of {prompt_size} tokens (+{cached} cached) does not fit the model's context of "
             f"{context} tokens"
         )
-    # The k-th new token needs the prompt and k-1 new tokens in the context.
-    return max(0, min(max_tokens, context - start - prompt_size + 1))
+    return max(0, min(max_tokens, context - cached - prompt_size + 1))
 
 
 class GenerationStep(NamedTuple):
@@ -90,7 +90,8 @@ class GenerationStep(NamedTuple):
     target_forward_passes: int = 0  # target passes that produced the tokens so far (prefill not counted)
 
 
-def _check_prompt(prompt: Union[mx.array, Sequence[int]], model: Model) -> mx.array:
+def check_prompt(prompt: Union[mx.array, Sequence[int]], model: Model) -> mx.array:
+    """`prompt` as a 1-D uint32 array of token ids in `model`'s vocabulary, or a `PromptError` saying why not."""
     prompt = mx.array(prompt) if not isinstance(prompt, mx.array) else prompt
     if prompt.ndim != 1 or prompt.size == 0:
         raise PromptError(f"prompt must be a non-empty 1-D list of token ids, got shape {prompt.shape}")
@@ -98,22 +99,6 @@ def _check_prompt(prompt: Union[mx.array, Sequence[int]], model: Model) -> mx.ar
     if mx.issubdtype(prompt.dtype, mx.floating) or not (0 <= prompt.min().item() and prompt.max().item() < vocab_size):
         raise PromptError(f"prompt token ids must be integers in [0, {vocab_size}), the model's vocabulary")
     return prompt.astype(mx.uint32)
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
-def reusable_prefix_length(cached_ids: Sequence[int], prompt: Sequence[int]) -> int:
-    """How many leading tokens of `prompt` a KV cache holding `cached_ids` lets generation skip: the
-    common prefix, but never all of `prompt` (its last token must go through the model to give the
-    first new token's logits). The one cache-reuse rule of `ChatSession` and the server."""
-    return max(0, min(common_prefix_length(cached_ids, prompt), len(prompt) - 1))
 
 
 def _check_cached_ids(cached_ids, cache) -> list[int]:
@@ -127,13 +112,18 @@ def _check_cached_ids(cached_ids, cache) -> list[int]:
     return ids
 
 
-def _check_speculative(cache, draft_model, draft_cache, num_draft_tokens: int, prompt_lookup: int, ngram: int):
-    if draft_model is not None and prompt_lookup:
-        raise OptionError("use either draft_model or prompt_lookup, not both")
-    if draft_model is not None and num_draft_tokens < 1:
-        raise OptionError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
-    if prompt_lookup < 0 or ngram < 1:
-        raise OptionError(f"prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1, got {prompt_lookup}, {ngram}")
+def _speculative_options(speculative, draft_model, num_draft_tokens, prompt_lookup, ngram) -> SpeculativeOptions:
+    """`speculative`, or the options the separate keywords give (one or the other)."""
+    if speculative is None:
+        return SpeculativeOptions(draft_model, num_draft_tokens, prompt_lookup, ngram)
+    if draft_model is not None or prompt_lookup:
+        raise OptionError("pass speculative decoding's options either as speculative= or as draft_model= / "
+                          "prompt_lookup=, not both")
+    return speculative
+
+
+def _draft_cache(cache, draft_model, draft_cache):
+    """The draft's cache: `draft_cache`, which must hold as many tokens as `cache`, or a new one."""
     if draft_model is None:
         return None
     if draft_cache is None:
@@ -162,6 +152,7 @@ def generate_step(
     prompt_lookup: int = 0,
     prompt_lookup_ngram: int = 2,
     cached_ids: Optional[Sequence[int]] = None,
+    speculative: Optional[SpeculativeOptions] = None,
 ) -> Iterator[GenerationStep]:
     """Yield a `GenerationStep` (token, logprobs, ...) for up to `max_tokens` new tokens after `prompt`.
 
@@ -177,36 +168,36 @@ def generate_step(
     Speculative decoding (see `speculative`): `draft_model` (same tokenizer; its own
     `draft_cache` holding the same tokens as `cache`) drafts `num_draft_tokens` tokens
     per target pass, or `prompt_lookup` > 0 proposes up to that many tokens copied from
-    the context after an n-gram match (n up to `prompt_lookup_ngram`). Greedy output is
-    the target's own, and sampled output has the target's distribution. Both caches end
-    as after plain decoding, but while tokens are handed out they may run a round ahead.
+    the context after an n-gram match (n up to `prompt_lookup_ngram`); or pass those
+    options as one `speculative` (`SpeculativeOptions`). Greedy output is the target's own,
+    and sampled output has the target's distribution. Both caches end as after plain
+    decoding, but while tokens are handed out they may run a round ahead.
     """
-    prompt = _check_prompt(prompt, model)
+    prompt = check_prompt(prompt, model)
     earlier = _check_cached_ids(cached_ids, cache)
     if max_tokens < 0:
         raise OptionError(f"max_tokens must be >= 0, got {max_tokens}")
-    if draft_model is not None:
-        check_draft(model, draft_model)
+    options = _speculative_options(speculative, draft_model, num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
+    options.check_target(model)
     cache = make_cache(model) if cache is None else cache
-    draft_cache = _check_speculative(cache, draft_model, draft_cache, num_draft_tokens, prompt_lookup,
-                                     prompt_lookup_ngram)
-    limit = token_budget(model, cache, prompt.size, max_tokens)
+    draft_cache = _draft_cache(cache, options.draft_model, draft_cache)
+    limit = token_budget(model.args.max_context_length, prompt.size, max_tokens, cache[0].offset)
     if limit == 0:
         return
     sampler = sampler or greedy
     processors = list(logits_processors or [])
     with wired_limit():
         prompt_tail = prefill(model, prompt, cache, prefill_step_size, prompt_progress)
-        if draft_model is None and not prompt_lookup:
+        if not options.enabled:
             history = mx.array(earlier + prompt[: prompt.size - prompt_tail.size].tolist(), dtype=mx.uint32)
             steps = _plain_steps(model, cache, history, prompt_tail, limit, sampler, processors)
         else:
             draft = None
-            if draft_model is not None:
-                prefill(draft_model, prompt, draft_cache, prefill_step_size)
-                draft = DraftProposer(draft_model, draft_cache, model.args.vocab_size)
-            decoder = SpeculativeDecoder(model, cache, earlier + prompt.tolist(), sampler, processors,
-                                         draft, num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
+            if options.draft_model is not None:
+                prefill(options.draft_model, prompt, draft_cache, prefill_step_size)
+                draft = DraftProposer(options.draft_model, draft_cache, model.args.vocab_size)
+            decoder = SpeculativeDecoder(model, cache, earlier + prompt.tolist(), sampler, processors, draft,
+                                         options.num_draft_tokens, options.prompt_lookup, options.prompt_lookup_ngram)
             steps = _speculative_steps(decoder, limit)
         yield from _prompt_read_at_first_step(steps, prompt_progress, prompt.size)
 

@@ -20,14 +20,15 @@ Which tokens are kept, so that the output is distributed exactly as the target's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
-from .cache import KVCache
+from .cache import KVCache, truncate_caches
 from .config import same_vocabulary
-from .errors import ConfigError
+from .errors import ConfigError, OptionError
 from .model import Model
 from .sampling import LogitsProcessor, Sampler, to_logprobs
 
@@ -47,6 +48,45 @@ def check_draft(target: Model, draft: Model) -> None:
         raise ConfigError(
             f"the draft model's context ({d_context} tokens) is shorter than the target's ({t_context} tokens)"
         )
+
+
+@dataclass(frozen=True)
+class SpeculativeOptions:
+    """How tokens are proposed: a `draft_model` drafting `num_draft_tokens` per target pass, or
+    `prompt_lookup` > 0 copying up to that many tokens after the context's last n-gram (n up to
+    `prompt_lookup_ngram`); neither: plain decoding.
+
+    The fields are checked when the options are made (this is their one validator); whether the
+    draft fits a target is `check_target`'s, called where the two meet (`generate_step`,
+    `ChatSession`, the server's scheduler).
+    """
+
+    draft_model: Optional[Model] = None
+    num_draft_tokens: int = 3
+    prompt_lookup: int = 0
+    prompt_lookup_ngram: int = 2
+
+    def __post_init__(self):
+        if self.draft_model is not None and not isinstance(self.draft_model, Model):
+            raise TypeError("draft_model must be a loaded model (mlx_openelm.load_model(path)), got "
+                            f"{type(self.draft_model).__name__}")
+        if self.draft_model is not None and self.prompt_lookup:
+            raise OptionError("use either draft_model or prompt_lookup, not both")
+        if self.draft_model is not None and self.num_draft_tokens < 1:
+            raise OptionError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
+        if self.prompt_lookup < 0 or self.prompt_lookup_ngram < 1:
+            raise OptionError(f"prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1, got {self.prompt_lookup}, "
+                              f"{self.prompt_lookup_ngram}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything proposes tokens (else decoding is plain)."""
+        return self.draft_model is not None or self.prompt_lookup > 0
+
+    def check_target(self, target: Model) -> None:
+        """Refuse a draft model that cannot propose tokens for `target` (see `check_draft`)."""
+        if self.draft_model is not None:
+            check_draft(target, self.draft_model)
 
 
 def match_vocab(logits: mx.array, vocab_size: int) -> mx.array:
@@ -124,12 +164,6 @@ def match_sample(target_logprobs: mx.array, proposals: mx.array, sampler: Sample
 
 
 # ---- proposers
-
-
-def trim_to(cache: Sequence[KVCache], length: int) -> None:
-    """Forget every cached position from `length` on."""
-    for c in cache:
-        c.trim(c.offset - length)
 
 
 class DraftProposer:
@@ -254,7 +288,7 @@ class SpeculativeDecoder:
         tokens = proposals[:n].tolist() + [token.item()]
         self.context.extend(tokens)
         kept = self.start + len(self.context) - 1  # the last token is pending, as after a plain step
-        trim_to(self.cache, kept)
+        truncate_caches(self.cache, kept)
         if self.draft is not None:
-            trim_to(self.draft.cache, min(kept, self.draft.cache[0].offset))
+            truncate_caches(self.draft.cache, kept)
         return [(t, target_logprobs[i], i < n) for i, t in enumerate(tokens)]

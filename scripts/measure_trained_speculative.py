@@ -86,7 +86,7 @@ def decode_run(model, prompt: list[int], caches: dict, tokens: int, **speculativ
                                cached_ids=prompt[:-1], **kwargs))
     seconds = time.perf_counter() - start
     for cache in caches.values():
-        trim_to(cache, len(prompt) - 1)
+        truncate_caches(cache, len(prompt) - 1)
     last = steps[-1]
     return {"tokens": [s.token for s in steps], "seconds": seconds, "tps": len(steps) / seconds,
             "drafted": last.drafted_tokens, "accepted": last.accepted_tokens,

@@ -1,4 +1,4 @@
-"""Batched decoding (`mlx_openelm.serve.batching`) against each request decoded alone with `generate_step`."""
+"""Batched decoding (`mlx_openelm.batching`) against each request decoded alone with `generate_step`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mlx_openelm import generate_step, load, make_cache, make_logits_processors, make_sampler
-from mlx_openelm.serve.batching import PREFILL_CHUNK, Batch, BatchKVCache
-from mlx_openelm.cache import KVCache
+from mlx_openelm.batching import PREFILL_CHUNK, Batch
+from mlx_openelm.cache import BatchKVCache, KVCache
 from mlx_openelm.errors import OptionError
 
 PROMPTS = [

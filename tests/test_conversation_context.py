@@ -14,7 +14,9 @@ import pytest
 
 from mlx_openelm import ChatSession, generate_step, make_cache, make_logits_processors, speculative
 from mlx_openelm.errors import OptionError
-from mlx_openelm.generation import reusable_prefix_length, stream_generate
+from mlx_openelm.cache import reusable_prefix_length
+from mlx_openelm.generation import stream_generate
+from mlx_openelm.speculative import SpeculativeOptions
 from mlx_openelm.serve.scheduler import Scheduler
 from mlx_openelm.serve.api import GenerationSpec
 
@@ -152,7 +154,7 @@ def test_server_prompt_lookup_sees_the_cached_turns(loaded, monkeypatch):
                 messages.append({"role": "assistant", "content": tokenizer.decode(replies[-1])})
 
         contexts.clear()
-        scheduler = Scheduler(model, tokenizer, prompt_cache_size=size, generation_kwargs={"prompt_lookup": 10})
+        scheduler = Scheduler(model, tokenizer, prompt_cache_size=size, speculative=SpeculativeOptions(prompt_lookup=10))
         _serve(scheduler, chat)
         assert all(prompt in contexts for prompt in prompts)
         stats = scheduler.snapshot()
@@ -184,8 +186,8 @@ def test_a_cancelled_request_stores_a_cache_that_matches_its_ids(loaded, specula
     the plain greedy answer."""
     model, tokenizer = loaded
     prompt = tokenizer.encode(MESSAGE)
-    kwargs = {"draft_model": model, "num_draft_tokens": 3} if speculative else {}
-    scheduler = Scheduler(model, tokenizer, generation_kwargs=kwargs)
+    options = SpeculativeOptions(draft_model=model, num_draft_tokens=3) if speculative else None
+    scheduler = Scheduler(model, tokenizer, speculative=options)
     cancelled = scheduler.submit(_spec(prompt, 50))
     cancelled.events = CancelAfter(cancelled, 1)
     answers = {}

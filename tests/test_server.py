@@ -325,7 +325,7 @@ def test_prompt_cache_copies_the_longest_prefix_and_supersedes_older_turns(local
     import mlx.core as mx
 
     from mlx_openelm.model import make_cache
-    from mlx_openelm.serve.scheduler import PromptCache
+    from mlx_openelm.cache import PromptCache
 
     model = local[0]
 

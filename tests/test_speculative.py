@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mlx_openelm import ChatSession, generate_step, load, load_model, make_cache, make_logits_processors, make_sampler
+from mlx_openelm.cache import truncate_caches
 from mlx_openelm.errors import ConfigError
 from mlx_openelm.generation import stream_generate
 from mlx_openelm.speculative import (
@@ -205,7 +206,7 @@ def test_random_propose_and_accept_leaves_the_cache_of_the_accepted_tokens(loade
         target(mx.array(kept[-1:] + proposals)[None], cache=cache)
         n = int(rng.integers(0, len(proposals) + 1))
         kept += proposals[:n] + [int(rng.integers(3, 384))]
-        trim_to(cache, len(kept) - 1)
+        truncate_caches(cache, len(kept) - 1)
         mx.eval([c.state for c in cache])
     reference = make_cache(target)
     target(mx.array(kept[:-1])[None], cache=reference)

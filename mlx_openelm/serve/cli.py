@@ -101,7 +101,7 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
 
     from .access import AccessPolicy, parse_allowed_hosts, parse_allowed_origins
     from .api import SamplingDefaults
-    from .batching import validate_prefill_chunk
+    from ..batching import validate_prefill_chunk
     from ..sampling import validate_repetition_penalty, validate_sampling, validate_seed
     from ..signals import calling_on_signals
     from .server import ServerApp, exposure_warning, make_server, serve
@@ -127,13 +127,13 @@ def serve_command(model_path, tokenizer_path, dtype, host, port, api_key, model_
                                                     adapter_path=adapter_path, chat_template=chat_template)
         defaults = SamplingDefaults(**sampling_settings(model_path, max_tokens, temp, top_k, top_p,
                                                         repetition_penalty), min_p=min_p, seed=seed)
-        speculative = load_speculative(model, draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
+        speculative = load_speculative(draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     except BaseException:
         httpd.server_close()
         raise
     httpd.app = app = ServerApp(model, tokenizer, model_id or _model_id(model_path), defaults=defaults,
                                 api_key=api_key, max_request_bytes=max_request_bytes,
-                                prompt_cache_size=prompt_cache_size, generation_kwargs=speculative,
+                                prompt_cache_size=prompt_cache_size, speculative=speculative,
                                 prefill_chunk=prefill_chunk)
     logging.basicConfig(stream=sys.stderr, level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

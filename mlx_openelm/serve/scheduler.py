@@ -23,13 +23,13 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-from ..cache import KVCache
-from ..generation import (GenerationResponse, common_prefix_length, reusable_prefix_length, stream_generate,
-                          stream_responses, wired_limit)
+from ..batching import PREFILL_CHUNK, Batch, Row
+from ..cache import KVCache, PromptCache, cached_length
+from ..generation import GenerationResponse, stream_generate, stream_responses, wired_limit
 from ..model import make_cache
 from ..sampling import make_logits_processors, make_sampler
+from ..speculative import SpeculativeOptions
 from .api import GenerationSpec
-from .batching import PREFILL_CHUNK, Batch, Row
 
 log = logging.getLogger("mlx_openelm.server")
 
@@ -75,49 +75,6 @@ class Job:
         self.cancelled.set()
 
 
-def copy_prefix(cache: list[KVCache], length: int) -> list[KVCache]:
-    """New layer caches holding the first `length` positions of `cache` (which stays as it was)."""
-    copies = []
-    for c in cache:
-        new = KVCache(c.num_kv_heads, c.head_dim, c.max_length, c.step)
-        if length and c.keys is not None:
-            new.keys, new.values = c.keys[..., :length, :], c.values[..., :length, :]
-            new.offset = length
-        copies.append(new)
-    return copies
-
-
-class PromptCache:
-    """The KV caches of the last few finished requests, keyed by the token ids they hold."""
-
-    def __init__(self, new_cache: Callable[[], list[KVCache]], capacity: int = 4):
-        self.new_cache = new_cache
-        self.capacity = capacity
-        self.entries: list[tuple[list[int], list[KVCache]]] = []  # least recently used first
-
-    def fetch(self, prompt: list[int]) -> tuple[list[KVCache], int]:
-        """A cache for `prompt` and how many of its first tokens it already holds (never all of them:
-        the last prompt token must go through the model to give the first new token's logits)."""
-        best, length = None, 0
-        for i, (ids, _) in enumerate(self.entries):
-            n = reusable_prefix_length(ids, prompt)
-            if n > length:
-                best, length = i, n
-        if best is None:
-            return self.new_cache(), 0
-        entry = self.entries.pop(best)
-        self.entries.append(entry)  # most recently used
-        return copy_prefix(entry[1], length), length
-
-    def store(self, ids: list[int], cache: list[KVCache]) -> None:
-        if self.capacity <= 0 or not ids:
-            return
-        # An entry whose ids are a prefix of `ids` is superseded (the previous turn of this chat).
-        self.entries = [(e, c) for e, c in self.entries if common_prefix_length(e, ids) < len(e)]
-        self.entries.append((ids, cache))
-        del self.entries[: max(0, len(self.entries) - self.capacity)]
-
-
 class Scheduler:
     """Runs `GenerationSpec`s on one model; see the module docstring.
 
@@ -127,14 +84,14 @@ class Scheduler:
     only sets a flag, so it is safe in a signal handler.
     """
 
-    def __init__(self, model, tokenizer, prompt_cache_size: int = 4, generation_kwargs: Optional[dict] = None,
+    def __init__(self, model, tokenizer, prompt_cache_size: int = 4, speculative: Optional[SpeculativeOptions] = None,
                  prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.tokenizer = tokenizer
-        self.generation_kwargs = dict(generation_kwargs or {})  # speculative decoding options
-        self.draft_model = self.generation_kwargs.get("draft_model")
-        speculative = self.draft_model is not None or self.generation_kwargs.get("prompt_lookup")
-        self.batch = None if speculative else Batch(model, prefill_chunk)
+        self.speculative = speculative or SpeculativeOptions()
+        self.speculative.check_target(model)  # before serving, not in every request
+        self.draft_model = self.speculative.draft_model
+        self.batch = None if self.speculative.enabled else Batch(model, prefill_chunk)
         self.prompt_cache = PromptCache(self._new_cache, prompt_cache_size)
         self.inbox: "queue.Queue[Job]" = queue.Queue()
         self.active: list[Job] = []
@@ -227,13 +184,11 @@ class Scheduler:
         if self.batch is not None:  # prefilled now, then its tokens come from the batch's steps
             job.row = self.batch.add(new, job.cache, sampler, processors, spec.max_tokens, cached)
             return stream_responses(job.row, self.tokenizer, len(new), spec.max_tokens, spec.stop)
-        kwargs = dict(self.generation_kwargs)
         target_layers = self.model.args.num_transformer_layers
-        if self.draft_model is not None:
-            kwargs["draft_cache"] = job.cache[target_layers:]
+        draft_cache = job.cache[target_layers:] if self.draft_model is not None else None
         return stream_generate(self.model, self.tokenizer, new, max_tokens=spec.max_tokens, stop=spec.stop,
                                cache=job.cache[:target_layers], sampler=sampler, logits_processors=processors,
-                               cached_ids=cached, **kwargs)
+                               cached_ids=cached, speculative=self.speculative, draft_cache=draft_cache)
 
     def _step_batch(self) -> None:
         """One model call that readies the next token of every batched job (read by `_step`).
@@ -304,11 +259,8 @@ class Scheduler:
         if job.cache is not None and failure is None:
             # The cache holds the prompt and the generated tokens fed so far (generate_step
             # runs one token ahead, and never feeds a budget-ending token): key it by those.
-            held = min(c.offset for c in job.cache)
-            ids = (job.spec.prompt + job.generated)[:held]
-            for c in job.cache:
-                c.trim(c.offset - len(ids))
-            self.prompt_cache.store(ids, job.cache)
+            ids = (job.spec.prompt + job.generated)[:cached_length(job.cache)]
+            self.prompt_cache.store(ids, job.cache)  # which drops positions past `ids`
         job.cache = job.steps = None
 
 

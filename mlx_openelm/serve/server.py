@@ -22,9 +22,11 @@ import time
 from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
+from ..batching import PREFILL_CHUNK
+from ..generation import token_budget
+from ..speculative import SpeculativeOptions
 from . import api
 from .access import AccessPolicy, is_json_content_type, is_loopback
-from .batching import PREFILL_CHUNK
 from .limits import BoundedHTTPServer, BoundedRequestHandler, ServerLimits
 from .scheduler import Failure, Job, Scheduler, Step
 
@@ -39,7 +41,7 @@ class ServerApp:
 
     def __init__(self, model, tokenizer, model_id: str, defaults: api.SamplingDefaults = api.SamplingDefaults(),
                  api_key: Optional[str] = None, max_request_bytes: int = 1 << 20, prompt_cache_size: int = 4,
-                 generation_kwargs: Optional[dict] = None, prefill_chunk: int = PREFILL_CHUNK):
+                 speculative: Optional[SpeculativeOptions] = None, prefill_chunk: int = PREFILL_CHUNK):
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.defaults = defaults
@@ -48,15 +50,16 @@ class ServerApp:
         self.context = model.args.max_context_length
         self.vocab_size = model.args.vocab_size
         self.created = int(time.time())
-        self.scheduler = Scheduler(model, tokenizer, prompt_cache_size, generation_kwargs, prefill_chunk)
+        self.scheduler = Scheduler(model, tokenizer, prompt_cache_size, speculative, prefill_chunk)
 
     def stop(self) -> None:
         """Make `serve` return (safe in a signal handler): running requests are cancelled."""
         self.scheduler.stop()
 
     def budget(self, request: api.ParsedRequest) -> int:
-        """The most tokens `request` can generate: its max_tokens, within the room its prompt leaves."""
-        return max(0, min(request.spec.max_tokens, self.context - len(request.spec.prompt)))
+        """The most tokens `request` can generate: its max_tokens, within the room its prompt leaves
+        (`generation.token_budget`, the rule generation itself follows)."""
+        return token_budget(self.context, len(request.spec.prompt), request.spec.max_tokens)
 
     def parse(self, route: str, body) -> api.ParsedRequest:
         if route == "chat":

@@ -1,5 +1,8 @@
 """Batched decoding: requests that decode at the same time share one model call per token.
 
+`batch_generate` completes a list of prompts this way (each with its own sampler, logits
+processors, stop strings and token limit); the server's scheduler drives a `Batch` itself.
+
 Each request's prompt is read alone (in its own `KVCache`, as `generate_step` does), at
 most `prefill_chunk` tokens per `Batch.step` so that the decoding rows keep getting a
 token every step, then it joins the `Batch` as a row. A row's keys and values sit in one `BatchKVCache` per layer,
@@ -20,15 +23,20 @@ failure while MLX evaluates the shared call cannot be traced to one row: every r
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 
-from ..cache import KVCache
-from ..errors import OptionError
-from ..generation import GenerationStep, prefill, token_budget
-from ..model import Model
-from ..sampling import LogitsProcessor, Sampler, to_logprobs
+from .cache import BatchKVCache, KVCache
+from .errors import OptionError
+from .generation import (GenerationStep, check_prompt, encode_prompt, prefill, stream_responses, token_budget,
+                         wired_limit)
+from .model import Model, make_cache
+from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
+from .stopping import normalize_stops
+from .tokenizer import Tokenizer
 
 
 PREFILL_CHUNK = 256  # prompt tokens read per step while other rows decode (0: a whole prompt at once)
@@ -40,97 +48,6 @@ def validate_prefill_chunk(value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise OptionError(f"prefill_chunk must be an integer >= 0 (0: whole prompts at once), got {value!r}")
     return value
-
-
-def _pad_left(x: mx.array, n: int) -> mx.array:
-    return mx.pad(x, [(0, 0), (0, 0), (n, 0), (0, 0)]) if n else x
-
-
-class BatchKVCache:
-    """One layer's keys and values for B rows, (B, num_kv_heads, length, head_dim).
-
-    Row i's positions are the columns [padding[i], length); storage grows `step`
-    columns at a time, as `KVCache`'s does.
-    """
-
-    step = 256
-
-    def __init__(self, num_kv_heads: int, head_dim: int, max_length: int):
-        self.num_kv_heads, self.head_dim, self.max_length = num_kv_heads, head_dim, max_length
-        self.keys: Optional[mx.array] = None  # None while no row holds a position
-        self.values: Optional[mx.array] = None
-        self.length = 0
-        self.padding: list[int] = []
-
-    @property
-    def offset(self) -> mx.array:
-        """Each row's own length: the RoPE position of its next token, shape (B,)."""
-        return mx.array([self.length - p for p in self.padding], dtype=mx.int32)
-
-    def _columns(self, array: Optional[mx.array], like: mx.array) -> mx.array:
-        if array is None:
-            return mx.zeros((len(self.padding), self.num_kv_heads, self.length, self.head_dim), like.dtype)
-        return array[..., : self.length, :]
-
-    def add(self, cache: KVCache) -> None:
-        """Append a row holding `cache`'s positions (a single-sequence cache; it is not changed)."""
-        n = cache.offset
-        if n == 0:
-            if self.keys is not None:
-                pad = mx.zeros((1, self.num_kv_heads, self.length, self.head_dim), self.keys.dtype)
-                self.keys = mx.concatenate([self._columns(self.keys, pad), pad])
-                self.values = mx.concatenate([self._columns(self.values, pad), pad])
-            self.padding.append(self.length)
-            return
-        keys, values = cache.state
-        grow = max(0, n - self.length)  # a row longer than the batch pads every other row further
-        old_keys = _pad_left(self._columns(self.keys, keys), grow)
-        old_values = _pad_left(self._columns(self.values, values), grow)
-        self.length += grow
-        self.padding = [p + grow for p in self.padding] + [self.length - n]
-        self.keys = mx.concatenate([old_keys, _pad_left(keys, self.length - n)])
-        self.values = mx.concatenate([old_values, _pad_left(values, self.length - n)])
-
-    def remove(self, i: int, keep: bool = True) -> KVCache:
-        """Take row `i` out; return its positions as a single-sequence `KVCache` (empty unless `keep`)."""
-        start, end = self.padding[i], self.length
-        row = KVCache(self.num_kv_heads, self.head_dim, self.max_length)
-        if keep and end > start:
-            row.keys, row.values = self.keys[i : i + 1, :, start:end, :], self.values[i : i + 1, :, start:end, :]
-            row.offset = end - start
-            mx.eval(row.keys, row.values)  # copies: the row must not keep the batch's storage alive
-        del self.padding[i]
-        keep = [j for j in range(len(self.padding) + 1) if j != i]
-        drop = min(self.padding, default=self.length)  # columns that are padding in every row left
-        if not keep or drop == self.length:
-            self.keys = self.values = None
-            self.length, self.padding = 0, [0] * len(keep)
-            return row
-        index = mx.array(keep)
-        self.keys = self.keys[index, :, drop : self.length, :]
-        self.values = self.values[index, :, drop : self.length, :]
-        self.length -= drop
-        self.padding = [p - drop for p in self.padding]
-        return row
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Append one (B, Hkv, L, hd) chunk to every row; return all columns so far."""
-        end = self.length + keys.shape[2]
-        capacity = 0 if self.keys is None else self.keys.shape[2]
-        if end > capacity:
-            spare = -(-end // self.step) * self.step - self.length
-            shape = (keys.shape[0], self.num_kv_heads, spare, self.head_dim)
-            self.keys = mx.concatenate([self._columns(self.keys, keys), mx.zeros(shape, keys.dtype)], axis=2)
-            self.values = mx.concatenate([self._columns(self.values, values), mx.zeros(shape, values.dtype)], axis=2)
-        self.keys[..., self.length : end, :] = keys
-        self.values[..., self.length : end, :] = values
-        self.length = end
-        return self.keys[..., :end, :], self.values[..., :end, :]
-
-    def mask(self, new: int) -> mx.array:
-        """(B, 1, 1, length + new) booleans for `new` = 1 query per row: True on the row's own keys."""
-        columns = mx.arange(self.length + new)[None, :]
-        return (columns >= mx.array(self.padding)[:, None])[:, None, None, :]
 
 
 class Row:
@@ -197,7 +114,7 @@ class Batch:
         with no token to generate never joins.
         """
         prompt = mx.array(prompt, dtype=mx.uint32)
-        limit = token_budget(self.model, cache, prompt.size, max_tokens)
+        limit = token_budget(self.model.args.max_context_length, prompt.size, max_tokens, cache[0].offset)
         history = mx.array([*cached_ids, *prompt[: prompt.size - 1].tolist()], dtype=mx.uint32)
         row = Row(prompt, cache, history, sampler, processors, limit)
         if limit:
@@ -254,7 +171,7 @@ class Batch:
             logits = self.model(tokens, cache=self.caches, mask=self.caches[0].mask(1))[:, -1, :]
         except Exception:  # noqa: BLE001 - find the row it belongs to, if one
             for cache, length in zip(self.caches, lengths):
-                cache.length = length  # the columns written past it are overwritten by the next step
+                cache.rewind(length)  # the columns written past it are overwritten by the next step
             self._sample(self._forward_alone())
         else:
             self._sample([(row, logits[i : i + 1]) for i, row in enumerate(self.rows)])
@@ -302,4 +219,115 @@ def _evaluates(row: Row, *arrays: mx.array) -> bool:
     except Exception as e:  # noqa: BLE001 - this row's failure (or the shared call's: then every row's)
         row.error = e
         return False
+    return True
+
+
+@dataclass
+class BatchResponse:
+    """`batch_generate`'s results, one entry per prompt, in the prompts' order.
+
+    `token_ids` are the tokens `stream_generate` would yield for that prompt alone (an ending
+    EOS included); `texts` their text, cut before a stop string. `finish_reasons`: "stop" (EOS
+    or a stop string) or "length" (the token limit or the model's context; also when no token
+    fits). `logprobs` (with `return_logprobs`): each token's log-probability after the logits
+    processors. `elapsed`: seconds from the first prompt read to the last token.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    prompt_tokens: list[int]
+    logprobs: Optional[list[list[float]]]
+    elapsed: float
+
+    @property
+    def generation_tokens(self) -> int:
+        return sum(len(tokens) for tokens in self.token_ids)
+
+
+def _per_prompt(value, count: int, name: str, shared) -> list:
+    """`value` for each of `count` prompts: one value for all when `shared(value)`, else one per prompt."""
+    if shared(value):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise OptionError(f"{name} has {len(values)} entries for {count} prompts: give one, or one per prompt")
+    return values
+
+
+def _is_stop_strings(value) -> bool:
+    return value is None or isinstance(value, str) or all(isinstance(s, str) for s in value)
+
+
+def _check_limit(value, context: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+        raise OptionError(f"max_tokens must be an integer >= 0 (or -1: until EOS or a full context), got {value!r}")
+    return context if value == -1 else value
+
+
+def batch_generate(
+    model: Model,
+    tokenizer: Tokenizer,
+    prompts: Sequence[Union[str, Sequence[int], mx.array]],
+    max_tokens: Union[int, Sequence[int]] = 256,
+    *,
+    sampler: Union[Sampler, Sequence[Optional[Sampler]], None] = None,
+    logits_processors: Union[Sequence[LogitsProcessor], Sequence[Optional[Sequence[LogitsProcessor]]], None] = None,
+    stop: Union[str, Sequence[str], Sequence[Union[str, Sequence[str], None]], None] = None,
+    return_logprobs: bool = False,
+    prefill_chunk: int = 0,
+) -> BatchResponse:
+    """Complete every prompt (text, which gets BOS, or token ids), decoding them together: one
+    model call per step gives every unfinished prompt its next token.
+
+    Each prompt's result is what `stream_generate` gives it alone, with the same options: the
+    same tokens, log-probabilities equal up to float round-off. Every option is one value for
+    all prompts or a list with one per prompt: `max_tokens` (an int; -1: until EOS or a full
+    context), `sampler` (default greedy), `logits_processors` (a list of processors, or a list
+    of such lists), `stop` (a string or a list of strings, or a list of such per prompt, None
+    for none). A sampler with its own random state (`make_sampler(seed=...)`) draws for every
+    row that shares it: give each prompt its own for the draws it would make alone.
+    `prefill_chunk` > 0 reads at most that many prompt tokens a step (see `Batch`).
+    """
+    if isinstance(prompts, (str, mx.array)):
+        raise OptionError("prompts must be a list of prompts (each a str or token ids), not one prompt")
+    count = len(prompts)
+    context = model.args.max_context_length
+    ids = [check_prompt(encode_prompt(tokenizer, p), model).tolist() for p in prompts]
+    limits = [_check_limit(m, context) for m in _per_prompt(max_tokens, count, "max_tokens", lambda v: isinstance(v, int))]
+    samplers = _per_prompt(sampler, count, "sampler", lambda v: v is None or callable(v))
+    processors = _per_prompt(logits_processors, count, "logits_processors",
+                             lambda v: v is None or all(callable(p) for p in v))
+    stops = [normalize_stops(s) for s in _per_prompt(stop, count, "stop", _is_stop_strings)]
+    batch = Batch(model, prefill_chunk)
+    rows = [batch.add(ids[i], make_cache(model), samplers[i] or greedy, processors[i] or (), limits[i])
+            for i in range(count)]
+    streams = [stream_responses(rows[i], tokenizer, len(ids[i]), limits[i], stops[i]) for i in range(count)]
+    result = BatchResponse([""] * count, [[] for _ in ids], ["length"] * count, [len(i) for i in ids],
+                           [[] for _ in ids] if return_logprobs else None, 0.0)
+    tic = time.perf_counter()
+    with wired_limit():
+        pending = list(range(count))
+        while pending:
+            batch.step()
+            pending = [i for i in pending if not _take(batch, rows[i], streams[i], result, i)]
+    result.elapsed = time.perf_counter() - tic
+    return result
+
+
+def _take(batch: Batch, row: Row, stream, result: BatchResponse, i: int) -> bool:
+    """Record row `i`'s response to the last step, if it has one; True when the row is finished."""
+    if not row.ready:  # its prompt is still being read
+        return False
+    response = next(stream, None)
+    if response is not None:
+        result.texts[i] += response.text
+        result.token_ids[i].append(response.token)
+        if result.logprobs is not None:
+            result.logprobs[i].append(response.logprobs[response.token].item())
+    if response is not None and not response.finish_reason:
+        return False
+    result.finish_reasons[i] = response.finish_reason if response is not None else "length"
+    if row in batch:
+        batch.remove(row)
     return True
