@@ -18,7 +18,6 @@ from mlx_openelm.speculative import (
     match_vocab,
     residual_distribution,
     speculative_sample,
-    trim_to,
 )
 from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
 
