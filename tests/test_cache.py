@@ -1,4 +1,5 @@
-"""The KV cache against a plain list model of it, under random update/trim sequences."""
+"""The KV cache against a plain list model of it, under random update/trim sequences; truncate, copy,
+and a batch cache built from single-sequence caches."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_openelm.cache import KVCache
+from mlx_openelm.cache import KVCache, batch_caches, cached_length, copy_caches
 from mlx_openelm.errors import ContextLengthError
+from mlx_openelm.model import make_cache
 
 
 def _chunk(rng: np.random.Generator, length: int, heads: int = 2, head_dim: int = 4) -> np.ndarray:
@@ -61,3 +63,52 @@ def test_random_updates_and_trims_match_a_list_model(seed):
             state_k, state_v = cache.state
             np.testing.assert_array_equal(np.array(state_k), np.stack(model_keys, axis=2))
             np.testing.assert_array_equal(np.array(state_v), np.stack(model_values, axis=2))
+
+
+def _filled(rng, length: int) -> tuple[KVCache, np.ndarray]:
+    cache = KVCache(num_kv_heads=2, head_dim=4, max_length=64, step=8)
+    k = _chunk(rng, length)
+    cache.update_and_fetch(mx.array(k), mx.array(-k))
+    return cache, k
+
+
+def test_truncate_keeps_the_first_positions_and_trim_drops_the_last():
+    cache, k = _filled(np.random.default_rng(1), 10)
+    assert cache.truncate(4) == 6 and cache.offset == 4
+    assert cache.truncate(10) == 0 and cache.offset == 4  # nothing past what it holds
+    assert cache.trim(1) == 1 and cache.offset == 3  # mlx-lm's meaning: the last n
+    np.testing.assert_array_equal(np.array(cache.state[0]), k[:, :, :3])
+    assert cache.trim(-2) == 0 and cache.truncate(-1) == 3 and cache.offset == 0
+
+
+def test_a_copy_is_independent_of_its_source():
+    rng = np.random.default_rng(2)
+    cache, k = _filled(rng, 10)
+    copy = cache.copy(6)
+    assert copy.offset == 6 and cache.copy().offset == 10 and cache.copy(100).offset == 10
+    assert cache.copy(0).state == ()
+    more = _chunk(rng, 5)
+    copy.update_and_fetch(mx.array(more), mx.array(more))
+    cache.truncate(8)
+    cache.update_and_fetch(mx.array(more[:, :, :1]), mx.array(more[:, :, :1]))
+    np.testing.assert_array_equal(np.array(copy.state[0]), np.concatenate([k[:, :, :6], more], axis=2))
+    np.testing.assert_array_equal(np.array(cache.state[0]), np.concatenate([k[:, :, :8], more[:, :, :1]], axis=2))
+    np.testing.assert_array_equal(np.array(copy_caches([cache], 2)[0].state[1]), -k[:, :, :2])
+    assert cached_length([cache, copy]) == 9
+
+
+def test_a_batch_built_from_one_prefix_computes_each_row_as_alone(loaded):
+    """B rows that start from one prefix cache (two of them cut shorter): one (B, 1) model call with
+    the batch's mask gives each row the logits of its own cache alone."""
+    model = loaded[0]
+    prefix = make_cache(model)
+    model(mx.array([[1, 40, 7, 250, 33, 12]]), cache=prefix)
+    rows = [prefix, copy_caches(prefix, 3), prefix, copy_caches(prefix, 5)]
+    batch = batch_caches(rows)
+    assert [c.offset for c in prefix] == [6] * len(prefix)  # the rows' caches are not changed
+    tokens = mx.array([[9], [17], [250], [2]])
+    logits = model(tokens, cache=batch, mask=batch[0].mask(1))[:, -1]
+    for i, row in enumerate(rows):
+        own = model(tokens[i : i + 1], cache=copy_caches(row))[:, -1]
+        np.testing.assert_allclose(np.array(logits[i]), np.array(own[0]), atol=1e-4)
+    assert batch[0].offset.tolist() == [7, 4, 7, 6]
