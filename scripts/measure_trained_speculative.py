@@ -32,7 +32,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_openelm import generate_step, load, load_model, make_cache
-from mlx_openelm.speculative import trim_to
+from mlx_openelm.cache import truncate_caches
 from support import trained  # the test support code: the trained folder and real text
 
 

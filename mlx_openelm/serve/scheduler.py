@@ -3,12 +3,12 @@
 MLX arrays and streams are not meant to be used from many threads at once, so HTTP
 threads never touch the model: they `submit` a `GenerationSpec` and read `Step`s
 from the job's queue. A new job's prompt is read alone, `prefill_chunk` tokens a
-turn, then it joins the `Batch` of decoding jobs (`batching`): each worker turn is
+turn, then it joins the `Batch` of decoding jobs (`mlx_openelm.batching`): each worker turn is
 one model call that gives every active job its next token, so requests that arrive
 together are served together and fairly, and a long prompt does not stall the others.
 With speculative decoding (a draft model or prompt lookup) each job keeps its own
 generator instead (its prompt read in its first turn) and the worker steps them
-round-robin. Finished jobs leave their KV cache in a small `PromptCache`, from which
+round-robin. Finished jobs leave their KV cache in a small `PromptCache` (`cache`), from which
 a later prompt that shares a prefix (the next turn of a chat) starts instead of
 re-reading it.
 """
