@@ -1,0 +1,148 @@
+"""`batch_generate` against the same prompts one at a time, the cost of one batched decoding step, and a
+step-cost model of the same for GPUs (the numbers in docs/batching.md).
+
+    python scripts/measure_batching.py [--batch 1,2,4,8] [--tokens 24] [--context 64] [--steps 5]
+        [--preset 270M] [--json PATH]
+
+1. End to end: B chat questions (different lengths) answered greedily, first with `stream_generate`
+   one after another, then with one `batch_generate`; the tokens are asserted equal (EOS ends a
+   reply on both sides, so both do the same work). Wall-clock seconds, generated tok/s, speed-up.
+2. Step cost: one (B, 1) decoding step with B rows that hold `--context` positions (a batch cache
+   built from one prefix), the median of `--steps` steps: ms per step and per row.
+3. Model: a decoding step reads every weight once and each row's KV cache, and does 2 flops per
+   weight per row: t(B) = overhead + max((W + B*KV) / bandwidth, 2*N*B / flops). B prompts one at
+   a time cost B*t(1), batched t(B); the ratio is the speed-up. Printed for the measured model's
+   sizes on two GPU profiles (nominal figures; overhead 0, which only favours batching less).
+
+The model is the trained test model (SmolLM2-135M-Instruct as OpenELM, float32, tests/trained.py), or
+with `--preset` an OpenELM size with random weights (float32) for parts 2 and 3 only (random weights
+never say EOS, so part 1 would only measure the token limit). Which BLAS ran is MLX's bundled one
+unless OpenBLAS is preloaded (LD_PRELOAD=.../libopenblas.so.0); the output says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import trained  # noqa: E402  (the test support code: the trained folder)
+
+from mlx_openelm import batch_generate, load, make_cache, stream_generate  # noqa: E402
+from mlx_openelm.cache import batch_caches  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name three colours.",
+    "Write one sentence about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "Give me a short list of fruits that are red.",
+    "What is two plus two?",
+    "Describe a cat to someone who has never seen one, in a few words.",
+    "Say hello in French.",
+]
+
+# name: (memory bandwidth in bytes/s, dense half-precision flops/s), nominal
+GPUS = {"Apple M2 Max": (400e9, 27e12), "NVIDIA H100 SXM": (3.35e12, 990e12)}
+
+
+def blas() -> str:
+    return "OpenBLAS (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "") else "MLX's bundled BLAS"
+
+
+def end_to_end(model, tokenizer, sizes: list[int], tokens: int) -> list[dict]:
+    rows = []
+    for size in sizes:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:size]]
+        start = time.perf_counter()
+        alone = [[r.token for r in stream_generate(model, tokenizer, p, max_tokens=tokens)] for p in prompts]
+        sequential = time.perf_counter() - start
+        start = time.perf_counter()
+        together = batch_generate(model, tokenizer, prompts, tokens)
+        batched = time.perf_counter() - start
+        assert together.token_ids == alone, "batched tokens differ from one at a time"
+        generated = together.generation_tokens
+        rows.append({"batch": size, "generated": generated, "sequential_s": sequential, "batched_s": batched,
+                     "sequential_tps": generated / sequential, "batched_tps": generated / batched,
+                     "speedup": sequential / batched})
+        print(f"B={size}: {generated} tokens, one at a time {sequential:.2f} s ({generated / sequential:.1f} tok/s), "
+              f"batched {batched:.2f} s ({generated / batched:.1f} tok/s), x{sequential / batched:.2f}", flush=True)
+    return rows
+
+
+def step_cost(model, sizes: list[int], context: int, steps: int) -> list[dict]:
+    prefix = make_cache(model)
+    model(mx.arange(1, context + 1)[None] % model.args.vocab_size, cache=prefix)
+    mx.eval([c.state for c in prefix])
+    rows = []
+    for size in sizes:
+        times = []
+        for _ in range(steps + 1):  # the first is a warm-up
+            batch = batch_caches([prefix] * size)
+            mx.eval([(c.keys, c.values) for c in batch])
+            tokens = mx.full((size, 1), 7, dtype=mx.uint32)
+            start = time.perf_counter()
+            mx.eval(model(tokens, cache=batch, mask=batch[0].mask(1))[:, -1])
+            times.append(time.perf_counter() - start)
+        ms = statistics.median(times[1:]) * 1e3
+        rows.append({"batch": size, "step_ms": ms, "ms_per_row": ms / size})
+        print(f"B={size}: one step {ms:.1f} ms, {ms / size:.1f} ms per row", flush=True)
+    return rows
+
+
+def modelled(model, sizes: list[int], context: int) -> dict:
+    weights = 2 * sum(p.size for _, p in _parameters(model))  # half precision
+    parameters = weights // 2
+    kv = 2 * context * sum(2 * kv * model.args.head_dim for kv in model.args.num_kv_heads)
+    table = {}
+    for name, (bandwidth, flops) in GPUS.items():
+        def t(b):
+            return max((weights + b * kv) / bandwidth, 2 * parameters * b / flops)
+        table[name] = [{"batch": b, "step_ms": t(b) * 1e3, "speedup": b * t(1) / t(b)} for b in sizes]
+        print(f"{name}: " + ", ".join(f"B={b} x{b * t(1) / t(b):.2f}" for b in sizes), flush=True)
+    return {"weights_bytes_fp16": weights, "kv_bytes_per_row_fp16": kv, "gpus": table}
+
+
+def _parameters(model):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", default="1,2,4,8", help="batch sizes, comma list (at most 8 for part 1)")
+    parser.add_argument("--tokens", type=int, default=24, help="the most tokens per reply")
+    parser.add_argument("--context", type=int, default=64, help="positions each row holds in the step-cost part")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size in the step-cost part")
+    parser.add_argument("--preset", default=None, help="an OpenELM size with random weights (parts 2 and 3)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    sizes = [int(b) for b in args.batch.split(",")]
+    print(f"{blas()}, {mx.default_device()}", flush=True)
+    if args.preset:
+        from mlx_openelm.bench.core import random_model
+        from mlx_openelm.config import preset_args
+
+        model, label, rows = random_model(preset_args(args.preset), mx.float32), f"{args.preset} (random)", None
+    else:
+        model, tokenizer = load(trained.trained_model_path(), dtype="float32")
+        label = "SmolLM2-135M-Instruct (trained, float32)"
+        rows = end_to_end(model, tokenizer, sizes, args.tokens)
+    steps = step_cost(model, sizes, args.context, args.steps)
+    result = {"model": label, "blas": blas(), "end_to_end": rows, "step_cost": steps, "context": args.context,
+              "model_of_gpus": modelled(model, sizes, args.context)}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
