@@ -4,11 +4,13 @@ step-cost model of the same for GPUs (the numbers in docs/batching.md).
     python scripts/measure_batching.py [--batch 1,2,4,8] [--tokens 24] [--context 64] [--steps 5]
         [--preset 270M] [--json PATH]
 
-1. End to end: B chat questions (different lengths) answered greedily, first with `stream_generate`
-   one after another, then with one `batch_generate`; the tokens are asserted equal (EOS ends a
-   reply on both sides, so both do the same work). Wall-clock seconds, generated tok/s, speed-up.
+1. End to end: B chat questions (different lengths) answered greedily, with `stream_generate` one
+   after another and with one `batch_generate`, alternated `--trials` times (the fastest of each);
+   the tokens are asserted equal (EOS ends a reply on both sides, so both do the same work).
+   Wall-clock seconds, generated tok/s, speed-up. On a shared machine take the fastest, and mind
+   the load average the first line prints.
 2. Step cost: one (B, 1) decoding step with B rows that hold `--context` positions (a batch cache
-   built from one prefix), the median of `--steps` steps: ms per step and per row.
+   built from one prefix), the fastest of `--steps` rounds: ms per step and per row.
 3. Model: a decoding step reads every weight once and each row's KV cache, and does 2 flops per
    weight per row: t(B) = overhead + max((W + B*KV) / bandwidth, 2*N*B / flops). B prompts one at
    a time cost B*t(1), batched t(B); the ratio is the speed-up. Printed for the measured model's
@@ -58,41 +60,50 @@ def blas() -> str:
     return "OpenBLAS (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "") else "MLX's bundled BLAS"
 
 
-def end_to_end(model, tokenizer, sizes: list[int], tokens: int) -> list[dict]:
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def end_to_end(model, tokenizer, sizes: list[int], tokens: int, trials: int) -> list[dict]:
+    """Per batch size: one at a time and batched, alternated `trials` times; the fastest of each."""
     rows = []
     for size in sizes:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:size]]
-        start = time.perf_counter()
-        alone = [[r.token for r in stream_generate(model, tokenizer, p, max_tokens=tokens)] for p in prompts]
-        sequential = time.perf_counter() - start
-        start = time.perf_counter()
-        together = batch_generate(model, tokenizer, prompts, tokens)
-        batched = time.perf_counter() - start
-        assert together.token_ids == alone, "batched tokens differ from one at a time"
-        generated = together.generation_tokens
-        rows.append({"batch": size, "generated": generated, "sequential_s": sequential, "batched_s": batched,
-                     "sequential_tps": generated / sequential, "batched_tps": generated / batched,
-                     "speedup": sequential / batched})
-        print(f"B={size}: {generated} tokens, one at a time {sequential:.2f} s ({generated / sequential:.1f} tok/s), "
-              f"batched {batched:.2f} s ({generated / batched:.1f} tok/s), x{sequential / batched:.2f}", flush=True)
+        sequential, batched = [], []
+        for _ in range(trials):
+            seconds, alone = _timed(lambda: [[r.token for r in stream_generate(model, tokenizer, p, max_tokens=tokens)]
+                                             for p in prompts])
+            sequential.append(seconds)
+            seconds, together = _timed(lambda: batch_generate(model, tokenizer, prompts, tokens))
+            batched.append(seconds)
+            assert together.token_ids == alone, "batched tokens differ from one at a time"
+        generated, one, many = together.generation_tokens, min(sequential), min(batched)
+        rows.append({"batch": size, "generated": generated, "sequential_s": one, "batched_s": many,
+                     "sequential_tps": generated / one, "batched_tps": generated / many, "speedup": one / many})
+        print(f"B={size}: {generated} tokens, one at a time {one:.2f} s ({generated / one:.1f} tok/s), "
+              f"batched {many:.2f} s ({generated / many:.1f} tok/s), x{one / many:.2f}", flush=True)
     return rows
 
 
 def step_cost(model, sizes: list[int], context: int, steps: int) -> list[dict]:
+    """One (B, 1) step's time per batch size, the sizes taken in turn `steps` times; the fastest of each."""
     prefix = make_cache(model)
     model(mx.arange(1, context + 1)[None] % model.args.vocab_size, cache=prefix)
     mx.eval([c.state for c in prefix])
-    rows = []
-    for size in sizes:
-        times = []
-        for _ in range(steps + 1):  # the first is a warm-up
+    times = {size: [] for size in sizes}
+    for rep in range(steps + 1):  # the first round is a warm-up
+        for size in sizes:
             batch = batch_caches([prefix] * size)
             mx.eval([(c.keys, c.values) for c in batch])
             tokens = mx.full((size, 1), 7, dtype=mx.uint32)
-            start = time.perf_counter()
-            mx.eval(model(tokens, cache=batch, mask=batch[0].mask(1))[:, -1])
-            times.append(time.perf_counter() - start)
-        ms = statistics.median(times[1:]) * 1e3
+            seconds, _ = _timed(lambda: mx.eval(model(tokens, cache=batch, mask=batch[0].mask(1))[:, -1]))
+            if rep:
+                times[size].append(seconds)
+    rows = []
+    for size in sizes:
+        ms = min(times[size]) * 1e3
         rows.append({"batch": size, "step_ms": ms, "ms_per_row": ms / size})
         print(f"B={size}: one step {ms:.1f} ms, {ms / size:.1f} ms per row", flush=True)
     return rows
@@ -107,7 +118,9 @@ def modelled(model, sizes: list[int], context: int) -> dict:
         def t(b):
             return max((weights + b * kv) / bandwidth, 2 * parameters * b / flops)
         table[name] = [{"batch": b, "step_ms": t(b) * 1e3, "speedup": b * t(1) / t(b)} for b in sizes]
-        print(f"{name}: " + ", ".join(f"B={b} x{b * t(1) / t(b):.2f}" for b in sizes), flush=True)
+        bound = weights * flops / (2 * parameters * bandwidth)  # where compute catches up with the weights' read
+        print(f"{name}: " + ", ".join(f"B={b} x{b * t(1) / t(b):.2f}" for b in sizes)
+              + f"; compute-bound from B = {bound:.0f} (KV reads aside)", flush=True)
     return {"weights_bytes_fp16": weights, "kv_bytes_per_row_fp16": kv, "gpus": table}
 
 
@@ -123,11 +136,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=24, help="the most tokens per reply")
     parser.add_argument("--context", type=int, default=64, help="positions each row holds in the step-cost part")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size in the step-cost part")
+    parser.add_argument("--trials", type=int, default=2, help="timed runs of each side per batch size (part 1)")
     parser.add_argument("--preset", default=None, help="an OpenELM size with random weights (parts 2 and 3)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch.split(",")]
-    print(f"{blas()}, {mx.default_device()}", flush=True)
+    print(f"{blas()}, {mx.default_device()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     if args.preset:
         from mlx_openelm.bench.core import random_model
         from mlx_openelm.config import preset_args
@@ -136,7 +150,7 @@ def main() -> None:
     else:
         model, tokenizer = load(trained.trained_model_path(), dtype="float32")
         label = "SmolLM2-135M-Instruct (trained, float32)"
-        rows = end_to_end(model, tokenizer, sizes, args.tokens)
+        rows = end_to_end(model, tokenizer, sizes, args.tokens, args.trials)
     steps = step_cost(model, sizes, args.context, args.steps)
     result = {"model": label, "blas": blas(), "end_to_end": rows, "step_cost": steps, "context": args.context,
               "model_of_gpus": modelled(model, sizes, args.context)}
