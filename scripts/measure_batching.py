@@ -27,19 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import trained  # noqa: E402  (the test support code: the trained folder)
-
-from mlx_openelm import batch_generate, load, make_cache, stream_generate  # noqa: E402
-from mlx_openelm.cache import batch_caches  # noqa: E402
+from mlx_openelm import batch_generate, load, make_cache, stream_generate
+from mlx_openelm.cache import batch_caches
+from support import trained  # the test support code: the trained folder
 
 QUESTIONS = [
     "What is the capital of France?",
