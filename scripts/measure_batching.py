@@ -65,7 +65,8 @@ def end_to_end(model, tokenizer, sizes: list[int], tokens: int, trials: int) -> 
     """Per batch size: one at a time and batched, alternated `trials` times; the fastest of each."""
     rows = []
     for size in sizes:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:size]]
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(size)]
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
         sequential, batched = [], []
         for _ in range(trials):
             seconds, alone = _timed(lambda: [[r.token for r in stream_generate(model, tokenizer, p, max_tokens=tokens)]
@@ -104,19 +105,24 @@ def step_cost(model, sizes: list[int], context: int, steps: int) -> list[dict]:
     return rows
 
 
-def modelled(model, sizes: list[int], context: int) -> dict:
+def modelled(model, sizes: list[int], contexts: list[int]) -> dict:
     weights = 2 * sum(p.size for _, p in _parameters(model))  # half precision
     parameters = weights // 2
-    kv = 2 * context * sum(2 * kv * model.args.head_dim for kv in model.args.num_kv_heads)
+    kv_per_position = 2 * sum(2 * kv * model.args.head_dim for kv in model.args.num_kv_heads)
     table = {}
     for name, (bandwidth, flops) in GPUS.items():
-        def t(b):
-            return max((weights + b * kv) / bandwidth, 2 * parameters * b / flops)
-        table[name] = [{"batch": b, "step_ms": t(b) * 1e3, "speedup": b * t(1) / t(b)} for b in sizes]
+        for context in contexts:
+            kv = kv_per_position * context
+
+            def t(b):
+                return max((weights + b * kv) / bandwidth, 2 * parameters * b / flops)
+            table[f"{name}, context {context}"] = [{"batch": b, "step_ms": t(b) * 1e3, "speedup": b * t(1) / t(b)}
+                                                   for b in sizes]
+            print(f"{name}, rows of {context} positions: " + ", ".join(
+                f"B={b} {t(b) * 1e3:.3f} ms x{b * t(1) / t(b):.2f}" for b in sizes), flush=True)
         bound = weights * flops / (2 * parameters * bandwidth)  # where compute catches up with the weights' read
-        print(f"{name}: " + ", ".join(f"B={b} x{b * t(1) / t(b):.2f}" for b in sizes)
-              + f"; compute-bound from B = {bound:.0f} (KV reads aside)", flush=True)
-    return {"weights_bytes_fp16": weights, "kv_bytes_per_row_fp16": kv, "gpus": table}
+        print(f"{name}: compute-bound from B = {bound:.0f} (KV reads aside)", flush=True)
+    return {"weights_bytes_fp16": weights, "kv_bytes_per_position_fp16": kv_per_position, "gpus": table}
 
 
 def _parameters(model):
@@ -127,10 +133,11 @@ def _parameters(model):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", default="1,2,4,8", help="batch sizes, comma list (at most 8 for part 1)")
+    parser.add_argument("--batch", default="1,2,4,8", help="batch sizes, comma list")
     parser.add_argument("--tokens", type=int, default=24, help="the most tokens per reply")
     parser.add_argument("--context", type=int, default=64, help="positions each row holds in the step-cost part")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per batch size in the step-cost part")
+    parser.add_argument("--gpu-contexts", default="64,1024", help="positions per row in the GPU model, comma list")
     parser.add_argument("--trials", type=int, default=2, help="timed runs of each side per batch size (part 1)")
     parser.add_argument("--preset", default=None, help="an OpenELM size with random weights (parts 2 and 3)")
     parser.add_argument("--json", type=Path, default=None)
@@ -148,7 +155,7 @@ def main() -> None:
         rows = end_to_end(model, tokenizer, sizes, args.tokens, args.trials)
     steps = step_cost(model, sizes, args.context, args.steps)
     result = {"model": label, "blas": blas(), "end_to_end": rows, "step_cost": steps, "context": args.context,
-              "model_of_gpus": modelled(model, sizes, args.context)}
+              "model_of_gpus": modelled(model, sizes, [int(c) for c in args.gpu_contexts.split(",")])}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
