@@ -55,3 +55,8 @@ class TrainingInterrupted(OpenELMError):
 class ChatTemplateError(OpenELMError, ValueError):
     """A chat template that cannot be read, compiled or rendered (the message names its file), or one that
     refused the conversation it was given (its `raise_exception`)."""
+
+
+class GrammarError(OptionError):
+    """A constraint (JSON schema, regex, Lark grammar, tools) that cannot be compiled or used; the
+    message names the keyword, line or field at fault. The server answers it with a 400."""

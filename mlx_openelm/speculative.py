@@ -237,8 +237,21 @@ class SpeculativeDecoder:
             return mx.array([], dtype=mx.uint32), None
         if self.draft is None:
             found = find_lookup_tokens(self.context, k, self.lookup_ngram_size)
-            return mx.array(found, dtype=mx.uint32), None
-        return self.draft.propose(self._unfed(self.draft.cache), k, history, self.sampler, self.processors)
+            return self._allowed(mx.array(found, dtype=mx.uint32), None, history)
+        proposals, logprobs = self.draft.propose(self._unfed(self.draft.cache), k, history, self.sampler,
+                                                 self.processors)
+        return self._allowed(proposals, logprobs, history)
+
+    def _allowed(self, proposals: mx.array, logprobs, history: mx.array) -> tuple[mx.array, Optional[mx.array]]:
+        """The proposals up to the first one a processor with `valid_prefix` (a grammar) refuses: the
+        target never verifies a token its constraint could not produce."""
+        n = proposals.size
+        for process in self.processors:
+            if n and hasattr(process, "valid_prefix"):
+                n = min(n, process.valid_prefix(history, proposals[:n]))
+        if n == proposals.size:
+            return proposals, logprobs
+        return proposals[:n], None if logprobs is None else logprobs[:n]
 
     def _verify(self, proposals: mx.array, history: mx.array) -> mx.array:
         """The target's processed log-probabilities (k+1, V) after the pending token and each proposal."""

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mlx_openelm": ROOT / "mlx_openelm", "mlx_openelm.tokenizer": ROOT / "mlx_openelm" / "tokenizer",
             "mlx_openelm.convert": ROOT / "convert", "mlx_openelm.bench": ROOT / "bench",
             "mlx_openelm.tuning": ROOT / "mlx_openelm" / "tuning", "mlx_openelm.serve": ROOT / "mlx_openelm" / "serve",
-            "mlx_openelm.folder": ROOT / "mlx_openelm" / "folder"}
+            "mlx_openelm.folder": ROOT / "mlx_openelm" / "folder",
+            "mlx_openelm.constrain": ROOT / "mlx_openelm" / "constrain"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -217,6 +218,7 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 FOLDERS = {"mlx_openelm/tokenizer/": ROOT / "mlx_openelm" / "tokenizer",
            "mlx_openelm/tuning/": ROOT / "mlx_openelm" / "tuning", "mlx_openelm/serve/": ROOT / "mlx_openelm" / "serve",
            "mlx_openelm/folder/": ROOT / "mlx_openelm" / "folder",
+           "mlx_openelm/constrain/": ROOT / "mlx_openelm" / "constrain",
            "mlx_openelm/": ROOT / "mlx_openelm",
            "convert/": ROOT / "convert", "bench/": ROOT / "bench"}
 
