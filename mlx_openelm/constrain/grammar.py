@@ -57,8 +57,8 @@ def read_json_schema(value: Union[dict, bool, str, os.PathLike]) -> Union[dict, 
     if isinstance(value, (dict, bool)):
         return value
     where = "json_schema"
-    if isinstance(value, os.PathLike) or (isinstance(value, str) and not value.lstrip().startswith(("{", "true",
-                                                                                                   "false"))):
+    looks_like_json = isinstance(value, str) and value.lstrip().startswith(("{", "[", "true", "false"))
+    if isinstance(value, os.PathLike) or (isinstance(value, str) and not looks_like_json):
         path = Path(value)
         try:
             value = path.read_text(encoding="utf-8")
@@ -140,5 +140,6 @@ def _grammar_text(spec: ConstraintSpec, sentencepiece: bool) -> str:
 
 
 def first_line(message: str) -> str:
-    """llguidance's error without the parser-state dump that may follow it."""
-    return message.strip().split("\n<state>")[0].strip()
+    """llguidance's error on one line, without the parser-state dump or caret lines that may follow it."""
+    lines = [line.strip() for line in message.split("<state>")[0].split("<non-verbose/>")[0].splitlines()]
+    return " ".join(line for line in lines if line and set(line) != {"^"})

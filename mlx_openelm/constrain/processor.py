@@ -72,6 +72,32 @@ class GrammarProcessor:
         if self.matcher.is_error():
             raise ConstraintError(f"the grammar matcher failed: {first_line(self.matcher.get_error())}")
 
+    def _matched(self, tokens: list[int]) -> int:
+        """How many of `tokens` the matcher holds: EOS never reaches it (llguidance does not count an EOS
+        consumed after the grammar completes when rolling back), it is tracked here."""
+        return sum(t not in self.eos for t in tokens)
+
+    def _advance(self, tokens: list[int], ended: bool) -> int:
+        """Consume the longest allowed prefix of `tokens` (after an EOS when `ended`); return its length."""
+        n = 0
+        while n < len(tokens):
+            if tokens[n] in self.eos:
+                if not (ended or self.matcher.is_accepting() or self.matcher.is_stopped()):
+                    break
+                ended, n = True, n + 1
+                continue
+            if ended:  # nothing but EOS follows EOS
+                break
+            run = tokens[n:]
+            run = run[: next((i for i, t in enumerate(run) if t in self.eos), len(run))]
+            valid = self.matcher.validate_tokens(run)
+            if valid and not self.matcher.consume_tokens(run[:valid]):
+                self._check()
+            n += valid
+            if valid < len(run):
+                break
+        return n
+
     def _sync(self, tokens: list[int]) -> int:
         """Bring the matcher to `tokens` (rolling back what differs); returns how many it accepted."""
         common = 0
@@ -80,23 +106,16 @@ class GrammarProcessor:
                 break
             common += 1
         if len(self.fed) > common:
-            self.matcher.rollback(len(self.fed) - common)
+            self.matcher.rollback(self._matched(self.fed[common:]))
             del self.fed[common:]
-        rest = tokens[common:]
-        while rest:
-            valid = self.matcher.validate_tokens(rest)
-            # validate_tokens refuses EOS once the grammar is complete; consuming it is fine there
-            if valid == 0 and rest[0] in self.eos and (self.matcher.is_accepting() or self.matcher.is_stopped()):
-                valid = 1
-            if valid == 0:
-                break
-            ok = self.matcher.consume_token(rest[0]) if valid == 1 else self.matcher.consume_tokens(rest[:valid])
-            if not ok:
-                break
-            self.fed += rest[:valid]
-            rest = rest[valid:]
+        n = self._advance(tokens[common:], self._ended)
+        self.fed += tokens[common : common + n]
         self._check()
         return len(self.fed)
+
+    @property
+    def _ended(self) -> bool:
+        return bool(self.fed) and self.fed[-1] in self.eos
 
     def _generated(self, history: mx.array) -> list[int]:
         if self.start is None:
@@ -110,7 +129,11 @@ class GrammarProcessor:
         tokens = self._generated(history)
         if self._sync(tokens) < len(tokens):
             raise ConstraintError("the history holds a token the grammar does not allow")
-        return self.matcher.validate_tokens(proposals.tolist()) if proposals.size else 0
+        drafted = proposals.tolist()
+        n = self._advance(drafted, self._ended)
+        self.matcher.rollback(self._matched(drafted[:n]))
+        self._check()
+        return n
 
     def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
         if self.overlap:
@@ -121,7 +144,12 @@ class GrammarProcessor:
             raise ConstraintError(f"token {tokens[accepted]} is outside the grammar")
         import llguidance.numpy
 
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
+        if self._ended:
+            self.bitmask[:] = 0
+            for token in self.eos:
+                self.bitmask[0, token // 32] |= np.int32(1 << (token % 32) if token % 32 < 31 else -(1 << 31))
+        else:
+            llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
         self._check()
         bits = mx.array(self.bitmask.copy())
         if logits.shape[0] != 1:
