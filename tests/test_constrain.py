@@ -244,3 +244,35 @@ def test_a_processor_serves_one_generation(tiny):
     processor(mx.array(tokenizer.encode("a long prompt here")), mx.zeros((1, model.args.vocab_size)))
     with pytest.raises(ConstraintError, match="one generation"):
         processor(mx.array(tokenizer.encode("x")), mx.zeros((1, model.args.vocab_size)))
+
+
+@pytest.fixture(scope="module")
+def trained(trained_model_path):
+    return load(trained_model_path)
+
+
+def test_trained_model_under_an_allow_all_grammar_is_its_greedy_self(trained):
+    model, tokenizer = trained
+    prompt = tokenizer.encode("The capital of France is")
+    plain = tokens(model, prompt, [], max_tokens=12)
+    assert tokens(model, prompt, [make_constraint(tokenizer, regex=ALL_TEXT, vocab_size=model.args.vocab_size)],
+                  max_tokens=12) == plain
+
+
+def test_trained_model_json_parses_and_prompt_lookup_keeps_it_exact(trained):
+    model, tokenizer = trained
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Describe a cat as JSON with name and age."}])
+
+    def run(**kwargs):
+        constraint = make_constraint(tokenizer, json_schema=schema, vocab_size=model.args.vocab_size)
+        return list(stream_generate(model, tokenizer, prompt, max_tokens=40, logits_processors=[constraint],
+                                    **kwargs))
+
+    plain = run()
+    assert plain[-1].finish_reason == "stop"
+    document = json.loads("".join(r.text for r in plain))
+    assert set(document) == {"name", "age"} and isinstance(document["name"], str)
+    assert isinstance(document["age"], int)
+    assert [r.token for r in run(prompt_lookup=4)] == [r.token for r in plain]
