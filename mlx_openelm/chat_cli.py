@@ -11,6 +11,7 @@ from .cli_common import (
     adapter_option,
     chat_template_option,
     clean_prompt,
+    constraint_options,
     echo_stream,
     format_speculative,
     load_model_and_tokenizer,
@@ -23,6 +24,7 @@ from .cli_common import (
     stop_option,
     speculative_options,
     user_errors,
+    validate_constraint_options,
 )
 
 HELP = """Commands:
@@ -62,6 +64,10 @@ def _reply(session, text: str, max_tokens: int, quiet: bool, gen_kwargs: dict) -
     """Stream one reply; Ctrl-C stops it and keeps the conversation."""
     from .errors import ContextLengthError
 
+    gen_kwargs = dict(gen_kwargs)
+    constraint = gen_kwargs.pop("constraint", None)  # a grammar processor serves one reply: a new one each
+    if constraint is not None:
+        gen_kwargs["logits_processors"] = [*gen_kwargs.get("logits_processors", []), constraint()]
     replies = session.send(text, max_tokens=max_tokens, **gen_kwargs)
     try:
         last = echo_stream(replies)
@@ -155,13 +161,15 @@ def _tolerant_stdin() -> None:
 @sampling_options
 @speculative_options
 @stop_option
+@constraint_options
 @click.option("--quiet", "-q", is_flag=True, help="No loading message or statistics lines.")
 @user_errors
 def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, top_k, top_p, min_p,
-                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet, adapter_path,
-                 chat_template):
+                 repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, json_schema, regex, grammar,
+                 quiet, adapter_path, chat_template):
     """Chat with an instruction-tuned model in the terminal (or through a pipe, one message a line),
-    in the model's chat template (OpenELM-Instruct's format where it has none).
+    in the model's chat template (OpenELM-Instruct's format where it has none); --json-schema, --regex
+    or --grammar keep every reply inside a grammar.
 
     Replies stream to stdout; statistics and notices go to stderr. Commands: /reset,
     /help, /exit (or Ctrl-D). Ctrl-C stops a reply and keeps the conversation.
@@ -170,12 +178,20 @@ def chat_command(model_path, tokenizer_path, dtype, system, max_tokens, temp, to
 
     if system is not None:
         system = clean_prompt(system, "--system")
+    spec = validate_constraint_options(json_schema, regex, grammar)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet, adapter_path=adapter_path,
                                                 chat_template=chat_template)
-    settings = sampling_settings(model_path, max_tokens, temp, top_k, top_p, repetition_penalty)
+    settings = sampling_settings(model_path, max_tokens, temp, top_k, top_p, repetition_penalty, spec is not None)
     max_tokens = settings["max_tokens"]
     kwargs = make_generation_kwargs(settings["temperature"], settings["top_k"], settings["top_p"], min_p,
                                     settings["repetition_penalty"], seed, stop)
+    if spec is not None:
+        from functools import partial
+
+        from .constrain.processor import make_constraint
+
+        kwargs["constraint"] = partial(make_constraint, tokenizer, spec=spec, vocab_size=model.args.vocab_size)
+        kwargs["constraint"]()  # compile errors now, before the first line is read
     speculative = load_speculative(draft_path, num_draft_tokens, prompt_lookup, dtype, quiet)
     session = ChatSession(model, tokenizer, system=system, notify=note, speculative=speculative)
     _tolerant_stdin()

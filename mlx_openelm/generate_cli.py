@@ -10,6 +10,7 @@ from .cli_common import (
     adapter_option,
     chat_template_option,
     clean_prompt,
+    constraint_options,
     echo_stream,
     format_finish,
     format_stats,
@@ -24,6 +25,7 @@ from .cli_common import (
     speculative_fields,
     speculative_options,
     user_errors,
+    validate_constraint_options,
 )
 
 
@@ -54,15 +56,16 @@ def _json_fields(last) -> dict:
 @sampling_options
 @speculative_options
 @stop_option
+@constraint_options
 @click.option("--quiet", "-q", is_flag=True, help="Print only the generated text.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (text and statistics) at the end.")
 @user_errors
 def generate_command(model_path, tokenizer_path, dtype, prompt, chat, chat_template, system, max_tokens, temp, top_k,
-                     top_p, min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop, quiet,
-                     as_json, adapter_path):
+                     top_p, min_p, repetition_penalty, seed, draft_path, num_draft_tokens, prompt_lookup, stop,
+                     json_schema, regex, grammar, quiet, as_json, adapter_path):
     """Generate text from a prompt, streaming it to stdout (statistics go to stderr). A plain prompt gets
     BOS first where the model's tokenizer adds one; --chat (implied by --system and --chat-template)
-    wraps it in the chat template."""
+    wraps it in the chat template; --json-schema, --regex or --grammar keep the reply inside a grammar."""
     from .generation import stream_generate
 
     if prompt == "-":
@@ -71,12 +74,17 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, chat_templ
         prompt = clean_prompt(prompt, "--prompt")
     if system is not None:
         system = clean_prompt(system, "--system")
+    constraint = validate_constraint_options(json_schema, regex, grammar)
     model, tokenizer = load_model_and_tokenizer(model_path, tokenizer_path, dtype, quiet=quiet or as_json,
                                                 adapter_path=adapter_path, chat_template=chat_template)
-    settings = sampling_settings(model_path, max_tokens, temp, top_k, top_p, repetition_penalty)
+    settings = sampling_settings(model_path, max_tokens, temp, top_k, top_p, repetition_penalty, constraint is not None)
     max_tokens = settings["max_tokens"]
     kwargs = make_generation_kwargs(settings["temperature"], settings["top_k"], settings["top_p"], min_p,
                                     settings["repetition_penalty"], seed, stop)
+    if constraint is not None:
+        from .constrain.processor import make_constraint
+
+        kwargs["logits_processors"].append(make_constraint(tokenizer, spec=constraint, vocab_size=model.args.vocab_size))
     speculative = load_speculative(draft_path, num_draft_tokens, prompt_lookup, dtype, quiet or as_json)
     kwargs["speculative"] = speculative
     if chat or system is not None or chat_template is not None:
