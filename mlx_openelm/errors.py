@@ -60,3 +60,8 @@ class ChatTemplateError(OpenELMError, ValueError):
 class GrammarError(OptionError):
     """A constraint (JSON schema, regex, Lark grammar, tools) that cannot be compiled or used; the
     message names the keyword, line or field at fault. The server answers it with a 400."""
+
+
+class ToolError(OptionError):
+    """OpenAI tools, tool_choice or tool messages that cannot be used (a clashing or malformed tool, a
+    tool message without its tool_call_id); the message names the field. The server answers 400."""
