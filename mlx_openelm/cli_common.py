@@ -317,7 +317,7 @@ def constraint_options(fn):
 
 def validate_constraint_options(json_schema, regex, grammar):
     """The constraint the options ask for (validated by the library), or None; before any model loads."""
-    from .constrain import validate_constraint
+    from .constrain.grammar import validate_constraint
 
     return validate_constraint(json_schema=json_schema, regex=regex, grammar=grammar)
 

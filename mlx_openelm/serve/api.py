@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..errors import ChatTemplateError, PromptError
+from ..constrain.formats import response_format_constraint
+from ..constrain.grammar import ConstraintSpec
+from ..errors import ChatTemplateError, GrammarError, PromptError
 from ..stopping import normalize_stops
 
 MAX_STOPS = 4  # as OpenAI
@@ -62,6 +64,7 @@ class GenerationSpec:
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()
     top_logprobs: Optional[int] = None  # None: no logprobs; else how many alternatives per token
+    constraint: Optional[ConstraintSpec] = None  # response_format's JSON schema (json_object: any object)
 
 
 @dataclass
@@ -114,9 +117,6 @@ def _refuse_unsupported(body: dict, extra: tuple[tuple[str, Any], ...] = ()) -> 
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, lo=-2.0, hi=2.0) != 0:
             raise _bad(name, "is not supported; use 'repetition_penalty' (OpenELM's recommended 1.2 is the default)")
-    response_format = body.get("response_format")
-    if response_format is not None and (not isinstance(response_format, dict) or response_format.get("type") != "text"):
-        raise _bad("response_format", "only {'type': 'text'} is supported")
     for name, allowed in extra:
         if body.get(name) not in (None, allowed):
             raise _bad(name, "is not supported by this server")
@@ -132,7 +132,17 @@ def _stops(body: dict) -> tuple[str, ...]:
     return stops
 
 
-def _spec(body: dict, prompt: list[int], defaults: SamplingDefaults, top_logprobs: Optional[int]) -> GenerationSpec:
+def _constraint(body: dict) -> Optional[ConstraintSpec]:
+    try:
+        return response_format_constraint(body.get("response_format"))
+    except GrammarError as e:
+        raise APIError(400, str(e), param="response_format") from None
+
+
+def _spec(body: dict, prompt: list[int], defaults: SamplingDefaults, top_logprobs: Optional[int],
+          constraint: Optional[ConstraintSpec] = None) -> GenerationSpec:
+    # Under a constraint the penalty is off unless the request sets it: it steers a grammar's choices.
+    penalty = 1.0 if constraint is not None else defaults.repetition_penalty
     max_tokens = _number(body, "max_completion_tokens", None, lo=1, integer=True)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", defaults.max_tokens, lo=1, integer=True)
@@ -144,11 +154,11 @@ def _spec(body: dict, prompt: list[int], defaults: SamplingDefaults, top_logprob
         top_p=float(_number(body, "top_p", defaults.top_p, lo=0, hi=1, lo_open=True)),
         top_k=_number(body, "top_k", defaults.top_k, lo=0, integer=True),
         min_p=float(_number(body, "min_p", defaults.min_p, lo=0, hi=1, hi_open=True)),
-        repetition_penalty=float(_number(body, "repetition_penalty", defaults.repetition_penalty, lo=0,
-                                         lo_open=True)),
+        repetition_penalty=float(_number(body, "repetition_penalty", penalty, lo=0, lo_open=True)),
         seed=None if seed is None else seed % 2**63,
         stop=_stops(body),
         top_logprobs=top_logprobs,
+        constraint=constraint,
     )
 
 
@@ -234,7 +244,7 @@ def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -
     elif body.get("top_logprobs") is not None:
         raise _bad("top_logprobs", "needs 'logprobs': true")
     stream, include_usage = _streaming(body)
-    return ParsedRequest("chat", _spec(body, prompt, defaults, top), stream, include_usage)
+    return ParsedRequest("chat", _spec(body, prompt, defaults, top, _constraint(body)), stream, include_usage)
 
 
 def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
@@ -259,6 +269,8 @@ def parse_completion(body: Any, tokenizer, context: int, vocab_size: int, defaul
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _refuse_unsupported(body, extra=(("echo", False), ("suffix", ""), ("best_of", 1)))
+    if _constraint(body) is not None:
+        raise _bad("response_format", "is for chat completions; /v1/completions takes none")
     prompt = completion_prompt(body, tokenizer, vocab_size)
     _check_context(prompt, context, "prompt")
     top = _number(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS_COMPLETION, integer=True)

@@ -25,6 +25,7 @@ import mlx.core as mx
 
 from ..batching import PREFILL_CHUNK, Batch, Row
 from ..cache import KVCache, PromptCache, cached_length
+from ..constrain.processor import make_constraint
 from ..generation import GenerationResponse, stream_generate, stream_responses, wired_limit
 from ..model import make_cache
 from ..sampling import make_logits_processors, make_sampler
@@ -165,6 +166,9 @@ class Scheduler:
         try:
             job.cache, job.cached_tokens = self.prompt_cache.fetch(spec.prompt)
             processors = make_logits_processors(spec.repetition_penalty)
+            if spec.constraint is not None:  # last: it sees the other processors' logits, masks them
+                processors.append(make_constraint(self.tokenizer, spec=spec.constraint,
+                                                  vocab_size=self.model.args.vocab_size))
             sampler = make_sampler(temp=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, min_p=spec.min_p,
                                    seed=spec.seed)
             job.steps = self._steps(job, sampler, processors)

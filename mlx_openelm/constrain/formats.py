@@ -1,0 +1,40 @@
+"""OpenAI's `response_format` as a constraint: `text` none, `json_object` any JSON object,
+`json_schema` its schema (strict: unsupported keywords are errors, not ignored)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from ..errors import GrammarError
+from .grammar import JSON_OBJECT_SCHEMA, ConstraintSpec, validate_constraint
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def response_format_constraint(value: Any) -> Optional[ConstraintSpec]:
+    """The constraint a request's `response_format` asks for (None for absent or `text`); a
+    `GrammarError` naming the field otherwise wrong."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return validate_constraint(json_schema=JSON_OBJECT_SCHEMA)
+    if kind != "json_schema":
+        raise GrammarError("response_format.type must be 'text', 'json_object' or 'json_schema', "
+                           f"got {kind if isinstance(value, dict) else value!r}")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise GrammarError("response_format.json_schema must be an object with 'name' and 'schema'")
+    name = spec.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise GrammarError(f"response_format.json_schema.name must be 1 to 64 letters, digits, '_' or '-', got {name!r}")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise GrammarError("response_format.json_schema.schema must be a JSON schema object")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise GrammarError(f"response_format.json_schema.strict must be true, false or null, got {strict!r}")
+    return validate_constraint(json_schema=schema, strict=bool(strict))
