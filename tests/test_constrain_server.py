@@ -62,3 +62,63 @@ def test_a_reply_cut_by_max_tokens_is_length_not_stop(client):
 def test_a_bad_response_format_is_a_400_naming_it(client, response_format, message):
     with pytest.raises(openai.BadRequestError, match=message):
         client.chat.completions.create(model="smol", messages=ASK, response_format=response_format)
+
+
+class GetWeather(BaseModel):
+    """Current weather in a city."""
+
+    city: str
+    unit: Literal["celsius", "fahrenheit"]
+
+
+WEATHER_ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
+
+
+def test_a_tool_call_comes_back_as_tool_calls_that_parse(client):
+    completion = client.chat.completions.parse(model="smol", messages=WEATHER_ASK, tool_choice="required",
+                                               tools=[openai.pydantic_function_tool(GetWeather)])
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.function.name == "GetWeather"
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+    assert call.function.parsed_arguments.city == "Paris"
+
+
+def test_a_streamed_tool_call_is_what_the_client_assembles(client):
+    with client.chat.completions.stream(model="smol", messages=WEATHER_ASK, tool_choice="required",
+                                        tools=[openai.pydantic_function_tool(GetWeather)]) as stream:
+        names = [event.name for event in stream if event.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert names == ["GetWeather"] and final.choices[0].finish_reason == "tool_calls"
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+
+
+def test_a_tool_result_goes_back_into_the_conversation(client):
+    first = client.chat.completions.create(model="smol", messages=WEATHER_ASK, tool_choice="required",
+                                           tools=[openai.pydantic_function_tool(GetWeather)])
+    call = first.choices[0].message.tool_calls[0]
+    history = WEATHER_ASK + [first.choices[0].message.model_dump(exclude_none=True),
+                             {"role": "tool", "tool_call_id": call.id, "content": "18 degrees, sunny"}]
+    second = client.chat.completions.create(model="smol", messages=history,
+                                            tools=[openai.pydantic_function_tool(GetWeather)])
+    message = second.choices[0].message
+    if message.tool_calls:
+        assert second.choices[0].finish_reason == "tool_calls"
+        assert all(c.function.name == "GetWeather" for c in message.tool_calls)
+    else:
+        assert isinstance(message.content, str) and second.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tools": [{"type": "function", "function": {"name": "a"}}] * 2}, "two tools are named 'a'"),
+    ({"messages": WEATHER_ASK + [{"role": "tool", "content": "x"}]}, "needs the tool_call_id"),
+    ({"tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": {"type": "function",
+                                                                                  "function": {"name": "b"}}},
+     "'b', which is not among the tools"),
+])
+def test_bad_tools_are_a_400_naming_them(client, extra, message):
+    body = {"model": "smol", "messages": WEATHER_ASK, **extra}
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.chat.completions.create(**body)

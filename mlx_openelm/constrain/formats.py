@@ -38,3 +38,21 @@ def response_format_constraint(value: Any) -> Optional[ConstraintSpec]:
     if strict is not None and not isinstance(strict, bool):
         raise GrammarError(f"response_format.json_schema.strict must be true, false or null, got {strict!r}")
     return validate_constraint(json_schema=schema, strict=bool(strict))
+
+
+def request_constraint(body: dict):
+    """`(tool plan or None, constraint or None)` of a chat request's `tools`/`functions`/`tool_choice`/
+    `parallel_tool_calls`/`function_call` and `response_format`: with tools, the generic format's reply
+    schema (its response branch the response_format schema); without, response_format's. Raises
+    `ToolError` or `GrammarError` naming the field."""
+    import json
+
+    from .tools import plan_tools
+
+    response = response_format_constraint(body.get("response_format"))
+    plan = plan_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"),
+                      body.get("functions"), body.get("function_call"),
+                      json.loads(response.source) if response is not None else None)
+    if plan is None or plan.schema() is None:
+        return plan, response
+    return plan, validate_constraint(json_schema=plan.schema())

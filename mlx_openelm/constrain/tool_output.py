@@ -208,3 +208,19 @@ def parse_tool_output(text: str) -> tuple[Optional[str], list[dict]]:
     parser = ToolOutputParser()
     parser.feed(text)
     return parser.result()
+
+
+def tool_finish(parser: ToolOutputParser, finish: Optional[str]) -> Optional[str]:
+    """OpenAI's finish reason for a reply that ended with `finish`: "tool_calls" when it completed calls."""
+    return "tool_calls" if finish == "stop" and parser.calls and parser.complete else finish
+
+
+def tool_reply(text: str, finish: Optional[str]) -> tuple[Optional[str], list[dict], Optional[str]]:
+    """`(content, tool_calls, finish_reason)` of a whole reply; a reply cut short (finish "length")
+    keeps its raw text as content and no calls."""
+    parser = ToolOutputParser()
+    parser.feed(text)
+    if not parser.complete:
+        return text, [], finish
+    content, calls = parser.result()
+    return content, calls, tool_finish(parser, finish)

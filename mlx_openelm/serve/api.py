@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..constrain.formats import response_format_constraint
+from ..constrain.formats import request_constraint
 from ..constrain.grammar import ConstraintSpec
-from ..errors import ChatTemplateError, GrammarError, PromptError
+from ..constrain.tools import ToolPlan, rewrite_messages
+from ..errors import ChatTemplateError, GrammarError, PromptError, ToolError
 from ..stopping import normalize_stops
 
 MAX_STOPS = 4  # as OpenAI
@@ -73,6 +74,7 @@ class ParsedRequest:
     spec: GenerationSpec
     stream: bool = False
     include_usage: bool = False
+    tools: Optional[ToolPlan] = None  # tool calling in the generic format: the reply is parsed into tool_calls
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -111,9 +113,8 @@ def _refuse_unsupported(body: dict, extra: tuple[tuple[str, Any], ...] = ()) -> 
     """400 for options this server does not implement, rather than silently ignoring them."""
     if _number(body, "n", 1, lo=1, integer=True) != 1:
         raise _bad("n", "only n = 1 is supported (one choice per request)")
-    for name in ("tools", "functions", "tool_choice", "function_call", "logit_bias"):
-        if body.get(name) and body.get(name) != "none":  # "none" asks for no tool calls, as served
-            raise _bad(name, "is not supported by this server")
+    if body.get("logit_bias"):
+        raise _bad("logit_bias", "is not supported by this server")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, lo=-2.0, hi=2.0) != 0:
             raise _bad(name, "is not supported; use 'repetition_penalty' (OpenELM's recommended 1.2 is the default)")
@@ -132,9 +133,11 @@ def _stops(body: dict) -> tuple[str, ...]:
     return stops
 
 
-def _constraint(body: dict) -> Optional[ConstraintSpec]:
+def _constraint(body: dict) -> tuple[Optional[ToolPlan], Optional[ConstraintSpec]]:
     try:
-        return response_format_constraint(body.get("response_format"))
+        return request_constraint(body)
+    except ToolError as e:
+        raise APIError(400, str(e), param="tools") from None
     except GrammarError as e:
         raise APIError(400, str(e), param="response_format") from None
 
@@ -198,12 +201,21 @@ OPENELM_ROLES = ("system", "user", "assistant")  # OpenELM-Instruct's format
 MESSAGE_EXTRAS = ("name", "tool_calls", "tool_call_id")  # kept for templates that render them
 
 
-def chat_messages(body: dict, roles: tuple[str, ...] = TEMPLATE_ROLES) -> list[dict]:
+def chat_messages(body: dict, roles: tuple[str, ...] = TEMPLATE_ROLES, tools: Optional[ToolPlan] = None) -> list[dict]:
     """The request's messages as the chat template takes them: text content (an assistant message with
-    `tool_calls` may have none), and the tool-call fields kept; a role outside `roles` is a 400."""
+    `tool_calls` may have none), and the tool-call fields kept; a role outside `roles` is a 400. With
+    `tools` (the generic tool format), tools go into the system prompt and tool turns become text."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "must be a non-empty list of {role, content} objects")
+    tool_turns = any(isinstance(m, dict) and (m.get("role") in ("tool", "function") or m.get("tool_calls"))
+                     for m in messages)
+    if tools is not None or (tool_turns and "tool" not in roles):  # the generic format: tool turns as text
+        try:
+            messages = rewrite_messages([{**m, "role": ROLE_ALIASES.get(m.get("role"), m.get("role"))}
+                                         if isinstance(m, dict) else m for m in messages], tools)
+        except ToolError as e:
+            raise APIError(400, str(e), param="messages") from None
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -234,7 +246,8 @@ def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
-    messages = chat_messages(body, TEMPLATE_ROLES if tokenizer.chat_template is not None else OPENELM_ROLES)
+    tools, constraint = _constraint(body)
+    messages = chat_messages(body, TEMPLATE_ROLES if tokenizer.chat_template is not None else OPENELM_ROLES, tools)
     with _prompt_errors("messages"):
         prompt = tokenizer.apply_chat_template(messages)
     _check_context(prompt, context, "messages")
@@ -244,7 +257,8 @@ def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -
     elif body.get("top_logprobs") is not None:
         raise _bad("top_logprobs", "needs 'logprobs': true")
     stream, include_usage = _streaming(body)
-    return ParsedRequest("chat", _spec(body, prompt, defaults, top, _constraint(body)), stream, include_usage)
+    return ParsedRequest("chat", _spec(body, prompt, defaults, top, constraint), stream, include_usage,
+                         tools=tools if tools is not None and tools.schema() is not None else None)
 
 
 def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
@@ -269,8 +283,9 @@ def parse_completion(body: Any, tokenizer, context: int, vocab_size: int, defaul
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     _refuse_unsupported(body, extra=(("echo", False), ("suffix", ""), ("best_of", 1)))
-    if _constraint(body) is not None:
-        raise _bad("response_format", "is for chat completions; /v1/completions takes none")
+    for name in ("response_format", "tools", "functions"):
+        if body.get(name) is not None and body.get(name) != {"type": "text"}:
+            raise _bad(name, "is for chat completions; /v1/completions takes none")
     prompt = completion_prompt(body, tokenizer, vocab_size)
     _check_context(prompt, context, "prompt")
     top = _number(body, "logprobs", None, lo=0, hi=MAX_LOGPROBS_COMPLETION, integer=True)
@@ -329,11 +344,13 @@ def _envelope(request: ParsedRequest, model_id: str, chunk: bool) -> dict:
             "system_fingerprint": None}
 
 
-def response_body(request: ParsedRequest, model_id: str, text: str, finish: Optional[str],
-                  logprobs: Optional[dict], usage_: dict) -> dict:
-    """The whole (non-streamed) response."""
+def response_body(request: ParsedRequest, model_id: str, text: Optional[str], finish: Optional[str],
+                  logprobs: Optional[dict], usage_: dict, tool_calls: Optional[list] = None) -> dict:
+    """The whole (non-streamed) response (`tool_calls`: the message's, with `content` None)."""
     if request.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+        message = {"role": "assistant", "content": text, "refusal": None, **({"tool_calls": tool_calls}
+                                                                             if tool_calls else {})}
+        choice = {"index": 0, "message": message,
                   "logprobs": logprobs, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -341,10 +358,12 @@ def response_body(request: ParsedRequest, model_id: str, text: str, finish: Opti
 
 
 def chunk_body(request: ParsedRequest, model_id: str, text: Optional[str], finish: Optional[str],
-               logprobs: Optional[dict], role: bool = False) -> dict:
-    """One server-sent event of a streamed response (`role`: the chat stream's first chunk)."""
-    if request.kind == "chat":
+               logprobs: Optional[dict], role: bool = False, delta: Optional[dict] = None) -> dict:
+    """One server-sent event of a streamed response (`role`: the chat stream's first chunk; `delta`:
+    a chat delta as it is, such as one with `tool_calls`)."""
+    if request.kind == "chat" and delta is None:
         delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+    if request.kind == "chat":
         choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}

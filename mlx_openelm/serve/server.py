@@ -23,6 +23,7 @@ from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 from ..batching import PREFILL_CHUNK
+from ..constrain.tool_output import ToolOutputParser, tool_finish, tool_reply
 from ..generation import token_budget
 from ..speculative import SpeculativeOptions
 from . import api
@@ -300,21 +301,31 @@ class Handler(BoundedRequestHandler):
             offsets.append(length)
             texts.append(event.text)
             length += len(event.text)
-        last = steps[-1]
+        last, text, calls, finish = steps[-1], "".join(texts), None, steps[-1].finish_reason
+        if request.tools is not None:  # the generic format's JSON reply as content or tool_calls
+            text, calls, finish = tool_reply(text, finish)
         usage = api.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
-        body = api.response_body(request, app.model_id, "".join(texts), last.finish_reason,
-                                 app.logprobs(request, steps, offsets), usage)
+        body = api.response_body(request, app.model_id, text, finish, app.logprobs(request, steps, offsets), usage,
+                                 calls)
         self._send_json(200, body)
 
     def _stream(self, app: ServerApp, request: api.ParsedRequest, events) -> None:
         self._start_events()
         if request.kind == "chat":
             self._send_event(api.chunk_body(request, app.model_id, None, None, None, role=True))
-        length, last = 0, None
+        length, last, tools = 0, None, ToolOutputParser() if request.tools is not None else None
         for event in events:
             if isinstance(event, Failure):
                 self._send_event(api.APIError(event.status, event.message, kind=_error_kind(event.status)).body())
                 return
+            if tools is not None:  # deltas with content or tool_calls, then the finish
+                for delta in tools.feed(event.text):
+                    self._send_event(api.chunk_body(request, app.model_id, None, None, None, delta=delta))
+                if event.finish_reason:
+                    finish = tool_finish(tools, event.finish_reason)
+                    self._send_event(api.chunk_body(request, app.model_id, None, finish, None, delta={}))
+                last = event
+                continue
             logprobs = app.logprobs(request, [event], [length])
             if event.text or logprobs or event.finish_reason:
                 self._send_event(api.chunk_body(request, app.model_id, event.text, event.finish_reason, logprobs))
