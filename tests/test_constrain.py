@@ -208,7 +208,7 @@ def test_unimplemented_keywords_are_ignored_unless_strict(tiny):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"json_schema": {"type": "object"}, "regex": "a"}, "give one constraint, not json_schema and regex"),
+    ({"json_schema": {"type": "object"}, "regex": "a"}, "give one constraint, not `json_schema` and `regex`"),
     ({"json_schema": "[1, 2]"}, "json_schema: a JSON schema is an object"),
     ({"json_schema": "{not json"}, "json_schema: not valid JSON"),
     ({"json_schema": "/no/such/schema.json"}, "json_schema: /no/such/schema.json: cannot read"),

@@ -46,11 +46,11 @@ def test_chat_keeps_every_reply_inside_the_grammar(hf_checkpoint, invoke_cli):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--json-schema", "{}", "--regex", "a"], "give one constraint, not json_schema and regex"),
-    (["--json-schema", "{oops"], "json_schema: not valid JSON"),
-    (["--json-schema", "missing.json"], "json_schema: missing.json: cannot read the schema file"),
-    (["--regex", "(ab"], "regex: .*unclosed group"),
-    (["--grammar", "missing.lark"], "grammar: missing.lark: cannot read the grammar file"),
+    (["--json-schema", "{}", "--regex", "a"], "give one constraint, not --json-schema and --regex"),
+    (["--json-schema", "{oops"], "--json-schema: not valid JSON"),
+    (["--json-schema", "missing.json"], "--json-schema: missing.json: cannot read the schema file"),
+    (["--regex", "(ab"], "--regex: .*unclosed group"),
+    (["--grammar", "missing.lark"], "--grammar: missing.lark: cannot read the grammar file"),
 ])
 def test_bad_constraints_are_one_clear_line(hf_checkpoint, invoke_cli, args, message):
     result = invoke_cli("generate", "--model", hf_checkpoint, "-p", "hi", *args)

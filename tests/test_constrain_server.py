@@ -12,7 +12,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 from pydantic import BaseModel  # noqa: E402
-from test_server import KEY, start_server  # noqa: E402
+from serving import KEY, start_server  # noqa: E402
 
 
 class Pet(BaseModel):

@@ -90,7 +90,7 @@ def validate_constraint(json_schema=None, regex: Optional[str] = None, grammar=N
     given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar))
              if value is not None]
     if len(given) > 1:
-        raise GrammarError(f"give one constraint, not {' and '.join(given)}")
+        raise GrammarError(f"give one constraint, not {' and '.join(f'`{name}`' for name in given)}")
     if not isinstance(strict, bool):
         raise GrammarError(f"strict must be true or false, got {strict!r}")
     if not given:
