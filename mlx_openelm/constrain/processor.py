@@ -144,10 +144,11 @@ class GrammarProcessor:
             raise ConstraintError(f"token {tokens[accepted]} is outside the grammar")
         import llguidance.numpy
 
-        if self._ended:
-            self.bitmask[:] = 0
+        if self._ended:  # after EOS only EOS (generation stops there; a pipelined step may still ask)
+            words = self.bitmask.view(np.uint32)
+            words[:] = 0
             for token in self.eos:
-                self.bitmask[0, token // 32] |= np.int32(1 << (token % 32) if token % 32 < 31 else -(1 << 31))
+                words[0, token // 32] |= np.uint32(1 << (token % 32))
         else:
             llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
         self._check()
