@@ -133,7 +133,7 @@ def test_history_is_rewritten_for_a_template_without_tools():
     assert json.loads(out[2]["content"]) == {"tool_calls": [{"name": "get_time", "arguments": {"zone": "Europe/Paris"}}]}
     assert json.loads(out[3]["content"]) == {"tool_response": {"tool": "get_time", "tool_call_id": "call_1",
                                                                "content": "10:00"}}
-    with pytest.raises(ToolError, match=r"messages\[1\]: a tool message needs the tool_call_id"):
+    with pytest.raises(ToolError, match=r"messages\[1\].tool_call_id: a tool message needs the id"):
         rewrite_messages([messages[0], {"role": "tool", "content": "x"}], plan)
 
 

@@ -223,10 +223,13 @@ ERRORS = [
     ("POST", "/v1/chat/completions", b"{not json", 400, None, None),
     ("POST", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "n": 2}, 400, "n", None),
-    ("POST", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools", None),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools[0].function",
+     None),  # a function tool without its function
     ("POST", "/v1/chat/completions", {"messages": CHAT, "temperature": "hot"}, 400, "temperature", None),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "min_p": 1}, 400, "min_p", None),
-    ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", None),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id",
+     None),  # a tool result needs the id of the call it answers
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", None),
     ("POST", "/v1/completions", {"prompt": [5] * 2049}, 400, "prompt", "context_length_exceeded"),
     # JSON that Python's parser refuses with RecursionError or a plain ValueError (were 500s with a traceback)
     ("POST", "/v1/chat/completions", b"[" * 5000 + b"]" * 5000, 400, None, None),

@@ -217,7 +217,7 @@ def rewrite_messages(messages: Sequence[Mapping], plan: Optional[ToolPlan]) -> l
         if role == "tool":
             call_id = message.get("tool_call_id")
             if not isinstance(call_id, str) or not call_id:
-                raise ToolError(f"{where}: a tool message needs the tool_call_id of the call it answers")
+                raise ToolError(f"{where}.tool_call_id: a tool message needs the id of the call it answers")
             response = {"tool": call_names.get(call_id), "tool_call_id": call_id,
                         "content": _text(message.get("content"), where)}
             out.append({"role": "user", "content": json.dumps({"tool_response": response}, ensure_ascii=False)})

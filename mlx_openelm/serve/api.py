@@ -8,6 +8,7 @@ response objects in the shapes the official `openai` client expects.
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from contextlib import contextmanager
@@ -133,13 +134,20 @@ def _stops(body: dict) -> tuple[str, ...]:
     return stops
 
 
+def _field(error: Exception, default: str) -> APIError:
+    """A 400 for a library error whose message leads with the field at fault (`tools[1].function.name: ...`)."""
+    leading = re.match(r"([A-Za-z_]+)[\w.\[\]]*", str(error))
+    fields = ("messages", "tools", "functions", "tool_choice", "function_call", "parallel_tool_calls", "response_format")
+    return APIError(400, str(error), param=leading.group(0) if leading and leading.group(1) in fields else default)
+
+
 def _constraint(body: dict) -> tuple[Optional[ToolPlan], Optional[ConstraintSpec]]:
     try:
         return request_constraint(body)
     except ToolError as e:
-        raise APIError(400, str(e), param="tools") from None
+        raise _field(e, "tools") from None
     except GrammarError as e:
-        raise APIError(400, str(e), param="response_format") from None
+        raise _field(e, "response_format") from None
 
 
 def _spec(body: dict, prompt: list[int], defaults: SamplingDefaults, top_logprobs: Optional[int],
@@ -215,7 +223,7 @@ def chat_messages(body: dict, roles: tuple[str, ...] = TEMPLATE_ROLES, tools: Op
             messages = rewrite_messages([{**m, "role": ROLE_ALIASES.get(m.get("role"), m.get("role"))}
                                          if isinstance(m, dict) else m for m in messages], tools)
         except ToolError as e:
-            raise APIError(400, str(e), param="messages") from None
+            raise _field(e, "messages") from None
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
