@@ -86,7 +86,8 @@ def validate_constraint(json_schema=None, regex: Optional[str] = None, grammar=N
                         strict: bool = False) -> Optional[ConstraintSpec]:
     """The one validator of constraint options: at most one of `json_schema` (dict, JSON text or a
     file path), `regex` (matched against the whole output) and `grammar` (Lark text, or the path of
-    a Lark file as a `pathlib.Path`); None when none is given. Raises `GrammarError`."""
+    a Lark file as a `pathlib.Path`); None when none is given. Raises `GrammarError`, also for what
+    does not compile (checked here, without a tokenizer)."""
     given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar))
              if value is not None]
     if len(given) > 1:
@@ -102,7 +103,7 @@ def validate_constraint(json_schema=None, regex: Optional[str] = None, grammar=N
         source = json.dumps(schema, ensure_ascii=False)  # property order is output order
         if len(source) > MAX_SOURCE_CHARS:
             raise GrammarError(f"json_schema: the schema is {len(source)} characters, more than {MAX_SOURCE_CHARS}")
-        return ConstraintSpec("json_schema", source, strict)
+        return _compiled(ConstraintSpec("json_schema", source, strict))
     kind, text = ("regex", regex) if regex is not None else ("grammar", grammar)
     if kind == "grammar" and isinstance(text, os.PathLike):
         try:
@@ -114,7 +115,18 @@ def validate_constraint(json_schema=None, regex: Optional[str] = None, grammar=N
         raise GrammarError(f"{kind} must be a non-empty string, got {text!r}")
     if len(text) > MAX_SOURCE_CHARS:
         raise GrammarError(f"{kind}: {len(text)} characters, more than {MAX_SOURCE_CHARS}")
-    return ConstraintSpec(kind, text, False)
+    return _compiled(ConstraintSpec(kind, text, False))
+
+
+def _compiled(spec: ConstraintSpec) -> ConstraintSpec:
+    """`spec`, once llguidance compiles it (without a tokenizer: before any model loads); else a
+    `GrammarError` naming the keyword or line."""
+    from llguidance import LLMatcher, LLParserLimits
+
+    error = LLMatcher.validate_grammar(spec.grammar(), None, limits=LLParserLimits(verbose_errors=False))
+    if error:
+        raise GrammarError(f"{spec.kind}: {first_line(error)}")
+    return spec
 
 
 def json_options(strict: bool) -> dict:
