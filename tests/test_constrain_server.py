@@ -113,7 +113,8 @@ def test_a_tool_result_goes_back_into_the_conversation(client):
 
 @pytest.mark.parametrize("extra, message", [
     ({"tools": [{"type": "function", "function": {"name": "a"}}] * 2}, "two tools are named 'a'"),
-    ({"messages": WEATHER_ASK + [{"role": "tool", "content": "x"}]}, r"messages\[1\].tool_call_id: a tool message"),
+    ({"messages": WEATHER_ASK + [{"role": "tool", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "a"}}]}, r"messages\[1\].tool_call_id: a tool message"),
     ({"tools": [{"type": "function", "function": {"name": "a"}}], "tool_choice": {"type": "function",
                                                                                   "function": {"name": "b"}}},
      "'b', which is not among the tools"),
