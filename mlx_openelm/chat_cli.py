@@ -11,7 +11,6 @@ from .cli_common import (
     adapter_option,
     chat_template_option,
     clean_prompt,
-    constraint_options,
     echo_stream,
     format_speculative,
     load_model_and_tokenizer,
@@ -24,8 +23,8 @@ from .cli_common import (
     stop_option,
     speculative_options,
     user_errors,
-    validate_constraint_options,
 )
+from .constrain.cli import constraint_options, validate_constraint_options
 
 HELP = """Commands:
   /reset   start a new conversation (the system prompt stays)

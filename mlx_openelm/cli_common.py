@@ -222,10 +222,8 @@ def chat_template_option(fn):
 
 def sampling_settings(model_ref, max_tokens, temp, top_k, top_p, repetition_penalty, constrained=False) -> dict:
     """The sampling options with each one left out taken from the model folder's defaults
-    (`read_generation_defaults`): explicit values always win. Under a constraint (`constrained`) the
-    repetition penalty is 1 (off) unless given: penalising every repeated quote, comma and key steers
-    a grammar's choices."""
-    if constrained and repetition_penalty is None:
+    (`read_generation_defaults`): explicit values always win; under a constraint the penalty is 1 unless given."""
+    if constrained and repetition_penalty is None:  # penalised quotes, commas and keys steer a grammar's choices
         repetition_penalty = 1.0
     from .generation_config import read_generation_defaults
     from .hub import resolve_model_path
@@ -302,24 +300,6 @@ def stop_option(fn):
     return click.option("--stop", "stop", multiple=True, metavar="TEXT", callback=_nonempty_stops,
                         help="End the reply before this text, which is not printed (repeatable; "
                              "a newline: --stop $'\\n').")(fn)
-
-
-def constraint_options(fn):
-    """`--json-schema`, `--regex` and `--grammar`: keep the output inside a grammar (one of them)."""
-    return _apply([
-        click.option("--json-schema", "json_schema", default=None, metavar="FILE|JSON",
-                     help="Reply with JSON following this JSON schema (a file, or the schema's JSON text)."),
-        click.option("--regex", default=None, metavar="REGEX", help="The whole reply matches this regular expression."),
-        click.option("--grammar", default=None, type=click.Path(path_type=Path), metavar="FILE",
-                     help="The reply follows this Lark grammar (llguidance's dialect)."),
-    ], fn)
-
-
-def validate_constraint_options(json_schema, regex, grammar):
-    """The constraint the options ask for (validated by the library), or None; before any model loads."""
-    from .constrain.grammar import validate_constraint
-
-    return validate_constraint(json_schema=json_schema, regex=regex, grammar=grammar)
 
 
 def make_generation_kwargs(temp, top_k, top_p, min_p, repetition_penalty, seed, stop=()) -> dict:

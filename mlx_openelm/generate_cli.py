@@ -10,7 +10,6 @@ from .cli_common import (
     adapter_option,
     chat_template_option,
     clean_prompt,
-    constraint_options,
     echo_stream,
     format_finish,
     format_stats,
@@ -25,8 +24,8 @@ from .cli_common import (
     speculative_fields,
     speculative_options,
     user_errors,
-    validate_constraint_options,
 )
+from .constrain.cli import constraint_options, validate_constraint_options
 
 
 def _json_fields(last) -> dict:
