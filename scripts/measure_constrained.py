@@ -10,7 +10,7 @@ Measures, on one chat prompt:
 - the matcher's mask fill per token (llguidance, p50/p99) and the whole processor step (sync, fill,
   the MLX bitmask apply, evaluated), replaying the JSON reply's tokens;
 - first-request costs: the matcher's tokenizer (once per loaded tokenizer) and a new schema's compile;
-- 8 batched rows (`serve.batching.Batch`), all constrained vs none: total tok/s.
+- 8 batched rows (`mlx_openelm.batching.Batch`), all constrained vs none: total tok/s.
 
     python scripts/measure_constrained.py [--tokens 48] [--repeats 3]
 
@@ -33,7 +33,7 @@ from mlx_openelm import load
 from mlx_openelm.constrain import make_constraint, vocabulary
 from mlx_openelm.generation import generate_step
 from mlx_openelm.model import make_cache
-from mlx_openelm.serve.batching import Batch
+from mlx_openelm.batching import Batch
 
 ALL_TEXT = r"(?s:.*)"
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},

@@ -20,7 +20,7 @@ from mlx_openelm.constrain.vocabulary import sentencepiece_to_json
 from mlx_openelm.errors import GrammarError
 from mlx_openelm.generation import generate_step, stream_generate
 from mlx_openelm.model import make_cache
-from mlx_openelm.serve.batching import Batch
+from mlx_openelm.batching import Batch
 from mlx_openelm.tokenizer import Tokenizer
 
 ALL_TEXT = r"(?s:.*)"
