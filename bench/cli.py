@@ -274,9 +274,14 @@ RATIO_TITLES = {
 
 
 def _print_report(document: dict, settings) -> None:
+    from mlx_openelm.blas import describe
+
     from . import report
     from . import paper
 
+    blas = document["machine"].get("blas")
+    if blas:
+        click.echo(f"BLAS: {describe(blas)}, float32 matmul {blas['sgemm_gflops']:.1f} GFLOP/s")
     click.echo(report.results_table(document["rows"]))
     if document["ratios"]:
         click.echo()

@@ -96,9 +96,30 @@ def memory_gb() -> Optional[float]:
         return int(value) / 1e9 if value and value.isdigit() else None
 
 
-def machine_info() -> dict:
-    """The chip or CPU, memory, OS, Python, and MLX's version and device."""
+def sgemm_gflops(m: int = 64, k: int = 576, n: int = 1536, seconds: float = 0.2) -> float:
+    """Float32 matrix-product speed on MLX's CPU device (GFLOP/s, best of a few timed runs): the
+    check that the BLAS `blas.info()` names is the one MLX calls (reference BLAS: about 2)."""
+    import time
+
     import mlx.core as mx
+
+    with mx.stream(mx.cpu):
+        a, b = mx.random.normal((m, k)), mx.random.normal((k, n))
+        mx.eval(a, b, a @ b)
+        best, start = float("inf"), time.perf_counter()
+        while time.perf_counter() - start < seconds or best == float("inf"):
+            tic = time.perf_counter()
+            mx.eval(a @ b)
+            best = min(best, time.perf_counter() - tic)
+    return 2 * m * k * n / best / 1e9
+
+
+def machine_info() -> dict:
+    """The chip or CPU, memory, OS, Python, MLX's version and device, and the BLAS under MLX's
+    CPU backend with its measured float32 matrix-product speed."""
+    import mlx.core as mx
+
+    from mlx_openelm.blas import info as blas_info
 
     name = cpu_name()
     info = {
@@ -111,6 +132,7 @@ def machine_info() -> dict:
         "mlx_version": mx.__version__,
         "mlx_device": str(mx.default_device()),
         "peak_bandwidth_gbs": chip_bandwidth_gbs(name),
+        "blas": {**blas_info(), "sgemm_gflops": round(sgemm_gflops(), 1)},
     }
     try:
         from importlib.metadata import version

@@ -1,13 +1,18 @@
 """mlx-openelm: Apple's OpenELM models on Apple silicon with MLX.
 
 The public API is imported lazily, so `import mlx_openelm` (and the CLI's
-`--help`) does not load MLX.
+`--help`) does not load MLX. On Linux it arranges for an optimized BLAS to be
+loaded when MLX is first imported (`blas.py`; `MLX_OPENELM_BLAS=0` turns it off).
 """
 
 from importlib import import_module
 from typing import Any
 
+from . import blas as _blas
+
 __version__ = "0.1.0"
+
+_blas.install()  # before any submodule imports MLX
 
 _API = {
     "load": "loading",

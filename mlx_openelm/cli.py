@@ -1,7 +1,8 @@
 """The `mlx-openelm` command line: the click group and the table of its subcommands.
 
 Each subcommand lives with its feature and is imported only when run, so
-`mlx-openelm --help` is instant; this module imports nothing from the project.
+`mlx-openelm --help` is instant; this module imports nothing from the project but `blas`
+(a leaf, for `--version`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ COMMANDS = {
 }
 
 
+def _print_version(ctx, param, value):
+    """`--version`: the package's version and which BLAS MLX's CPU matrix products would use."""
+    if not value or ctx.resilient_parsing:
+        return
+    import warnings
+    from importlib.metadata import version
+
+    from mlx_openelm.blas import describe  # a leaf; loads the BLAS, not MLX
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a failed load's reason is in the line itself
+        blas = describe()
+    click.echo(f"mlx-openelm, version {version('mlx-openelm')}\nBLAS: {blas}")
+    ctx.exit()
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return sorted(COMMANDS)
@@ -35,7 +52,8 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mlx-openelm")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and the BLAS under MLX's CPU backend, and exit.")
 def main():
     """Run Apple's OpenELM models with MLX: generate, chat, serve, convert, eval, bench, lora (fine-tune), fuse."""
 

@@ -33,6 +33,11 @@ def test_tiny_preset_through_the_command(bench_preset, tmp_path, invoke_cli):
     assert {"machine", "settings", "rows"} <= set(doc)
     for key in ("cpu", "memory_gb", "os", "mlx_version", "mlx_device"):
         assert doc["machine"][key], key
+    from mlx_openelm.blas import describe, info
+
+    blas = doc["machine"]["blas"]
+    assert {key: blas[key] for key in info()} == info() and blas["sgemm_gflops"] > 0  # this process's BLAS
+    assert f"BLAS: {describe(blas)}, float32 matmul" in result.stdout
     assert doc["settings"]["prompt_tokens"] == [12] and doc["settings"]["generation_tokens"] == [6]
     assert doc["settings"]["trials"] == 2 and doc["settings"]["group_size"] == 64
     rows = doc["rows"]
