@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import mlx_openelm  # noqa: F401  before any test module imports MLX, so the optimized BLAS serves (blas.py)
 from synthetic import (
     BENCH_CONFIG,
     TINY_CONFIG,
