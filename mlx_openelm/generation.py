@@ -197,7 +197,8 @@ def generate_step(
                 prefill(options.draft_model, prompt, draft_cache, prefill_step_size)
                 draft = DraftProposer(options.draft_model, draft_cache, model.args.vocab_size)
             decoder = SpeculativeDecoder(model, cache, earlier + prompt.tolist(), sampler, processors, draft,
-                                         options.num_draft_tokens, options.prompt_lookup, options.prompt_lookup_ngram)
+                                         options.num_draft_tokens, options.prompt_lookup, options.prompt_lookup_ngram,
+                                         options.adaptive)
             steps = _speculative_steps(decoder, limit)
         yield from _prompt_read_at_first_step(steps, prompt_progress, prompt.size)
 

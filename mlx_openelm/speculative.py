@@ -54,7 +54,8 @@ def check_draft(target: Model, draft: Model) -> None:
 class SpeculativeOptions:
     """How tokens are proposed: a `draft_model` drafting `num_draft_tokens` per target pass, or
     `prompt_lookup` > 0 copying up to that many tokens after the context's last n-gram (n up to
-    `prompt_lookup_ngram`); neither: plain decoding.
+    `prompt_lookup_ngram`); neither: plain decoding. With `adaptive` those counts are upper bounds:
+    rounds that keep few proposals shorten the drafts or pause drafting (`DraftLength`).
 
     The fields are checked when the options are made (this is their one validator); whether the
     draft fits a target is `check_target`'s, called where the two meet (`generate_step`,
@@ -65,6 +66,7 @@ class SpeculativeOptions:
     num_draft_tokens: int = 3
     prompt_lookup: int = 0
     prompt_lookup_ngram: int = 2
+    adaptive: bool = True
 
     def __post_init__(self):
         if self.draft_model is not None and not isinstance(self.draft_model, Model):
@@ -190,12 +192,52 @@ class DraftProposer:
         return mx.concatenate(tokens), mx.concatenate(rows)
 
 
+class DraftLength:
+    """How many tokens to propose next round, from how many were kept so far; the output never
+    depends on it (every proposal is verified), only the speed does.
+
+    It starts at `limit`. A round that keeps every proposal grows it by one (up to `limit`); one that
+    does not sets it to one more than were kept. A round that keeps fewer than `min_rate` of its
+    proposals is a miss: after `patience` misses in a row drafting pauses for `pause` rounds (plain
+    decoding steps, since verifying proposals makes a target pass dearer and a draft model's passes
+    are lost), then probes with one proposal. A miss right after a pause pauses again, twice as long
+    (up to `max_pause`); a round that is not a miss ends the doubling.
+    """
+
+    def __init__(self, limit: int, min_rate: float = 0.25, patience: int = 2, pause: int = 4, max_pause: int = 64):
+        self.limit, self.min_rate, self.patience = limit, min_rate, patience
+        self.first_pause, self.max_pause = pause, max_pause
+        self.length, self.pause, self.misses, self.paused = limit, pause, 0, 0
+
+    def next(self) -> int:
+        """Proposals for the next round (0: a plain step)."""
+        if self.paused:
+            self.paused -= 1
+            return 0
+        return self.length
+
+    def update(self, drafted: int, kept: int) -> None:
+        """Record a round that proposed `drafted` tokens and kept `kept` of them."""
+        if drafted == 0:  # a pause, or prompt lookup that found nothing: no evidence
+            return
+        self.length = min(self.limit, self.length + 1) if kept == drafted else kept + 1
+        if kept >= self.min_rate * drafted:
+            self.misses, self.pause = 0, self.first_pause
+            return
+        self.misses += 1
+        if self.misses >= self.patience:
+            self.paused, self.pause = self.pause, min(self.max_pause, 2 * self.pause)
+            self.misses = self.patience - 1  # one more miss pauses again
+
+
 class SpeculativeDecoder:
     """Rounds of propose -> verify -> accept -> trim for one generation.
 
     `context` is what prompt lookup and the logits processors see (the conversation the cache
     already held when its ids are known, the prompt, then every token produced); the caches
     hold `start` earlier positions not in it plus all of `context` but its last token.
+    `adaptive`: the proposals per round follow `DraftLength` (up to the number asked for),
+    else always that number.
     """
 
     def __init__(
@@ -209,6 +251,7 @@ class SpeculativeDecoder:
         num_draft_tokens: int = 3,
         prompt_lookup: int = 0,
         lookup_ngram_size: int = 2,
+        adaptive: bool = True,
     ):
         self.model = model
         self.cache = cache
@@ -218,6 +261,7 @@ class SpeculativeDecoder:
         self.processors = list(processors)
         self.draft = draft
         self.num_proposals = num_draft_tokens if draft is not None else prompt_lookup
+        self.length = DraftLength(self.num_proposals) if adaptive else None
         self.lookup_ngram_size = lookup_ngram_size
         self.drafted = 0
         self.target_passes = 0
@@ -289,7 +333,8 @@ class SpeculativeDecoder:
 
     def round(self, budget: int) -> list[tuple[int, mx.array, bool]]:
         """One verification pass: 1 to k+1 `(token, logprobs, from_draft)`, never more than `budget`."""
-        k = min(self.num_proposals, budget - 1)  # the target's own token needs one place in the budget
+        wanted = self.length.next() if self.length is not None else self.num_proposals
+        k = min(wanted, budget - 1)  # the target's own token needs one place in the budget
         history = self._history()
         proposals, draft_logprobs = self._propose(k, history)
         k = proposals.size
@@ -298,6 +343,8 @@ class SpeculativeDecoder:
         accepted, token = self._accept(proposals, draft_logprobs, target_logprobs)
         mx.eval(accepted, token, proposals, target_logprobs)
         n = accepted.item()
+        if self.length is not None:
+            self.length.update(k, n)
         tokens = proposals[:n].tolist() + [token.item()]
         self.context.extend(tokens)
         kept = self.start + len(self.context) - 1  # the last token is pending, as after a plain step

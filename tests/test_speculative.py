@@ -12,6 +12,8 @@ from mlx_openelm.cache import truncate_caches
 from mlx_openelm.errors import ConfigError
 from mlx_openelm.generation import stream_generate
 from mlx_openelm.speculative import (
+    DraftLength,
+    SpeculativeOptions,
     acceptance_probabilities,
     count_accepted,
     find_lookup_tokens,
@@ -117,6 +119,66 @@ def test_cache_continues_like_plain_decoding(loaded, drafts):
     second = _tokens(generate_step([first[-1], 99, 3], target, max_tokens=8, cache=cache, draft_model=target,
                                    draft_cache=draft_cache))
     assert second == _plain(target, PROMPT + first + [99, 3], 8)
+
+
+# ---- the adaptive draft length ----------------------------------------------------------------
+
+
+def test_draft_length_grows_on_full_rounds_shrinks_on_rejections_and_pauses_after_misses():
+    length = DraftLength(4, patience=2, pause=2, max_pause=4)
+    seen = []
+
+    def round_(kept_of):  # kept_of(k) -> kept; returns the k asked for
+        k = length.next()
+        seen.append(k)
+        length.update(k, kept_of(k) if k else 0)
+
+    round_(lambda k: k)  # 4, all kept: stays at the limit
+    round_(lambda k: 1)  # 4, one kept (not a miss at 25%): next 2
+    round_(lambda k: 0)  # 2, none: a miss, next 1
+    round_(lambda k: 0)  # 1, none: the second miss pauses 2 rounds
+    round_(lambda k: 0)
+    round_(lambda k: 0)
+    round_(lambda k: 0)  # the probe (1) misses: pauses 4 rounds (the cap)
+    for _ in range(4):
+        round_(lambda k: 0)
+    round_(lambda k: 0)  # another probe misses: 4 again (capped)
+    for _ in range(4):
+        round_(lambda k: 0)
+    round_(lambda k: k)  # the probe keeps its token: 2 next, and the pause is back to 2
+    round_(lambda k: 0)
+    round_(lambda k: 0)
+    assert seen == [4, 4, 2, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 1, 2, 1]
+    assert length.paused == 2 and length.next() == 0
+
+
+def test_adaptive_drafting_with_a_useless_draft_stays_exact_and_mostly_stops_drafting(loaded, tmp_path):
+    target, _ = loaded
+    stranger = _model(tmp_path / "stranger", TINY_CONFIG, random_weights(TINY_CONFIG, seed=7))
+    prompt = [1] + [(11 * i) % 300 + 3 for i in range(20)]
+    for processors in ([], make_logits_processors(1.3)):
+        expected = _plain(target, prompt, 60, logits_processors=processors)
+        steps = list(generate_step(prompt, target, max_tokens=60, draft_model=stranger, num_draft_tokens=4,
+                                   logits_processors=processors))
+        assert _tokens(steps) == expected
+        last = steps[-1]
+        assert last.accepted_tokens <= 2  # it proposes the wrong tokens
+        assert last.drafted_tokens < 4 * last.target_forward_passes / 3  # most passes verified no proposal
+
+
+def test_adaptive_and_fixed_drafting_say_the_same_as_plain_decoding(loaded, drafts):
+    """A fixed length (SpeculativeOptions(adaptive=False)) drafts the full length every round."""
+    target, _ = loaded
+    prompt = [1] + [40, 7, 250, 33, 12, 90, 17, 5] * 3
+    expected = _plain(target, prompt, 40)
+    for kwargs in ({"draft_model": drafts["shallow"], "num_draft_tokens": 4}, {"prompt_lookup": 6}):
+        drafted = {}
+        for adaptive in (True, False):
+            steps = list(generate_step(prompt, target, max_tokens=40,
+                                       speculative=SpeculativeOptions(**kwargs, adaptive=adaptive)))
+            assert _tokens(steps) == expected
+            drafted[adaptive] = steps[-1].drafted_tokens
+        assert drafted[True] <= drafted[False]
 
 
 # ---- sampling ----------------------------------------------------------------------------------

@@ -59,7 +59,8 @@ def test_target_and_draft_distributions_are_those_of_plain_sampling(models, monk
         return real(p, q, proposals, key)
 
     monkeypatch.setattr(speculative, "speculative_sample", record)
-    steps = list(generate_step(PROMPT, target, max_tokens=24, draft_model=draft, num_draft_tokens=3,
+    fixed = speculative.SpeculativeOptions(draft_model=draft, num_draft_tokens=3, adaptive=False)  # 3 every round
+    steps = list(generate_step(PROMPT, target, max_tokens=24, speculative=fixed,
                                sampler=make_sampler(**SAMPLING, seed=11),
                                logits_processors=make_logits_processors(PENALTY)))
     assert steps[-1].accepted_tokens > 0 and len(rounds) >= 4  # later rounds' histories hold accepted drafts
