@@ -4,7 +4,7 @@
     python scripts/measure_lora.py compare MODEL DATA [--iters 30] [--batch-size 4] [--learning-rate 2e-4]
         [--num-layers 2] [--rank 8] [--trials 2] [--grad-checkpoint]
 
-`compare` runs each engine in its own process (so each peak memory is its own), alternating ours and
+`compare` runs each engine in its own process (both on the same BLAS: mlx_openelm/blas.py's choice) (so each peak memory is its own), alternating ours and
 mlx-lm's `trials` times, and prints the validation loss after training (both adapters scored by our
 evaluator on the same positions: mlx-lm's own loss also counts one padding target after each
 example's EOS), the last train loss, iterations/s (the same batches for both: the fair speed
@@ -64,6 +64,7 @@ def run_ours(model: str, data: str, settings: dict, out: Path) -> dict:
 
 MLX_LM_RUNNER = r'''
 import json, sys, types
+import mlx_openelm  # first, so mlx-lm runs on the BLAS ours gets (mlx_openelm/blas.py; MLX_OPENELM_BLAS=0: MLX's own)
 import mlx.core as mx, mlx.optimizers as optim
 from mlx_lm.utils import load_model
 from mlx_lm.tuner.datasets import CacheDataset, TextDataset
@@ -137,6 +138,9 @@ def compare(model: str, data: str, settings: dict, trials: int) -> None:
                       file=sys.stderr)
     medians = {e: {f: statistics.median(r[f] for r in rs) for f in FIELDS} for e, rs in runs.items()}
     before = runs["mlx-openelm"][0]["val_before"]
+    from mlx_openelm.blas import describe
+
+    print(f"BLAS (both): {describe()}")
     print(f"settings: {json.dumps(settings)}, trials: {trials} (medians); validation loss before training {before:.3f}")
     print("| engine | val loss after (our evaluator) | last train loss (own count) | iterations/s | "
           "tokens/s (own count) | peak GB |")
