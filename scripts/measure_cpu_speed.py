@@ -23,14 +23,10 @@ from pathlib import Path
 
 import mlx_openelm  # noqa: F401  first: the optimized BLAS is loaded before MLX (mlx_openelm/blas.py)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import trained  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-
-from mlx_openelm import load_model  # noqa: E402
-from mlx_openelm.bench import core  # noqa: E402
-from mlx_openelm.blas import describe, info  # noqa: E402
+from mlx_openelm import load_model
+from mlx_openelm.bench import core
+from mlx_openelm.blas import describe, info
+from support import trained  # the test support code: the trained folder
 
 
 def engines(folder, quant: list[tuple[int, int]], with_mlx_lm: bool) -> dict:
