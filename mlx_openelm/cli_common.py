@@ -268,8 +268,8 @@ def speculative_options(fn):
                           "while, when its proposals are rejected)."),
         click.option("--prompt-lookup", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                      help="Propose up to N tokens copied from the context after a matching 2-gram (prompt "
-                          "lookup decoding; Apple's model cards use 10; drafting pauses while proposals are "
-                          "rejected). 0: off."),
+                          "lookup decoding; 4 was fastest on a Linux CPU, Apple's model cards use 10; drafting "
+                          "pauses while proposals are rejected). 0: off."),
     ], fn)
 
 
