@@ -22,6 +22,7 @@ import trained
 from serving import start_server
 from mlx_openelm import generate_step, load_model, make_cache
 from mlx_openelm.config import ModelArgs
+from mlx_openelm.speculative import SpeculativeOptions
 
 SAMPLE_TOKENS = 96
 
@@ -128,7 +129,11 @@ def test_greedy_with_a_4_bit_self_draft_is_plain_greedy_and_accepts_most(trained
     plain = [s.token for s in generate_step(prompt, model, max_tokens=24)]
     draft = load_model(trained_model_path, dtype="float32")
     nn.quantize(draft, group_size=64, bits=4)
-    steps = list(generate_step(prompt, model, max_tokens=24, draft_model=draft, num_draft_tokens=2))
+    assert [s.token for s in generate_step(prompt, model, max_tokens=24, draft_model=draft, num_draft_tokens=2)] \
+        == plain  # the default, adaptive draft length
+    # the draft's acceptance, at a fixed length (the adaptive one pauses after rounds it rejects)
+    fixed = SpeculativeOptions(draft_model=draft, num_draft_tokens=2, adaptive=False)
+    steps = list(generate_step(prompt, model, max_tokens=24, speculative=fixed))
     assert [s.token for s in steps] == plain
     # measured 50% over 48 tokens (4-bit top-1 agreement on real text: 68%); random weights: about 5%
     accepted, drafted = steps[-1].accepted_tokens, steps[-1].drafted_tokens
