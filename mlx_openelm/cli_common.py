@@ -264,8 +264,7 @@ def speculative_options(fn):
                           "verifies in one pass (speculative decoding: the same output, faster when drafts "
                           "are accepted)."),
         click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="Most tokens the draft model proposes per verification pass (fewer, or none for a "
-                          "while, when its proposals are rejected)."),
+                     help="Most tokens the draft model proposes per verification pass (fewer while rejected)."),
         click.option("--prompt-lookup", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
                      help="Propose up to N tokens copied from the context after a matching 2-gram (prompt "
                           "lookup decoding; 4 was fastest on a Linux CPU, Apple's model cards use 10; drafting "
