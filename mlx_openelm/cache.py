@@ -112,6 +112,16 @@ class KVCache:
             return ()
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
+    def take(self, rows: mx.array) -> "KVCache":
+        """A new cache whose batch row i is a copy of this cache's row `rows[i]` (e.g. one prompt's
+        keys and values repeated for several continuations); this cache is unchanged."""
+        copy = KVCache(self.num_kv_heads, self.head_dim, self.max_length, self.step)
+        if self.keys is not None:
+            copy.keys = self.keys[rows, :, : self.offset, :]
+            copy.values = self.values[rows, :, : self.offset, :]
+            copy.offset = self.offset
+        return copy
+
 
 def cached_length(caches: Sequence[KVCache]) -> int:
     """The positions every layer of a model's cache holds (layers can be uneven after an interrupt)."""
