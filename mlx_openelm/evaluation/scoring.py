@@ -55,7 +55,10 @@ def encode_pair(tokenizer, context: str, continuation: str, empty_context: str =
     """(context ids, continuation ids) as lm-eval's HF backend encodes them with BOS."""
     if context == "":
         prefix = tokenizer.eos_id if empty_context == "eos" else tokenizer.bos_id
-        return [prefix], tokenizer.encode(continuation, add_bos=False)
+        continuation_ids = tokenizer.encode(continuation, add_bos=False)
+        if continuation_ids and continuation_ids[0] == prefix:  # lm-eval: a continuation starting with it
+            return continuation_ids[:1], continuation_ids[1:]
+        return [prefix], continuation_ids
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
