@@ -1,4 +1,5 @@
-"""`mlx-openelm eval`: perplexity on a text file, optionally against a reference model."""
+"""`mlx-openelm eval`: perplexity on a text file, or task accuracy through lm-eval (`--tasks`), either
+optionally against a reference model."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import click
 
 from .cli_common import adapter_option, load_model_and_tokenizer, model_options, note, user_errors
+from .evaluate_tasks_cli import task_options
 
 
 def format_result(result: dict) -> str:
@@ -46,25 +48,43 @@ def read_text(path: str) -> str:
 @click.command("eval")
 @model_options
 @adapter_option
-@click.option("--text", "text_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Plain UTF-8 text file to score.")
+@click.option("--text", "text_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Plain UTF-8 text file to score (perplexity).")
 @click.option("--context", type=click.IntRange(min=2), default=1024, show_default=True,
-              help="Most tokens a window holds: each token is predicted from up to context - 1 earlier ones.")
+              help="--text: most tokens a window holds: each token is predicted from up to context - 1 earlier ones.")
 @click.option("--stride", type=click.IntRange(min=1), default=None,
-              help="Tokens between window starts, less than --context (default: half of it); smaller gives "
+              help="--text: tokens between window starts, less than --context (default: half of it); smaller gives "
                    "each token more history, at more compute.")
 @click.option("--reference", "reference_path", default=None, metavar="PATH_OR_REPO",
-              help="Also report KL(reference || model) and top-1 agreement against this model "
-                   "(e.g. the float original of a quantized --model).")
+              help="Compare with this model (e.g. the float original of a quantized --model): with --text, "
+                   "KL(reference || model) and top-1 agreement; with --tasks, paired accuracy differences.")
+@task_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @user_errors
-def eval_command(model_path, tokenizer_path, dtype, text_path, context, stride, reference_path, as_json, adapter_path):
+def eval_command(model_path, tokenizer_path, dtype, text_path, context, stride, reference_path, as_json, adapter_path,
+                 **task_kwargs):
     """Perplexity of a model on a text (sliding window), bits per byte, and optionally its
-    divergence from a reference model on the same text.
+    divergence from a reference model on the same text; or (--tasks) its accuracy on lm-eval's
+    tasks, scored as lm-eval's Hugging Face backend scores them for Apple's runs, optionally
+    against a reference model item by item.
 
     \b
     mlx-openelm eval --model ./openelm-270m-4bit --text wiki.txt --reference apple/OpenELM-270M
+    mlx-openelm eval --model apple/OpenELM-270M --tasks paper-zeroshot
+    mlx-openelm eval --model ./q4 --tasks arc_easy,piqa --reference ./float --limit 500
     """
+    if (text_path is None) == (task_kwargs["tasks"] is None):
+        raise click.UsageError("give either --text FILE (perplexity) or --tasks NAMES (task accuracy)")
+    if task_kwargs["tasks"] is not None:
+        from .evaluate_tasks_cli import run_task_command
+
+        return run_task_command(model_path, tokenizer_path, dtype, adapter_path, reference_path, as_json,
+                                **task_kwargs)
+    text_eval(model_path, tokenizer_path, dtype, text_path, context, stride, reference_path, as_json, adapter_path)
+
+
+def text_eval(model_path, tokenizer_path, dtype, text_path, context, stride, reference_path, as_json, adapter_path):
+    """The perplexity evaluation of `--text`."""
     stride = stride or max(1, context // 2)
     if stride >= context:
         raise click.BadParameter(f"{stride} must be less than --context {context}", param_hint="'--stride'")

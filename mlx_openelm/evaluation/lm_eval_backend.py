@@ -26,8 +26,8 @@ class OpenELMLM(TemplateLM):
 
     `batch_size`: rows per forward or "auto"; `share_prefixes`: read shared contexts once;
     `empty_context`: "eos" (the lm-eval of Apple's paper runs) or "bos" (today's lm-eval).
-    `progress(done, total)` is called as log-likelihood requests finish; `truncated` counts the
-    requests left-truncated to the model's context so far.
+    `progress(done, total)` is called as the log-likelihood requests of a run finish; `scored` and
+    `truncated` count the requests scored, and those left-truncated to the model's context, so far.
     """
 
     def __init__(self, model=None, tokenizer=None, pretrained: Optional[str] = None, batch_size: BatchSize = "auto",
@@ -70,12 +70,10 @@ class OpenELMLM(TemplateLM):
         return self.tokenizer.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        def progress(done, total):
-            if self.progress is not None:
-                self.progress(self.scored + done, None)
-
+        if self.progress is not None:
+            self.progress(0, len(requests))
         scores = score_tokens(self.model, [(context, continuation) for _, context, continuation in requests],
-                              batch_size=self.batch_size, share_prefixes=self.share_prefixes, progress=progress)
+                              batch_size=self.batch_size, share_prefixes=self.share_prefixes, progress=self.progress)
         self.truncated += scores.truncated
         self.scored += len(scores)
         results = [(float(logprob), bool(greedy)) for logprob, greedy in scores]
