@@ -112,3 +112,21 @@ def test_a_batch_built_from_one_prefix_computes_each_row_as_alone(loaded):
         own = model(tokens[i : i + 1], cache=copy_caches(row))[:, -1]
         np.testing.assert_allclose(np.array(logits[i]), np.array(own[0]), atol=1e-4)
     assert batch[0].offset.tolist() == [7, 4, 7, 6]
+
+
+def test_take_repeats_rows_of_a_cache():
+    """KVCache.take: row i of the copy is row rows[i] of the original, which is left as it was."""
+    import mlx.core as mx
+
+    from mlx_openelm.cache import KVCache
+
+    cache = KVCache(num_kv_heads=2, head_dim=4, max_length=64, step=8)
+    keys = mx.arange(2 * 2 * 3 * 4, dtype=mx.float32).reshape(2, 2, 3, 4)
+    cache.update_and_fetch(keys, -keys)
+    copy = cache.take(mx.array([1, 1, 0]))
+    assert copy.offset == 3 and copy.keys.shape == (3, 2, 3, 4)
+    assert mx.array_equal(copy.keys[0], keys[1]) and mx.array_equal(copy.keys[2], keys[0])
+    assert mx.array_equal(copy.values[1], -keys[1])
+    more = mx.ones((3, 2, 1, 4))
+    k, _ = copy.update_and_fetch(more, more)  # the copy grows on its own
+    assert k.shape == (3, 2, 4, 4) and cache.offset == 3 and cache.keys.shape[0] == 2
