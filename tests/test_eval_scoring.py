@@ -63,6 +63,8 @@ def assert_close(scores, reference, tol=1e-4):
 @pytest.mark.parametrize("share, batch_size", [(True, 1), (True, 3), (False, 3), (False, "auto")])
 def test_batched_scores_equal_the_unbatched_reference(model_and_tokenizer, expected, share, batch_size):
     model, tokenizer = model_and_tokenizer
+    if batch_size == 1 and model.args.vocab_size > 1000:
+        pytest.skip("batch size 1 is checked on the tiny model (the trained one is slow on CPU)")
     scores = score(model, tokenizer, REQUESTS, batch_size=batch_size, share_prefixes=share)
     assert_close(scores, expected, tol=1e-4)
     assert scores.truncated == 0
