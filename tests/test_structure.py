@@ -15,7 +15,8 @@ PACKAGES = {"mlx_openelm": ROOT / "mlx_openelm", "mlx_openelm.tokenizer": ROOT /
             "mlx_openelm.convert": ROOT / "convert", "mlx_openelm.bench": ROOT / "bench",
             "mlx_openelm.tuning": ROOT / "mlx_openelm" / "tuning", "mlx_openelm.serve": ROOT / "mlx_openelm" / "serve",
             "mlx_openelm.folder": ROOT / "mlx_openelm" / "folder",
-            "mlx_openelm.constrain": ROOT / "mlx_openelm" / "constrain"}
+            "mlx_openelm.constrain": ROOT / "mlx_openelm" / "constrain",
+            "mlx_openelm.evaluation": ROOT / "mlx_openelm" / "evaluation"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -221,6 +222,7 @@ FOLDERS = {"mlx_openelm/tokenizer/": ROOT / "mlx_openelm" / "tokenizer",
            "mlx_openelm/tuning/": ROOT / "mlx_openelm" / "tuning", "mlx_openelm/serve/": ROOT / "mlx_openelm" / "serve",
            "mlx_openelm/folder/": ROOT / "mlx_openelm" / "folder",
            "mlx_openelm/constrain/": ROOT / "mlx_openelm" / "constrain",
+           "mlx_openelm/evaluation/": ROOT / "mlx_openelm" / "evaluation",
            "mlx_openelm/": ROOT / "mlx_openelm",
            "convert/": ROOT / "convert", "bench/": ROOT / "bench"}
 
