@@ -16,13 +16,11 @@ from __future__ import annotations
 import argparse
 import random
 import re
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def words() -> list[str]:
@@ -99,7 +97,7 @@ def main():
 
     folder = args.model
     if folder is None:
-        import trained
+        from support import trained
 
         folder = trained.trained_model_path()
     model, tokenizer = load(folder, dtype="float32")

@@ -241,3 +241,19 @@ def test_paired_comparison_arithmetic():
     assert result.stderr == pytest.approx(paired_stderr([0, -1, 0, 0])) == pytest.approx(0.25)
     assert result.changed == 0.25  # item 1 changed its answer
     assert result.gold_logprob_change == pytest.approx((0.1 - 1.1 + 0.1 - 1.0) / 4)
+
+
+def test_ctrl_c_prints_the_finished_tasks(invoke_cli, hf_checkpoint, task_dir, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from mlx_openelm.evaluation import harness
+
+    def interrupted(lm, shots, done=None, **kwargs):
+        done.metrics["mini_mc"] = {"acc,none": 0.5, "acc_stderr,none": 0.1}
+        done.shots["mini_mc"] = 0
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "run_tasks", interrupted)
+    result = invoke_cli("eval", "--model", hf_checkpoint, "--tasks", "mini_mc", "--include-path", task_dir)
+    assert result.exit_code == 130
+    assert "mini_mc" in result.stdout and "acc 50.00 ± 10.00" in result.stdout
+    assert "interrupted (--model): 1 task(s) finished" in result.stderr
