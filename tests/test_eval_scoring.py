@@ -161,3 +161,14 @@ def test_batch_size_values(value, expected):
 def test_bad_batch_sizes_are_refused(value):
     with pytest.raises(OptionError, match="batch size must be a positive whole number or 'auto'"):
         check_batch_size(value)
+
+
+def test_the_head_in_slices_gives_the_same_scores(loaded, monkeypatch):
+    from mlx_openelm.evaluation import scoring
+
+    model, tokenizer = loaded
+    whole = score(model, tokenizer, REQUESTS)
+    monkeypatch.setattr(scoring, "HEAD_ROWS", 3)  # fewer positions than one request's continuation
+    sliced = score(model, tokenizer, REQUESTS)
+    assert [g for _, g in sliced] == [g for _, g in whole]
+    assert max(abs(a[0] - b[0]) for a, b in zip(sliced, whole)) <= 1e-5

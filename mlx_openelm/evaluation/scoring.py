@@ -30,6 +30,7 @@ BatchSize = Union[int, str]
 
 EMPTY_CONTEXT_TOKENS = ("eos", "bos")  # eos: the lm-eval Apple ran (dc90fec); bos: today's lm-eval
 AUTO_TOKENS = 8192  # `batch_size="auto"`: rows per forward so that rows x padded length stays under this
+HEAD_ROWS = 1024  # positions whose vocabulary-wide logits exist at once (1024 x 49152 float32: 200 MB)
 
 
 def check_batch_size(value: BatchSize) -> BatchSize:
@@ -215,12 +216,17 @@ def _gather_scores(model, hidden: mx.array, spans: list[tuple[int, int, tuple]])
     flat = hidden.reshape(-1, hidden.shape[-1])
     positions = np.concatenate([np.arange(start, start + len(targets)) for start, _, targets in spans])
     targets = mx.array(np.concatenate([np.asarray(targets) for _, _, targets in spans]).astype(np.int32))
-    logits = model.head(flat[mx.array(positions.astype(np.int32))]).astype(mx.float32)
-    log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(log_probs, targets[:, None], axis=-1)[:, 0]
-    greedy = log_probs.argmax(axis=-1) == targets
-    mx.eval(picked, greedy)
-    picked, greedy = np.array(picked, dtype=np.float64), np.array(greedy)
+    positions = mx.array(positions.astype(np.int32))
+    picked, greedy = [], []
+    for at in range(0, positions.size, HEAD_ROWS):  # the vocabulary-wide logits of HEAD_ROWS positions at a time
+        logits = model.head(flat[positions[at: at + HEAD_ROWS]]).astype(mx.float32)
+        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        rows = targets[at: at + HEAD_ROWS]
+        picked.append(mx.take_along_axis(log_probs, rows[:, None], axis=-1)[:, 0])
+        greedy.append(log_probs.argmax(axis=-1) == rows)
+        mx.eval(picked[-1], greedy[-1])
+    picked = np.concatenate([np.array(p, dtype=np.float64) for p in picked])
+    greedy = np.concatenate([np.array(g) for g in greedy])
     out, at = [], 0
     for _, _, span_targets in spans:
         n = len(span_targets)
