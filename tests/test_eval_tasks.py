@@ -145,7 +145,7 @@ def test_generate_until_stops_before_the_stop_text(trained_model_path):
 
     model, tokenizer = load(trained_model_path, dtype="float32")
     prompt = "The capital of France is"
-    full = generate(model, tokenizer, prompt, max_tokens=12)
+    full = generate(model, tokenizer, tokenizer.encode(prompt, add_bos=True), max_tokens=12)
     stop = full.strip()[3:6]
     text = generate_until(model, tokenizer, prompt, until=[stop], max_gen_toks=12)
     assert stop not in text and full.startswith(text) and len(text) < len(full)

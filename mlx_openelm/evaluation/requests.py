@@ -34,7 +34,7 @@ def loglikelihood_rolling(model, tokenizer, texts: Sequence[str], empty_context:
     max_length = model.args.max_context_length
     pairs, owners = [], []
     for t, text in enumerate(texts):
-        windows = rolling_windows(tokenizer.encode(text), prefix, max_length)
+        windows = rolling_windows(tokenizer.encode(text, add_bos=True), prefix, max_length)
         pairs += windows
         owners += [t] * len(windows)
     totals = [0.0] * len(texts)
@@ -51,7 +51,7 @@ def generate_until(model, tokenizer, context: str, until: Sequence[str] = (), ma
     from ..generation import stream_generate
 
     max_gen_toks = max(1, min(int(max_gen_toks), model.args.max_context_length - 1))
-    ids = tokenizer.encode(context)[-(model.args.max_context_length - max_gen_toks):]
+    ids = tokenizer.encode(context, add_bos=True)[-(model.args.max_context_length - max_gen_toks):]
     stops = normalize_stops([u for u in until if u])  # lm-eval may pass "" (no stop)
     return "".join(r.text for r in stream_generate(model, tokenizer, ids, max_tokens=max_gen_toks,
                                                    stop=stops or None))

@@ -63,8 +63,8 @@ def encode_pair(tokenizer, context: str, continuation: str, empty_context: str =
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation, add_bos=True)  # whatever the folder's add_bos_token says
+    context_ids = tokenizer.encode(context, add_bos=True)
     return context_ids, whole[len(context_ids):]
 
 
