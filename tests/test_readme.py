@@ -195,7 +195,7 @@ def test_readme_block_runs(sandbox, page, line, lang, code):
 
 def test_ci_installs_and_tests_as_the_readme_full_suite_line_says():
     full = next(code for _line, lang, code, _marked in fenced_blocks(README.read_text())
-                if lang == "bash" and ".[test,compare]" in code)
+                if lang == "bash" and ".[test,compare,eval]" in code)
     install, test = (part.strip() for part in full.strip().split("&&"))
     ci = (ROOT / ".ci" / "run").read_text()
     assert f'pip install -q {install.removeprefix("pip install ")}' in ci and f"\n{test}\n" in ci
