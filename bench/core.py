@@ -27,6 +27,7 @@ from mlx_openelm.generation import generate_step
 from mlx_openelm.quantization import Quantization, apply_quantization, check_bits, check_group_size
 from mlx_openelm.model import Model, make_cache
 from mlx_openelm.sampling import greedy
+from mlx_openelm.speculative import SpeculativeOptions
 
 MLX_LM_HINT = "mlx-lm is not installed; install it with: pip install 'mlx-openelm[compare]'  (or: pip install mlx-lm)"
 
@@ -189,18 +190,17 @@ class OursEngine(Engine):
 class SpeculativeEngine(OursEngine):
     """Our `generate_step` with a draft model or prompt lookup; records the acceptance of each trial."""
 
-    def __init__(self, model: Model, draft: Optional[Model] = None, draft_label: str = "",
-                 num_draft_tokens: int = 3, prompt_lookup: int = 0):
+    def __init__(self, model: Model, options: SpeculativeOptions, draft_label: str = ""):
         super().__init__(model)
-        self.draft, self.num_draft_tokens, self.prompt_lookup = draft, num_draft_tokens, prompt_lookup
-        self.variant = f"draft {draft_label} k={num_draft_tokens}" if draft is not None else f"lookup {prompt_lookup}"
+        self.options = options.for_target(model)  # the draft checked once, not in every trial
+        self.variant = (f"draft {draft_label} k={options.num_draft_tokens}" if options.draft_model is not None
+                        else f"lookup {options.prompt_lookup}")
         self.last: Optional[tuple] = None
 
     def tokens(self, prompt: mx.array, n: int) -> Iterator[int]:
-        kwargs = ({"draft_model": self.draft, "num_draft_tokens": self.num_draft_tokens} if self.draft is not None
-                  else {"prompt_lookup": self.prompt_lookup})
-        for count, step in enumerate(generate_step(prompt, self.model, max_tokens=n, sampler=greedy,
-                                                   cache=make_cache(self.model), **kwargs), start=1):
+        steps = generate_step(prompt, self.model, max_tokens=n, sampler=greedy, cache=make_cache(self.model),
+                              speculative=self.options)
+        for count, step in enumerate(steps, start=1):
             self.last = (count, step)
             yield step.token
 

@@ -20,7 +20,7 @@ from mlx_openelm.folder.names import CONFIG_FILE
 from mlx_openelm.loading import DTYPE_NAMES, default_dtype, load_model, model_dtype, parse_dtype
 from mlx_openelm.model import Model
 from mlx_openelm.quantization import BITS, plan_quantization
-from mlx_openelm.speculative import check_draft
+from mlx_openelm.speculative import SpeculativeOptions
 
 from . import core
 from .hardware import machine_info
@@ -100,9 +100,8 @@ def _engines(model: Model, settings: BenchSettings, draft: Optional[tuple]) -> l
     ablation, compare = settings.ablation, settings.compare
     if settings.speculative:
         draft_model, label = draft or (None, "")
-        if draft_model is not None:
-            check_draft(model, draft_model)
-        spec = core.SpeculativeEngine(model, draft_model, label, settings.num_draft_tokens, settings.prompt_lookup)
+        options = SpeculativeOptions(draft_model, settings.num_draft_tokens, settings.prompt_lookup)
+        spec = core.SpeculativeEngine(model, options, label)
         return [spec, core.OursEngine(model)]
     if ablation == "rmsnorm":
         return [core.OursEngine(model, "fused"), core.OursEngine(model, "naive")]

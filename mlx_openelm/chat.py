@@ -71,8 +71,7 @@ class ChatSession:
         self.cache = make_cache(model)
         if draft_model is not None and speculative is not None:
             raise OptionError("pass the draft model either as draft_model= or in speculative=, not both")
-        self.speculative = speculative or SpeculativeOptions(draft_model=draft_model)
-        self.speculative.check_target(model)
+        self.speculative = (speculative or SpeculativeOptions(draft_model=draft_model)).for_target(model)
         self.draft_model = self.speculative.draft_model
         self.draft_cache = make_cache(self.draft_model) if self.draft_model is not None else None
         self.cached_ids: list[int] = []  # the tokens whose keys/values are in `cache`, in order

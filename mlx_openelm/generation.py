@@ -112,14 +112,15 @@ def _check_cached_ids(cached_ids, cache) -> list[int]:
     return ids
 
 
-def _speculative_options(speculative, draft_model, num_draft_tokens, prompt_lookup, ngram) -> SpeculativeOptions:
-    """`speculative`, or the options the separate keywords give (one or the other)."""
+def _speculative_options(model, speculative, draft_model, num_draft_tokens, prompt_lookup, ngram) -> SpeculativeOptions:
+    """`speculative`, or the options the separate keywords give (one or the other), checked against
+    `model` unless they already were."""
     if speculative is None:
-        return SpeculativeOptions(draft_model, num_draft_tokens, prompt_lookup, ngram)
+        return SpeculativeOptions(draft_model, num_draft_tokens, prompt_lookup, ngram, target=model)
     if draft_model is not None or prompt_lookup:
         raise OptionError("pass speculative decoding's options either as speculative= or as draft_model= / "
                           "prompt_lookup=, not both")
-    return speculative
+    return speculative.for_target(model)
 
 
 def _draft_cache(cache, draft_model, draft_cache):
@@ -169,7 +170,8 @@ def generate_step(
     `draft_cache` holding the same tokens as `cache`) drafts `num_draft_tokens` tokens
     per target pass, or `prompt_lookup` > 0 proposes up to that many tokens copied from
     the context after an n-gram match (n up to `prompt_lookup_ngram`); or pass those
-    options as one `speculative` (`SpeculativeOptions`). Greedy output is the target's own,
+    options as one `speculative` (`SpeculativeOptions`; checked against `model` here unless
+    `for_target(model)` already did, as `ChatSession` and the server do once). Greedy output is the target's own,
     and sampled output has the target's distribution. Both caches end as after plain
     decoding, but while tokens are handed out they may run a round ahead.
     """
@@ -177,8 +179,8 @@ def generate_step(
     earlier = _check_cached_ids(cached_ids, cache)
     if max_tokens < 0:
         raise OptionError(f"max_tokens must be >= 0, got {max_tokens}")
-    options = _speculative_options(speculative, draft_model, num_draft_tokens, prompt_lookup, prompt_lookup_ngram)
-    options.check_target(model)
+    options = _speculative_options(model, speculative, draft_model, num_draft_tokens, prompt_lookup,
+                                   prompt_lookup_ngram)
     cache = make_cache(model) if cache is None else cache
     draft_cache = _draft_cache(cache, options.draft_model, draft_cache)
     limit = token_budget(model.args.max_context_length, prompt.size, max_tokens, cache[0].offset)

@@ -20,7 +20,7 @@ Which tokens are kept, so that the output is distributed exactly as the target's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -57,9 +57,11 @@ class SpeculativeOptions:
     `prompt_lookup_ngram`); neither: plain decoding. With `adaptive` those counts are upper bounds:
     rounds that keep few proposals shorten the drafts or pause drafting (`DraftLength`).
 
-    The fields are checked when the options are made (this is their one validator); whether the
-    draft fits a target is `check_target`'s, called where the two meet (`generate_step`,
-    `ChatSession`, the server's scheduler).
+    The fields are checked when the options are made (this is their one validator), and with a
+    `target`, whether the draft fits it (`check_draft`). `for_target(model)` gives the options
+    checked against `model`; the library's entry points (`generate_step`, `ChatSession`, the
+    server's scheduler) take them that way once, and options already bound to the model pass through
+    unchecked.
     """
 
     draft_model: Optional[Model] = None
@@ -67,6 +69,7 @@ class SpeculativeOptions:
     prompt_lookup: int = 0
     prompt_lookup_ngram: int = 2
     adaptive: bool = True
+    target: Optional[Model] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if self.draft_model is not None and not isinstance(self.draft_model, Model):
@@ -79,16 +82,19 @@ class SpeculativeOptions:
         if self.prompt_lookup < 0 or self.prompt_lookup_ngram < 1:
             raise OptionError(f"prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1, got {self.prompt_lookup}, "
                               f"{self.prompt_lookup_ngram}")
+        if self.target is not None and self.draft_model is not None:
+            check_draft(self.target, self.draft_model)
 
     @property
     def enabled(self) -> bool:
         """Whether anything proposes tokens (else decoding is plain)."""
         return self.draft_model is not None or self.prompt_lookup > 0
 
-    def check_target(self, target: Model) -> None:
-        """Refuse a draft model that cannot propose tokens for `target` (see `check_draft`)."""
-        if self.draft_model is not None:
-            check_draft(target, self.draft_model)
+    def for_target(self, target: Model) -> "SpeculativeOptions":
+        """These options checked against `target` (see `check_draft`): themselves when already bound to it."""
+        if self.target is target:
+            return self
+        return replace(self, target=target)
 
 
 def match_vocab(logits: mx.array, vocab_size: int) -> mx.array:

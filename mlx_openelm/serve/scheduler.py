@@ -89,8 +89,7 @@ class Scheduler:
                  prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
         self.tokenizer = tokenizer
-        self.speculative = speculative or SpeculativeOptions()
-        self.speculative.check_target(model)  # before serving, not in every request
+        self.speculative = (speculative or SpeculativeOptions()).for_target(model)  # before serving, not per request
         self.draft_model = self.speculative.draft_model
         self.batch = None if self.speculative.enabled else Batch(model, prefill_chunk)
         self.prompt_cache = PromptCache(self._new_cache, prompt_cache_size)
