@@ -19,6 +19,7 @@ from mlx_openelm.speculative import (
     find_lookup_tokens,
     match_vocab,
     residual_distribution,
+    SpeculativeOptions,
     speculative_sample,
 )
 from synthetic import TINY_CONFIG, random_weights, write_hf_checkpoint
@@ -286,6 +287,32 @@ def test_a_draft_with_another_vocabulary_is_refused(loaded, tmp_path):
     other = _model(tmp_path / "v400", config, random_weights(config))
     with pytest.raises(ConfigError, match="vocabulary has 400 tokens, the target's 384"):
         list(generate_step(PROMPT, target, draft_model=other))
+
+
+def test_the_draft_is_checked_once_per_target(loaded, drafts, tmp_path, monkeypatch):
+    """Options bound to a target (`for_target`, as ChatSession and the server bind them) pass through
+    generate_step unchecked; bound to another model they are checked against that one."""
+    import mlx_openelm.speculative as speculative
+
+    target, tokenizer = loaded
+    draft = drafts["shallow"]
+    calls = []
+    real_check = speculative.check_draft
+    monkeypatch.setattr(speculative, "check_draft", lambda t, d: calls.append((t, d)) or real_check(t, d))
+    options = SpeculativeOptions(draft_model=draft, num_draft_tokens=2).for_target(target)
+    assert calls == [(target, draft)] and options.target is target
+    assert options.for_target(target) is options
+    for _ in range(2):
+        assert _tokens(generate_step(PROMPT, target, max_tokens=6, speculative=options)) == _plain(target, PROMPT, 6)
+    session = ChatSession(target, tokenizer, speculative=options)
+    list(session.send("hello", max_tokens=3))
+    assert calls == [(target, draft)]  # not again per call, per session or per reply
+    list(generate_step(PROMPT, target, max_tokens=2, draft_model=draft))  # keywords: checked at that call
+    assert calls == [(target, draft)] * 2
+    config = {**TINY_CONFIG, "vocab_size": 400}
+    other = _model(tmp_path / "v400", config, random_weights(config))
+    with pytest.raises(ConfigError, match="vocabulary has 384 tokens, the target's 400"):
+        list(generate_step(PROMPT, other, max_tokens=2, speculative=options))  # bound to another target
 
 
 def test_padded_corenet_vocabulary_is_matched_on_the_shared_ids(tmp_path):
