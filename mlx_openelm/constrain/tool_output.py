@@ -215,10 +215,10 @@ def tool_finish(parser: ToolOutputParser, finish: Optional[str]) -> Optional[str
     return "tool_calls" if finish == "stop" and parser.calls and parser.complete else finish
 
 
-def tool_reply(text: str, finish: Optional[str]) -> tuple[Optional[str], list[dict], Optional[str]]:
-    """`(content, tool_calls, finish_reason)` of a whole reply; a reply cut short (finish "length")
-    keeps its raw text as content and no calls."""
-    parser = ToolOutputParser()
+def tool_reply(text: str, finish: Optional[str], parser=None) -> tuple[Optional[str], list[dict], Optional[str]]:
+    """`(content, tool_calls, finish_reason)` of a whole reply (read by `parser`, by default the generic
+    format's); a reply cut short (finish "length") keeps its raw text as content and no calls."""
+    parser = parser if parser is not None else ToolOutputParser()
     parser.feed(text)
     if not parser.complete:
         return text, [], finish

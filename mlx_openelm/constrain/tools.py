@@ -35,6 +35,7 @@ class ToolPlan:
     choice: str = "auto"
     parallel: bool = True
     response_schema: Optional[dict] = None
+    native: Any = None  # the chat template's own call format (`native_tools.NativeFormat`); None: generic
 
     @property
     def calls_allowed(self) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from ..constrain.formats import request_constraint
 from ..constrain.grammar import ConstraintSpec
+from ..constrain.native_tools import native_constraint, template_tools, use_native_format
 from ..constrain.tools import ToolPlan, rewrite_messages
 from ..errors import ChatTemplateError, GrammarError, PromptError, ToolError
 from ..stopping import normalize_stops
@@ -255,9 +256,13 @@ def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -
         raise APIError(400, "the request body must be a JSON object")
     _refuse_unsupported(body)
     tools, constraint = _constraint(body)
-    messages = chat_messages(body, TEMPLATE_ROLES if tokenizer.chat_template is not None else OPENELM_ROLES, tools)
+    native = use_native_format(tools, tokenizer.chat_template)  # the template's own tool format
+    if native is not None and tools.choice != "none":
+        constraint = native_constraint(tools)
+    roles = TEMPLATE_ROLES if tokenizer.chat_template is not None else OPENELM_ROLES
+    messages = chat_messages(body, roles, None if native is not None else tools)
     with _prompt_errors("messages"):
-        prompt = tokenizer.apply_chat_template(messages)
+        prompt = tokenizer.apply_chat_template(messages, tools=template_tools(tools) if native else None)
     _check_context(prompt, context, "messages")
     top = None
     if _flag(body, "logprobs"):

@@ -23,7 +23,8 @@ from typing import Iterator, Optional
 from urllib.parse import urlsplit
 
 from ..batching import PREFILL_CHUNK
-from ..constrain.tool_output import ToolOutputParser, tool_finish, tool_reply
+from ..constrain.native_tools import tool_parser
+from ..constrain.tool_output import tool_finish, tool_reply
 from ..generation import token_budget
 from ..speculative import SpeculativeOptions
 from . import api
@@ -302,8 +303,8 @@ class Handler(BoundedRequestHandler):
             texts.append(event.text)
             length += len(event.text)
         last, text, calls, finish = steps[-1], "".join(texts), None, steps[-1].finish_reason
-        if request.tools is not None:  # the generic format's JSON reply as content or tool_calls
-            text, calls, finish = tool_reply(text, finish)
+        if request.tools is not None:  # the tool format's reply as content or tool_calls
+            text, calls, finish = tool_reply(text, finish, tool_parser(request.tools))
         usage = api.usage(last.prompt_tokens, last.completion_tokens, last.cached_tokens)
         body = api.response_body(request, app.model_id, text, finish, app.logprobs(request, steps, offsets), usage,
                                  calls)
@@ -313,7 +314,7 @@ class Handler(BoundedRequestHandler):
         self._start_events()
         if request.kind == "chat":
             self._send_event(api.chunk_body(request, app.model_id, None, None, None, role=True))
-        length, last, tools = 0, None, ToolOutputParser() if request.tools is not None else None
+        length, last, tools = 0, None, tool_parser(request.tools) if request.tools is not None else None
         for event in events:
             if isinstance(event, Failure):
                 self._send_event(api.APIError(event.status, event.message, kind=_error_kind(event.status)).body())
