@@ -303,7 +303,9 @@ def test_server_messages_go_through_the_template_tool_calls_included(tmp_path, t
                                  {"role": "critic", "content": "z"}]}, tok, 2048, SamplingDefaults())
     assert refused.value.status == 400 and refused.value.param == "messages[2].role"
     bare = Tokenizer(tokenizer_json_path, bos_id=1, eos_id=2)  # no template: OpenELM's roles only
-    with pytest.raises(APIError, match="must be one of system, user, assistant, got 'tool'"):
+    with pytest.raises(APIError, match="must be one of system, user, assistant, got 'critic'"):
+        parse_chat({"messages": [{"role": "critic", "content": "y"}]}, bare, 2048, SamplingDefaults())
+    with pytest.raises(APIError, match="a tool message needs the id of the call it answers"):  # generic format
         parse_chat({"messages": [{"role": "tool", "content": "y"}]}, bare, 2048, SamplingDefaults())
 
 
