@@ -123,3 +123,24 @@ def test_bad_tools_are_a_400_naming_them(client, extra, message):
     body = {"model": "smol", "messages": WEATHER_ASK, **extra}
     with pytest.raises(openai.BadRequestError, match=message):
         client.chat.completions.create(**body)
+
+
+def test_the_schema_is_told_to_the_model_when_no_message_mentions_json(json_checkpoint):
+    from mlx_openelm import load
+    from mlx_openelm.serve.api import SamplingDefaults, parse_chat
+
+    tokenizer = load(json_checkpoint)[1]
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}}
+    untold = [{"role": "user", "content": "How old is Felix?"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "Age", "schema": schema}}
+
+    def prompt(messages, response_format):
+        return parse_chat({"messages": messages, "response_format": response_format}, tokenizer, 4096,
+                          SamplingDefaults()).spec.prompt
+
+    told = [{"role": "system", "content": "Respond with JSON matching this schema: " + json.dumps(schema)}, *untold]
+    assert prompt(untold, fmt) == tokenizer.apply_chat_template(told)
+    assert prompt(untold, {"type": "json_object"}) == tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Respond with a JSON object."}, *untold])
+    assert prompt(ASK, fmt) == tokenizer.apply_chat_template(ASK)  # it says JSON: left as it is
+    assert prompt(untold, {"type": "text"}) == tokenizer.apply_chat_template(untold)

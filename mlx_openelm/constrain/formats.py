@@ -56,3 +56,23 @@ def request_constraint(body: dict):
     if plan is None or plan.schema() is None:
         return plan, response
     return plan, validate_constraint(json_schema=plan.schema())
+
+
+def json_instruction(messages: list, response_format: Any) -> list:
+    """`messages` with a short system instruction giving the response_format's schema where no message
+    mentions JSON: a grammar on a model not told about the format leaves its distribution (OpenAI's
+    JSON mode asks callers to say "JSON"; small models follow a prompted format much better)."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind not in ("json_object", "json_schema"):
+        return messages
+    if any("json" in str(m.get("content") or "").lower() for m in messages if isinstance(m, dict)):
+        return messages
+    import json
+
+    schema = (response_format.get("json_schema") or {}).get("schema") if kind == "json_schema" else None
+    line = ("Respond with JSON matching this schema: " + json.dumps(schema, ensure_ascii=False)
+            if schema else "Respond with a JSON object.")
+    if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first.get('content') or ''}\n\n{line}".lstrip()}, *messages[1:]]
+    return [{"role": "system", "content": line}, *messages]

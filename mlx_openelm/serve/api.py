@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..constrain.formats import request_constraint
+from ..constrain.formats import json_instruction, request_constraint
 from ..constrain.grammar import ConstraintSpec
 from ..constrain.native_tools import native_constraint, template_tools, use_native_format
 from ..constrain.tools import ToolPlan, rewrite_messages
@@ -261,6 +261,8 @@ def parse_chat(body: Any, tokenizer, context: int, defaults: SamplingDefaults) -
         constraint = native_constraint(tools)
     roles = TEMPLATE_ROLES if tokenizer.chat_template is not None else OPENELM_ROLES
     messages = chat_messages(body, roles, None if native is not None else tools)
+    if tools is None or tools.choice == "none":  # tell the model the format (no instruction when it is told)
+        messages = json_instruction(messages, body.get("response_format"))
     with _prompt_errors("messages"):
         prompt = tokenizer.apply_chat_template(messages, tools=template_tools(tools) if native else None)
     _check_context(prompt, context, "messages")
