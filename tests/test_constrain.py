@@ -276,3 +276,49 @@ def test_trained_model_json_parses_and_prompt_lookup_keeps_it_exact(trained):
     assert set(document) == {"name", "age"} and isinstance(document["name"], str)
     assert isinstance(document["age"], int)
     assert [r.token for r in run(prompt_lookup=4)] == [r.token for r in plain]
+
+
+def validity_models():
+    """Pydantic models with enums, an array of nested objects and a nullable field (extra keys forbidden)."""
+    from typing import Literal, Optional
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Strict(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    class Shirt(Strict):
+        name: str
+        size: Literal["S", "M", "L"]
+        price: float
+
+    class Tag(Strict):
+        tag: str
+
+    class Post(Strict):
+        title: str
+        tags: list[Tag] = Field(max_length=3)
+
+    class Meeting(Strict):
+        day: str
+        online: bool
+        note: Optional[str]
+
+    return [(Shirt, "Describe a T-shirt for sale."), (Post, "Give a blog post a title and tags."),
+            (Meeting, "Plan a team meeting.")]
+
+
+@pytest.mark.parametrize("case, seed", [(0, None), (1, 3), (2, None)])  # greedy and sampled
+def test_trained_model_constrained_json_always_validates(trained, case, seed):
+    pytest.importorskip("pydantic")
+    from mlx_openelm.sampling import make_sampler
+
+    model, tokenizer = trained
+    model_cls, task = validity_models()[case]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": f"{task} Reply in JSON."}])
+    constraint = make_constraint(tokenizer, json_schema=model_cls.model_json_schema(), vocab_size=model.args.vocab_size)
+    sampler = make_sampler(temp=0.0) if seed is None else make_sampler(temp=0.8, seed=seed)
+    out = list(stream_generate(model, tokenizer, prompt, max_tokens=120, logits_processors=[constraint],
+                               sampler=sampler))
+    assert out[-1].finish_reason == "stop"
+    model_cls.model_validate_json("".join(r.text for r in out))  # raises ValidationError if it does not validate
