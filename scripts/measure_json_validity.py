@@ -108,7 +108,7 @@ def valid(model_cls, text: str) -> bool:
 
 def run(model, tokenizer, args, constrained: bool, sampled: bool) -> tuple[int, float]:
     good, tokens, seconds = 0, 0, 0.0
-    for i, (model_cls, task) in enumerate(PROMPTS):
+    for i, (model_cls, task) in enumerate(PROMPTS[:args.prompts]):
         prompt = tokenizer.apply_chat_template(ask(model_cls, task))
         processors = [make_constraint(tokenizer, json_schema=model_cls.model_json_schema(),
                                       vocab_size=model.args.vocab_size)] if constrained else []
@@ -126,15 +126,18 @@ def run(model, tokenizer, args, constrained: bool, sampled: bool) -> tuple[int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="the first N prompts only")
+    parser.add_argument("--greedy-only", action="store_true", help="skip the sampled rows")
     args = parser.parse_args()
+    count = min(args.prompts, len(PROMPTS))
     model, tokenizer = load(trained.trained_model_path())
     print("| decoding | unconstrained: valid | constrained: valid | unconstrained tok/s | constrained tok/s |")
     print("|---|---|---|---|---|")
-    for sampled in (False, True):
+    for sampled in (False,) if args.greedy_only else (False, True):
         free, free_speed = run(model, tokenizer, args, False, sampled)
         held, held_speed = run(model, tokenizer, args, True, sampled)
         label = "sampled (T 0.7, top-p 0.95)" if sampled else "greedy"
-        print(f"| {label} | {free}/{len(PROMPTS)} | {held}/{len(PROMPTS)} | {free_speed:.1f} | {held_speed:.1f} |",
+        print(f"| {label} | {free}/{count} | {held}/{count} | {free_speed:.1f} | {held_speed:.1f} |",
               flush=True)
 
 
