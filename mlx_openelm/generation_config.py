@@ -14,7 +14,6 @@ Llama) is not an OpenELM: on it 1.2 turns a Python docstring prompt into garbage
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Mapping, Optional, Union
 
 from .errors import ConfigError
 from .folder.names import CONFIG_FILE, GENERATION_CONFIG
+from .folder.reading import read_json_object
 
 OPENELM_ARCHITECTURE = "OpenELMForCausalLM"
 OPENELM_REPETITION_PENALTY = 1.2  # Apple's model cards
@@ -47,18 +47,6 @@ class GenerationDefaults:
     repetition_penalty: float = 1.0
     max_tokens: int = 256
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
-
-
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: not a readable generation_config.json ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a generation_config.json holds a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _value(data: dict, key: str, path: Path, integer: bool = False, low: float = 0.0, low_open: bool = False,
@@ -92,9 +80,9 @@ def read_generation_defaults(folder: Union[str, Path], config: Optional[Mapping[
     here when not given), which says whether the model is an OpenELM."""
     folder = Path(folder)
     path = folder / GENERATION_CONFIG
-    data = _read(path)
+    data = read_json_object(path, ConfigError)
     if config is None:
-        config = _read(folder / CONFIG_FILE)
+        config = read_json_object(folder / CONFIG_FILE, ConfigError)
     sample = data.get("do_sample")
     if sample is not None and not isinstance(sample, bool):
         raise ConfigError(f"{path}: 'do_sample' must be true or false, got {sample!r}")

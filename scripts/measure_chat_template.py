@@ -21,19 +21,10 @@ PROMPT = 'def mean(values):\n    """'
 QUESTION = "What is the capital of France?"
 
 
-def agree(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def plain_prompt(model, tok, tokens: int, folder: Path) -> None:
     import mlx_lm
 
+    from mlx_openelm.cache import common_prefix_length
     from mlx_openelm.generation import generate_step
     from mlx_openelm.sampling import make_logits_processors
 
@@ -45,7 +36,7 @@ def plain_prompt(model, tok, tokens: int, folder: Path) -> None:
         prompt = tok.encode(PROMPT, add_bos=add_bos)
         ids = [s.token for s in generate_step(prompt, model, max_tokens=tokens,
                                               logits_processors=make_logits_processors(penalty))]
-        print(f"{label}: prompt {len(prompt)} tokens; first {agree(ids, ref_ids)} of {len(ids)} tokens equal "
+        print(f"{label}: prompt {len(prompt)} tokens; first {common_prefix_length(ids, ref_ids)} of {len(ids)} tokens equal "
               f"mlx-lm's; text {tok.decode(ids)!r}")
 
 

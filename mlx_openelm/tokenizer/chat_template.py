@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 
 from ..errors import ChatTemplateError, PromptError, TokenizerError
 from ..folder.names import CHAT_TEMPLATE_FILE, EXTRA_CHAT_TEMPLATES, TOKENIZER_CONFIG
+from ..folder.reading import read_json_object
 MAX_RENDER_SECONDS = 10.0
 MAX_RENDER_CHARS = 8 << 20  # far more than any model's context holds
 # (deadline, seconds allowed) of the render running in this thread (or task)
@@ -363,16 +364,7 @@ def _named_templates(value: Any, path: Path) -> Union[str, dict[str, str]]:
 
 def read_tokenizer_config(folder: PathLike) -> dict:
     """`folder`'s tokenizer_config.json as a dict ({} when there is none); unreadable: a one-line error."""
-    path = Path(folder) / TOKENIZER_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:
-        raise TokenizerError(f"{path}: not a readable tokenizer_config.json ({_one_line(e, 120)})") from None
-    if not isinstance(config, dict):
-        raise TokenizerError(f"{path}: a tokenizer_config.json holds a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(Path(folder) / TOKENIZER_CONFIG, TokenizerError)
 
 
 def read_folder_template(folder: PathLike, config: Optional[Mapping[str, Any]] = None,

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from mlx_openelm.cache import common_prefix_length
 from mlx_openelm.errors import DataError, OpenELMWarning
 
 SPLITS = ("train", "valid", "test")
@@ -58,15 +59,6 @@ class Dataset:
         return sum(e.targets for e in self.examples)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def chat_example(tokenizer, messages: Sequence[Mapping[str, str]]) -> Example:
     """The conversation's tokens, the mask on each assistant turn: its reply and the EOS ending it.
 
@@ -79,7 +71,7 @@ def chat_example(tokenizer, messages: Sequence[Mapping[str, str]]) -> Example:
             continue
         before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
         through = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
-        start, end = _common_prefix(before, tokens), _common_prefix(through, tokens)
+        start, end = common_prefix_length(before, tokens), common_prefix_length(through, tokens)
         span = tokens[start:end]
         ends = [j for j, t in enumerate(span) if t in tokenizer.eos_ids]
         if ends:  # not the separator after the EOS: it belongs to the next turn
