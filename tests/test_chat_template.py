@@ -186,9 +186,12 @@ def test_a_hostile_template_is_a_one_line_error_in_bounded_time(tmp_path, case):
     source, reason = HOSTILE[case]
     path = tmp_path / "evil.jinja"
     path.write_text(source)
+    # A short clock where the clock is the guard under test; elsewhere room for a loaded machine, so
+    # the guard named in `reason` (not the clock) is the one that stops the template.
+    max_seconds = 0.5 if "took more than" in reason else 3.0
     start = time.monotonic()
     with pytest.raises(ChatTemplateError) as raised:
-        ChatTemplate.from_file(path, max_seconds=0.5, max_chars=1_000_000).render(CONVERSATION)
+        ChatTemplate.from_file(path, max_seconds=max_seconds, max_chars=1_000_000).render(CONVERSATION)
     message = str(raised.value)
     assert time.monotonic() - start < 5
     assert message.startswith(f"{path}: ") and "\n" not in message and len(message) < 400, message
