@@ -38,6 +38,13 @@ def _append(storage: Optional[mx.array], used: int, new: mx.array, step: int) ->
     return storage
 
 
+def _with_room(array: mx.array, room: int) -> mx.array:
+    if room <= 0:
+        return array
+    B, H, _, D = array.shape
+    return mx.concatenate([array, mx.zeros((B, H, room, D), array.dtype)], axis=2)
+
+
 class KVCache:
     """Keys and values of one attention layer, shaped (B, num_kv_heads, T, head_dim).
 
@@ -112,13 +119,16 @@ class KVCache:
             return ()
         return self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
 
-    def take(self, rows: mx.array) -> "KVCache":
+    def take(self, rows: mx.array, room: int = 0) -> "KVCache":
         """A new cache whose batch row i is a copy of this cache's row `rows[i]` (e.g. one prompt's
-        keys and values repeated for several continuations); this cache is unchanged."""
+        keys and values repeated for several continuations); this cache is unchanged.
+
+        `room`: positions the copy's storage has free after the copied ones, so that appending that
+        many allocates nothing more (without it the first append rounds the storage up to a whole step).
+        """
         copy = KVCache(self.num_kv_heads, self.head_dim, self.max_length, self.step)
         if self.keys is not None:
-            copy.keys = self.keys[rows, :, : self.offset, :]
-            copy.values = self.values[rows, :, : self.offset, :]
+            copy.keys, copy.values = (_with_room(a[rows, :, : self.offset, :], room) for a in (self.keys, self.values))
             copy.offset = self.offset
         return copy
 

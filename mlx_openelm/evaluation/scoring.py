@@ -31,6 +31,9 @@ BatchSize = Union[int, str]
 EMPTY_CONTEXT_TOKENS = ("eos", "bos")  # eos: the lm-eval Apple ran (dc90fec); bos: today's lm-eval
 AUTO_TOKENS = 8192  # `batch_size="auto"`: rows per forward so that rows x padded length stays under this
 HEAD_ROWS = 1024  # positions whose vocabulary-wide logits exist at once (1024 x 49152 float32: 200 MB)
+# A row joins a forward only if padding it to the forward's length adds at most this share of that length:
+# on a compute-bound CPU every padded position costs as much as a real one (docs/accuracy.md, "Measured").
+PAD_SHARE = 1 / 16
 
 
 def check_batch_size(value: BatchSize) -> BatchSize:
@@ -126,10 +129,11 @@ def score_tokens(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], ba
     if share_prefixes:
         groups, plain = _prefix_groups(requests)
         for chunk in _chunks(groups, batch_size, lambda g: (len(g[0]) + _suffix_width(requests, g[1]),
-                                                            len(_unique_suffixes(requests, g[1])))):
-            finish(*_score_shared(model, requests, chunk))
+                                                            len(_unique_suffixes(requests, g[1])), len(g[0]))):
+            for indices, values in _score_shared(model, requests, chunk, batch_size):
+                finish(indices, values)
     rows = _unique_rows(requests, plain)
-    for chunk in _chunks(rows, batch_size, lambda row: (len(row[0]), 1)):
+    for chunk in _chunks(rows, batch_size, lambda row: (len(row[0]), 1, len(row[0]))):
         finish(*_score_plain(model, requests, chunk))
     scores = Scores(results)
     scores.truncated = truncated
@@ -174,16 +178,20 @@ def _suffix_width(requests: list, members: Sequence[int]) -> int:
 def _chunks(items: list, batch_size: BatchSize, size: Callable):
     """Consecutive runs of `items` of at most `batch_size` rows (auto: about AUTO_TOKENS tokens); at least one item.
 
-    `size(item)` is (padded length it needs, rows it adds); items come longest first, so the first sets the length.
+    `size(item)` is (padded length it needs, rows it adds, length it is padded from); items come longest
+    first, so the first sets the length. A run also ends before an item shorter than the run's first by
+    more than PAD_SHARE of its length (padding costs as much compute as real tokens on a CPU).
     """
-    chunk, rows, width = [], 0, 0
+    chunk, rows, width, top = [], 0, 0, 0
     for item in items:
-        length, n = size(item)
+        length, n, own = size(item)
         new_width = max(width, length)
         full = (rows + n > batch_size) if batch_size != "auto" else (rows + n) * new_width > AUTO_TOKENS
-        if chunk and full:
+        if chunk and (full or top - own > top * PAD_SHARE):
             yield chunk
             chunk, rows, new_width = [], 0, length
+        if not chunk:
+            top = own
         chunk.append(item)
         rows, width = rows + n, new_width
     if chunk:
@@ -220,10 +228,11 @@ def _gather_scores(model, hidden: mx.array, spans: list[tuple[int, int, tuple]])
     picked, greedy = [], []
     for at in range(0, positions.size, HEAD_ROWS):  # the vocabulary-wide logits of HEAD_ROWS positions at a time
         logits = model.head(flat[positions[at: at + HEAD_ROWS]]).astype(mx.float32)
-        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         rows = targets[at: at + HEAD_ROWS]
-        picked.append(mx.take_along_axis(log_probs, rows[:, None], axis=-1)[:, 0])
-        greedy.append(log_probs.argmax(axis=-1) == rows)
+        # log_softmax at the targets only: the vocabulary-wide subtraction is skipped (on this CPU
+        # a pass over the vocabulary costs about as much as the head's matrix product)
+        picked.append(mx.take_along_axis(logits, rows[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1))
+        greedy.append(logits.argmax(axis=-1) == rows)
         mx.eval(picked[-1], greedy[-1])
     picked = np.concatenate([np.array(p, dtype=np.float64) for p in picked])
     greedy = np.concatenate([np.array(g) for g in greedy])
@@ -248,32 +257,42 @@ def _score_plain(model, requests: list, chunk: list[tuple[tuple, list]]):
     return indices, _gather_scores(model, hidden, spans)
 
 
-def _score_shared(model, requests: list, chunk: list[tuple[tuple, list]]):
-    """Read the chunk's prefixes once (left-padded), repeat each one's KV rows for its continuations, then
-    read all the continuations (right-padded) in one forward from that cache."""
+def _score_shared(model, requests: list, chunk: list[tuple[tuple, list]], batch_size: BatchSize):
+    """Read the chunk's prefixes once (left-padded), then their continuations (right-padded) in batches of
+    similar length, each row from a copy of its prefix's KV rows. Yields (request indices, scores) per batch."""
     prefixes = [prefix for prefix, _ in chunk]
     width = max(len(p) for p in prefixes)
     pads = np.array([width - len(p) for p in prefixes])
     cache = make_cache(model)
     keys = np.arange(width)
-    causal = keys[None, :] <= keys[:, None]
-    real = (keys[None, None, :] >= pads[:, None, None]) | np.eye(width, dtype=bool)[None]  # padding sees itself
-    _hidden(model, _pad(prefixes, width, left=True), cache, mx.array((causal[None] & real)[:, None]))
-    suffix_rows, row_group = [], []
-    for g, (_, members) in enumerate(chunk):
-        for suffix, readers in _unique_suffixes(requests, members).items():
-            suffix_rows.append((suffix, readers))
-            row_group.append(g)
-    cache = [layer.take(mx.array(row_group, dtype=mx.int32)) for layer in cache]
-    suffix_width = max(len(s) for s, _ in suffix_rows)
-    queries = np.arange(suffix_width)
-    sees_prefix = keys[None, None, :] >= pads[row_group][:, None, None]
-    sees_prefix = np.broadcast_to(sees_prefix, (len(row_group), suffix_width, width))
-    sees_suffix = np.broadcast_to(queries[None, :] <= queries[:, None], (len(row_group), suffix_width, suffix_width))
-    mask = mx.array(np.concatenate([sees_prefix, sees_suffix], axis=-1)[:, None])
-    hidden = _hidden(model, _pad([s for s, _ in suffix_rows], suffix_width), cache, mask)
+    mask = None
+    if pads.any():
+        real = (keys[None, None, :] >= pads[:, None, None]) | np.eye(width, dtype=bool)[None]  # padding sees itself
+        mask = mx.array(((keys[None, :] <= keys[:, None])[None] & real)[:, None])
+    _hidden(model, _pad(prefixes, width, left=True), cache, mask)
+    mx.eval([layer.state for layer in cache])  # only the keys and values: the prefix's outputs are never read
+    suffix_rows = [(suffix, readers, g) for g, (_, members) in enumerate(chunk)
+                   for suffix, readers in _unique_suffixes(requests, members).items()]
+    suffix_rows.sort(key=lambda row: -len(row[0]))
+    for rows in _chunks(suffix_rows, batch_size, lambda row: (width + len(row[0]), 1, len(row[0]))):
+        yield _score_suffixes(model, requests, cache, pads, rows)
+
+
+def _score_suffixes(model, requests: list, cache: list, pads: np.ndarray, rows: list[tuple[tuple, list, int]]):
+    """One forward over continuations `rows` (suffix, readers, prefix row), from copies of the prefix cache."""
+    width, suffix_width = cache[0].offset, len(rows[0][0])
+    row_group = np.array([g for _, _, g in rows])
+    rows_cache = [layer.take(mx.array(row_group, dtype=mx.int32), room=suffix_width) for layer in cache]
+    mask = None
+    if pads[row_group].any() or any(len(suffix) != suffix_width for suffix, _, _ in rows):
+        queries = np.arange(suffix_width)
+        sees_prefix = np.arange(width)[None, None, :] >= pads[row_group][:, None, None]
+        sees_prefix = np.broadcast_to(sees_prefix, (len(rows), suffix_width, width))
+        sees_suffix = np.broadcast_to(queries[None, :] <= queries[:, None], (len(rows), suffix_width, suffix_width))
+        mask = mx.array(np.concatenate([sees_prefix, sees_suffix], axis=-1)[:, None])
+    hidden = _hidden(model, _pad([suffix for suffix, _, _ in rows], suffix_width), rows_cache, mask)
     spans, indices = [], []
-    for r, (suffix, readers) in enumerate(suffix_rows):
+    for r, (suffix, readers, _) in enumerate(rows):
         for i in readers:
             targets = requests[i].targets
             spans.append((r * suffix_width + len(suffix) - len(targets), i, targets))
