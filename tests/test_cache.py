@@ -130,3 +130,16 @@ def test_take_repeats_rows_of_a_cache():
     more = mx.ones((3, 2, 1, 4))
     k, _ = copy.update_and_fetch(more, more)  # the copy grows on its own
     assert k.shape == (3, 2, 4, 4) and cache.offset == 3 and cache.keys.shape[0] == 2
+
+
+def test_take_with_room_appends_into_its_own_storage():
+    from mlx_openelm.cache import KVCache
+
+    cache = KVCache(num_kv_heads=1, head_dim=2, max_length=64, step=8)
+    keys = mx.arange(2 * 1 * 3 * 2, dtype=mx.float32).reshape(2, 1, 3, 2)
+    cache.update_and_fetch(keys, keys)
+    copy = cache.take(mx.array([1, 0]), room=2)
+    assert copy.offset == 3 and copy.capacity == 5  # not rounded up to the step of 8
+    k, _ = copy.update_and_fetch(mx.ones((2, 1, 2, 2)), mx.ones((2, 1, 2, 2)))
+    assert copy.capacity == 5 and k.shape == (2, 1, 5, 2)
+    assert mx.array_equal(k[0, :, :3], keys[1]) and mx.array_equal(k[:, :, 3:], mx.ones((2, 1, 2, 2)))
