@@ -6,7 +6,8 @@ solutions of ~25 words) and MMLU-like (a question with 4 lettered options, the a
 Both scorers get the same (context, continuation) requests on the same model folder. mlx-lm encodes
 without BOS and without moving trailing spaces; its tokenizer is given BOS here (the contexts end
 without spaces), so both read the same tokens and the log-likelihoods are comparable. Reports the
-largest log-likelihood difference, whether the chosen answers agree, items/s and peak memory.
+largest log-likelihood difference, whether the chosen answers agree, items/s, CPU seconds per item (this
+process's CPU time: steadier than wall time on a shared machine) and peak memory, and the load average.
 
     python scripts/measure_eval_speed.py [--model FOLDER] [--items 100] [--batch-size auto]
 """
@@ -14,6 +15,7 @@ largest log-likelihood difference, whether the chosen answers agree, items/s and
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import time
@@ -59,9 +61,9 @@ def run_ours(model, tokenizer, requests, batch_size, share):
     from mlx_openelm.evaluation.scoring import score
 
     mx.reset_peak_memory()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     scores = score(model, tokenizer, requests, batch_size=batch_size, share_prefixes=share)
-    return [s for s, _ in scores], time.perf_counter() - start, mx.get_peak_memory() / 1e9
+    return [s for s, _ in scores], time.perf_counter() - start, time.process_time() - cpu, mx.get_peak_memory() / 1e9
 
 
 def run_mlx_lm(folder, requests):
@@ -73,9 +75,9 @@ def run_mlx_lm(folder, requests):
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1
     lm._tokenize = lambda texts: [[bos] + tokenizer.encode(t, add_special_tokens=False) for t in texts]
     mx.reset_peak_memory()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     scores = lm.loglikelihood([SimpleNamespace(args=r) for r in requests])
-    return [s for s, _ in scores], time.perf_counter() - start, mx.get_peak_memory() / 1e9
+    return [s for s, _ in scores], time.perf_counter() - start, time.process_time() - cpu, mx.get_peak_memory() / 1e9
 
 
 def chosen(items, scores):
@@ -103,18 +105,21 @@ def main():
     model, tokenizer = load(folder, dtype="float32")
     run_ours(model, tokenizer, [("Warm up the kernels.", " Now.")] * 4, args.batch_size, True)
     print(f"model {folder}, {args.items} items per task, batch size {args.batch_size}")
-    print(f"{'task':<30} {'scorer':<28} {'items/s':>8} {'peak GB':>8} {'max |dlogp|':>12} {'same answers':>12}")
+    print(f"{'task':<30} {'scorer':<28} {'items/s':>8} {'CPU s/item':>10} {'peak GB':>8} {'max |dlogp|':>12} "
+          f"{'same answers':>12}")
     for task, items in make_tasks(args.items).items():
         requests = [r for item in items for r in item]
-        theirs, seconds, peak = run_mlx_lm(folder, requests)
-        print(f"{task:<30} {'mlx_lm.evaluate':<28} {len(items) / seconds:>8.2f} {peak:>8.3f} {'-':>12} {'-':>12}")
+        theirs, seconds, cpu, peak = run_mlx_lm(folder, requests)
+        print(f"{task:<30} {'mlx_lm.evaluate':<28} {len(items) / seconds:>8.2f} {cpu / len(items):>10.2f} {peak:>8.3f} "
+              f"{'-':>12} {'-':>12}", flush=True)
         for share in (True, False):
-            ours, seconds, peak = run_ours(model, tokenizer, requests, args.batch_size, share)
+            ours, seconds, cpu, peak = run_ours(model, tokenizer, requests, args.batch_size, share)
             diff = max(abs(a - b) for a, b in zip(ours, theirs))
             same = sum(a == b for a, b in zip(chosen(items, ours), chosen(items, theirs)))
             name = "mlx-openelm" + ("" if share else " (no prefix sharing)")
-            print(f"{task:<30} {name:<28} {len(items) / seconds:>8.2f} {peak:>8.3f} {diff:>12.2e} "
-                  f"{same:>5}/{len(items)}")
+            print(f"{task:<30} {name:<28} {len(items) / seconds:>8.2f} {cpu / len(items):>10.2f} {peak:>8.3f} "
+                  f"{diff:>12.2e} {same:>5}/{len(items)}", flush=True)
+    print("load average (1, 5, 15 min): " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":
