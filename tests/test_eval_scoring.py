@@ -174,7 +174,7 @@ def test_the_head_in_slices_gives_the_same_scores(loaded, monkeypatch):
     assert max(abs(a[0] - b[0]) for a, b in zip(sliced, whole)) <= 1e-5
 
 
-def test_a_row_is_padded_by_at_most_a_forwards_cost(model_and_tokenizer, monkeypatch):
+def test_a_forwards_padding_costs_at_most_one_more_forward(model_and_tokenizer, monkeypatch):
     from mlx_openelm.evaluation import scoring
 
     model, tokenizer = model_and_tokenizer
@@ -189,4 +189,4 @@ def test_a_row_is_padded_by_at_most_a_forwards_cost(model_and_tokenizer, monkeyp
         scores = score(model, tokenizer, requests, share_prefixes=share)
         assert_close(scores, reference_scores(model, [encode_pair(tokenizer, c, k) for c, k in requests]))
         for width, lengths in shapes:  # token 0 is never in these texts: non-zero ids are the real tokens
-            assert width - min(lengths) <= scoring.FORWARD_TOKENS
+            assert sum(width - n for n in lengths) <= scoring.FORWARD_TOKENS

@@ -31,9 +31,9 @@ BatchSize = Union[int, str]
 EMPTY_CONTEXT_TOKENS = ("eos", "bos")  # eos: the lm-eval Apple ran (dc90fec); bos: today's lm-eval
 AUTO_TOKENS = 8192  # `batch_size="auto"`: rows per forward so that rows x padded length stays under this
 HEAD_ROWS = 1024  # positions whose vocabulary-wide logits exist at once (1024 x 49152 float32: 200 MB)
-# A row joins a forward only if the padding it needs costs no more than a forward of its own: on this
-# CPU a forward's fixed cost (reading the weights) is about that of 32 tokens, and a padded position
-# costs as much as a real one (docs/accuracy.md, "Where the time goes").
+# A forward's padding stays within the cost of one more forward: on this CPU a forward's fixed cost
+# (reading the weights) is about that of 32 tokens, and a padded position costs as much as a real one
+# (docs/accuracy.md, "Where the time goes").
 FORWARD_TOKENS = 32
 
 
@@ -180,19 +180,20 @@ def _chunks(items: list, batch_size: BatchSize, size: Callable):
     """Consecutive runs of `items` of at most `batch_size` rows (auto: about AUTO_TOKENS tokens); at least one item.
 
     `size(item)` is (padded length it needs, rows it adds, length it is padded from); items come longest
-    first, so the first sets the length. A run also ends before an item that would need more than
-    FORWARD_TOKENS positions of padding (more than a forward of its own costs).
+    first, so the first sets the length. A run also ends before an item that would take the run's padding
+    past FORWARD_TOKENS positions (a padded position costs a real one; a new forward, about that many).
     """
-    chunk, rows, width, top = [], 0, 0, 0
+    chunk, rows, width, top, padding = [], 0, 0, 0, 0
     for item in items:
         length, n, own = size(item)
         new_width = max(width, length)
         full = (rows + n > batch_size) if batch_size != "auto" else (rows + n) * new_width > AUTO_TOKENS
-        if chunk and (full or top - own > FORWARD_TOKENS):
+        if chunk and (full or padding + top - own > FORWARD_TOKENS):
             yield chunk
             chunk, rows, new_width = [], 0, length
         if not chunk:
-            top = own
+            top, padding = own, 0
+        padding += top - own
         chunk.append(item)
         rows, width = rows + n, new_width
     if chunk:
