@@ -285,8 +285,8 @@ def _score_suffixes(model, requests: list, cache: list, pads: np.ndarray, rows: 
     width, suffix_width = cache[0].offset, len(rows[0][0])
     row_group = np.array([g for _, _, g in rows])
     rows_cache = [layer.take(mx.array(row_group, dtype=mx.int32), room=suffix_width) for layer in cache]
-    mask = None
-    if pads[row_group].any() or any(len(suffix) != suffix_width for suffix, _, _ in rows):
+    mask = None  # right padding needs none: the causal mask keeps every real position from the padding after it
+    if pads[row_group].any():
         queries = np.arange(suffix_width)
         sees_prefix = np.arange(width)[None, None, :] >= pads[row_group][:, None, None]
         sees_prefix = np.broadcast_to(sees_prefix, (len(rows), suffix_width, width))
