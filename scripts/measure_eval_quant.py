@@ -19,6 +19,7 @@ model once per folder: the first `--check-items` items of each task are scored b
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import logging
 import time
@@ -68,34 +69,56 @@ def check_only(folders, reference, shots, manager, items) -> None:
               f"({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folders", nargs="+")
-    parser.add_argument("--reference", default=None, help="the float folder (default: the trained test model)")
-    parser.add_argument("--tasks", required=True)
-    parser.add_argument("--include-path", required=True)
-    parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--check-items", type=int, default=2, help="items per task scored by the real quantized model")
-    parser.add_argument("--check-only", action="store_true", help="only the dequantized copies' check")
-    parser.add_argument("--json", default=None, help="append one JSON line per (model, task, metric) here")
-    args = parser.parse_args()
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+def folder_bits(folder: str, parameters: int) -> float:
+    """Bits per weight: every stored tensor's bits (codes, scales, biases, float norms) over the float
+    model's parameter count."""
+    import mlx.core as mx
+
+    bits = sum(a.nbytes * 8 for path in glob.glob(f"{folder}/*.safetensors") for a in mx.load(path).values())
+    return bits / parameters
+
+
+def table(paths: list[str], reference: str) -> None:
+    """`--table FILE.jsonl...`: the results as two Markdown tables (accuracies; paired differences)."""
+    import mlx.core as mx
+
+    rows = [json.loads(line) for path in paths for line in open(path, encoding="utf-8") if line.strip()]
+    for r in rows:
+        r["label"] = r["folder"].rstrip("/").split("/")[-1]
+    parameters = sum(a.size for path in glob.glob(f"{reference}/*.safetensors")
+                     for a in mx.load(path).values())
+    models = list(dict.fromkeys(r["label"] for r in rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    cell = {(r["label"], r["task"], r["metric"]): r for r in rows}
+    pct = lambda v, e: f"{100 * v:.1f} ± {100 * e:.1f}"  # noqa: E731
+    head = " | ".join(f"{t} {m}" for t in tasks for m in ("acc", "acc_norm"))
+    print(f"| model | bits/weight | {head} |\n|---|---|" + "---|" * (2 * len(tasks)))
+    first = {(t, m): next(r for r in rows if r["task"] == t and r["metric"] == m) for t in tasks for m in ("acc", "acc_norm")}
+    print("| float32 | 32 | " + " | ".join(pct(first[t, m]["reference"], first[t, m]["reference_stderr"])
+                                         for t in tasks for m in ("acc", "acc_norm")) + " |")
+    for model in models:
+        folder = next(r["folder"] for r in rows if r["label"] == model)
+        values = [pct(c["model"], c["model_stderr"]) if (c := cell.get((model, t, m))) else "" for t in tasks
+                  for m in ("acc", "acc_norm")]
+        print(f"| {model} | {folder_bits(folder, parameters):.2f} | " + " | ".join(values) + " |")
+    print("\n| model | task | items | acc - float | acc_norm - float | answers changed | mean gold dlogp (nats) |")
+    print("|---|---|---|---|---|---|---|")
+    for model in models:
+        for t in tasks:
+            a, n = cell.get((model, t, "acc")), cell.get((model, t, "acc_norm"))
+            if a and n:
+                print(f"| {model} | {t} | {a['items']} | {100 * a['difference']:+.1f} ± {100 * a['stderr']:.1f} | "
+                      f"{100 * n['difference']:+.1f} ± {100 * n['stderr']:.1f} | {100 * a['changed']:.1f}% | "
+                      f"{a['gold_logprob_change']:+.4f} |")
+
+
+def grid(args, reference, names, shots, manager) -> None:
+    """The float model once, then each quantized folder's dequantized copy, compared item by item."""
     from measure_quality import dequantized_copy
 
     from mlx_openelm import load
     from mlx_openelm.evaluation.compare import compare_samples
-    from mlx_openelm.evaluation.harness import task_manager
 
-    reference = args.reference
-    if reference is None:
-        from support import trained
-
-        reference = trained.trained_model_path()
-    names = args.tasks.split(",")
-    shots = {name: None for name in names}
-    manager = task_manager(names, args.include_path)
-    if args.check_only:
-        return check_only(args.folders, reference, shots, manager, args.check_items)
     model, tokenizer = load(reference, dtype="float32")
     float_run, seconds = run(model, tokenizer, shots, manager, args.limit)
     print(f"float {reference}: {seconds:.0f} s", flush=True)
@@ -121,12 +144,44 @@ def main():
                       f"  changed {100 * r.changed:5.1f}%  gold dlogp {r.gold_logprob_change:+.4f}", flush=True)
                 if args.json:
                     with open(args.json, "a", encoding="utf-8") as f:
-                        f.write(json.dumps({"model": label, "folder": folder, **r.to_dict(),
+                        f.write(json.dumps({"folder": folder, **r.to_dict(),
                                             "model_stderr": m[metric + "_stderr,none"],
                                             "reference_stderr": float_run.metrics[name][metric + "_stderr,none"],
                                             "check_max_dlogp": check, "check_answers": len(pairs),
                                             "seconds": seconds}) + "\n")
 
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folders", nargs="+")
+    parser.add_argument("--reference", default=None, help="the float folder (default: the trained test model)")
+    parser.add_argument("--tasks", default=None)
+    parser.add_argument("--include-path", default=None)
+    parser.add_argument("--table", action="store_true", help="FOLDERS are --json files: print them as Markdown")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--check-items", type=int, default=2, help="items per task scored by the real quantized model")
+    parser.add_argument("--check-only", action="store_true", help="only the dequantized copies' check")
+    parser.add_argument("--json", default=None, help="append one JSON line per (model, task, metric) here")
+    args = parser.parse_args()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    from mlx_openelm.evaluation.harness import task_manager
+
+    reference = args.reference
+    if reference is None:
+        from support import trained
+
+        reference = trained.trained_model_path()
+    if args.table:
+        return table(args.folders, reference)
+    if not args.tasks or not args.include_path:
+        parser.error("--tasks and --include-path are needed unless --table")
+    names = args.tasks.split(",")
+    shots = {name: None for name in names}
+    manager = task_manager(names, args.include_path)
+    if args.check_only:
+        return check_only(args.folders, reference, shots, manager, args.check_items)
+    grid(args, reference, names, shots, manager)
 
 if __name__ == "__main__":
     main()
