@@ -87,7 +87,9 @@ def table(paths: list[str], reference: str) -> None:
         r["label"] = r["folder"].rstrip("/").split("/")[-1]
     parameters = sum(a.size for path in glob.glob(f"{reference}/*.safetensors")
                      for a in mx.load(path).values())
-    models = list(dict.fromkeys(r["label"] for r in rows))
+    folders = {r["label"]: r["folder"] for r in rows}
+    bits = {label: folder_bits(folder, parameters) for label, folder in folders.items()}
+    models = sorted(bits, key=lambda label: -bits[label])
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     cell = {(r["label"], r["task"], r["metric"]): r for r in rows}
     pct = lambda v, e: f"{100 * v:.1f} ± {100 * e:.1f}"  # noqa: E731
@@ -97,10 +99,9 @@ def table(paths: list[str], reference: str) -> None:
     print("| float32 | 32 | " + " | ".join(pct(first[t, m]["reference"], first[t, m]["reference_stderr"])
                                          for t in tasks for m in ("acc", "acc_norm")) + " |")
     for model in models:
-        folder = next(r["folder"] for r in rows if r["label"] == model)
         values = [pct(c["model"], c["model_stderr"]) if (c := cell.get((model, t, m))) else "" for t in tasks
                   for m in ("acc", "acc_norm")]
-        print(f"| {model} | {folder_bits(folder, parameters):.2f} | " + " | ".join(values) + " |")
+        print(f"| {model} | {bits[model]:.2f} | " + " | ".join(values) + " |")
     print("\n| model | task | items | acc - float | acc_norm - float | answers changed | mean gold dlogp (nats) |")
     print("|---|---|---|---|---|---|---|")
     for model in models:
