@@ -6,6 +6,13 @@ fault leads the message (`mlx_path: ...`), others are quoted in backticks (`forc
 """
 
 
+def one_line(text: object, most: int = 300) -> str:
+    """`text` on one line (whitespace runs become one space), cut to `most` characters: for quoting
+    another library's message inside ours."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 class OpenELMError(Exception):
     """Base class for every error mlx-openelm reports to a user."""
 

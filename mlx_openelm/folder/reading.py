@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Type
 
+from ..errors import one_line
+
 
 def read_json_object(path: Path, error: Type[Exception]) -> dict:
     """`path`'s JSON object, {} when there is no such file; unreadable, not JSON, or not an object:
@@ -16,9 +18,7 @@ def read_json_object(path: Path, error: Type[Exception]) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
-        reason = " ".join(str(e).split())
-        reason = reason if len(reason) <= 120 else reason[:117] + "..."
-        raise error(f"{path}: not a readable {path.name} ({reason})") from None
+        raise error(f"{path}: not a readable {path.name} ({one_line(e, 120)})") from None
     if not isinstance(data, dict):
         raise error(f"{path}: a {path.name} holds a JSON object, got {type(data).__name__}")
     return data

@@ -29,7 +29,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from ..errors import ChatTemplateError, PromptError, TokenizerError
+from ..errors import ChatTemplateError, PromptError, TokenizerError, one_line
 from ..folder.names import CHAT_TEMPLATE_FILE, EXTRA_CHAT_TEMPLATES, TOKENIZER_CONFIG
 from ..folder.reading import read_json_object
 MAX_RENDER_SECONDS = 10.0
@@ -217,11 +217,6 @@ def _compiled(source: str, max_chars: int):
     return env.from_string(source), env
 
 
-def _one_line(text: str, most: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= most else text[: most - 3] + "..."
-
-
 # ---- bounded rendering -------------------------------------------------------------------
 
 def _render_bounded(template, context: dict, max_seconds: float, max_chars: int) -> str:
@@ -296,7 +291,7 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as e:
             label = "" if name == "default" else f" {name!r}"
             raise ChatTemplateError(f"{self.origin}: the chat template{label} is not valid Jinja "
-                                    f"(line {e.lineno}: {_one_line(e.message or e)})") from None
+                                    f"(line {e.lineno}: {one_line(e.message or e)})") from None
 
     def _select(self, tools) -> str:
         if tools is not None and "tool_use" in self.templates:
@@ -330,13 +325,13 @@ class ChatTemplate:
         except _Refused as e:
             raise ChatTemplateError(f"{where} was stopped: {e}") from None
         except jinja2.exceptions.SecurityError as e:
-            raise ChatTemplateError(f"{where} did something its sandbox forbids ({_one_line(e)})") from None
+            raise ChatTemplateError(f"{where} did something its sandbox forbids ({one_line(e)})") from None
         except jinja2.exceptions.TemplateError as e:  # raise_exception, undefined values
-            raise ChatTemplateError(f"{where} refused the messages: {_one_line(e)}") from None
+            raise ChatTemplateError(f"{where} refused the messages: {one_line(e)}") from None
         except (MemoryError, RecursionError) as e:
             raise ChatTemplateError(f"{where} was stopped: {type(e).__name__}") from None
         except Exception as e:  # noqa: BLE001 - any failure of template code is the template's
-            raise ChatTemplateError(f"{where} failed: {type(e).__name__}: {_one_line(e)}") from None
+            raise ChatTemplateError(f"{where} failed: {type(e).__name__}: {one_line(e)}") from None
 
 
 # ---- which template a folder has -----------------------------------------------------------
@@ -359,7 +354,7 @@ def _named_templates(value: Any, path: Path) -> Union[str, dict[str, str]]:
             for t in value):
         return {t["name"]: t["template"] for t in value}
     raise ChatTemplateError(f"{path}: 'chat_template' must be a string or a list of {{\"name\", \"template\"}} "
-                            f"objects, got {_one_line(json.dumps(value), 80)}")
+                            f"objects, got {one_line(json.dumps(value), 80)}")
 
 
 def read_tokenizer_config(folder: PathLike) -> dict:
