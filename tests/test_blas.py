@@ -105,7 +105,27 @@ def test_a_preloaded_blas_is_reported_even_when_switched_off():
     assert report["info"]["source"] == "preloaded" and report["info"]["library"] == os.path.realpath(SYSTEM_OPENBLAS)
 
 
-def test_default_threads_leave_smt_siblings_and_cap_at_eight(monkeypatch):
+def _topology(root, cores_of: list[tuple[int, int]]):
+    """A fake sysfs: logical CPU i on (package, core) cores_of[i]."""
+    for cpu, (package, core) in enumerate(cores_of):
+        folder = root / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "physical_package_id").write_text(f"{package}\n")
+        (folder / "core_id").write_text(f"{core}\n")
+    return str(root)
+
+
+def test_physical_cores_count_smt_siblings_once(tmp_path):
+    smt = _topology(tmp_path / "smt", [(0, 0), (0, 1), (0, 0), (0, 1)])  # 2 cores, 2 threads each
+    assert blas.physical_cores([0, 1, 2, 3], smt) == 2
+    assert blas.physical_cores([0, 2], smt) == 1  # both siblings of core 0
+    sockets = _topology(tmp_path / "sockets", [(0, 0), (1, 0)])  # the same core id on two packages
+    assert blas.physical_cores([0, 1], sockets) == 2
+    assert blas.physical_cores([0, 1, 5], sockets) == 3  # no topology for cpu5: count logical CPUs
+
+
+def test_default_threads_one_per_core_capped_at_eight(monkeypatch):
+    monkeypatch.setattr(blas, "physical_cores", lambda cpus: len(cpus) // 2)  # SMT pairs
     for cpus, threads in ((1, 1), (2, 1), (4, 2), (16, 8), (128, 8)):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cpus: set(range(n)), raising=False)
         assert blas.default_threads() == threads
