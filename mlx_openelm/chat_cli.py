@@ -12,18 +12,16 @@ from .cli_common import (
     chat_template_option,
     clean_prompt,
     echo_stream,
-    format_speculative,
     load_model_and_tokenizer,
-    load_speculative,
     make_generation_kwargs,
     model_options,
     note,
     sampling_options,
     sampling_settings,
     stop_option,
-    speculative_options,
     user_errors,
 )
+from .speculative_cli import format_speculative, load_speculative, speculative_options
 from .constrain.cli import constraint_options, validate_constraint_options
 
 HELP = """Commands:
@@ -158,7 +156,7 @@ def _tolerant_stdin() -> None:
 @chat_template_option
 @click.option("--system", "-s", default=None, help="System prompt (kept when old turns are dropped).")
 @sampling_options
-@speculative_options
+@speculative_options(single_stream=True)
 @stop_option
 @constraint_options
 @click.option("--quiet", "-q", is_flag=True, help="No loading message or statistics lines.")

@@ -182,7 +182,7 @@ def read_stdin() -> str:
 
 # ---- options ----------------------------------------------------------------------
 
-def _apply(options, fn):
+def apply_options(options, fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
@@ -194,7 +194,7 @@ FOLDER_DEFAULT = "default: the model folder's generation_config.json, else "
 def sampling_options(fn):
     """The sampling flags shared by `generate`, `chat` and `serve` (None: the folder's default, see
     `sampling_settings`)."""
-    return _apply([
+    return apply_options([
         click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=None,
                      help=f"Most tokens to generate ({FOLDER_DEFAULT}256)."),
         click.option("--temp", type=click.FloatRange(min=0), default=None,
@@ -236,7 +236,7 @@ def sampling_settings(model_ref, max_tokens, temp, top_k, top_p, repetition_pena
 
 def model_options(fn):
     """`--model`, `--tokenizer` and `--dtype`."""
-    return _apply([
+    return apply_options([
         click.option("--model", "model_path", default=None,
                      help="Model folder (HF OpenELM or converted MLX) or Hugging Face repo id, fetched once "
                           "into the HF cache (default: apple/OpenELM-270M-Instruct)."),
@@ -254,40 +254,6 @@ def adapter_option(fn):
     return click.option("--adapter-path", "adapter_path", default=None, type=click.Path(), metavar="DIR",
                         help="Adapter folder from `mlx-openelm lora` or mlx-lm (adapter_config.json + "
                              "adapters.safetensors) to apply to the model.")(fn)
-
-
-def speculative_options(fn):
-    """`--draft-model`, `--num-draft-tokens` and `--prompt-lookup` (speculative decoding)."""
-    return _apply([
-        click.option("--draft-model", "draft_path", default=None, metavar="PATH_OR_REPO",
-                     help="A smaller OpenELM, or a quantized copy of --model, drafting tokens that the model "
-                          "verifies in one pass (speculative decoding: the same output, faster when drafts "
-                          "are accepted)."),
-        click.option("--num-draft-tokens", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="Most tokens the draft model proposes per verification pass (fewer while rejected)."),
-        click.option("--prompt-lookup", type=click.IntRange(min=0), default=0, show_default=True, metavar="N",
-                     help="Propose up to N tokens copied from the context after a matching 2-gram (prompt "
-                          "lookup decoding; 4 was fastest on a Linux CPU, Apple's model cards use 10; drafting "
-                          "pauses while proposals are rejected). 0: off."),
-    ], fn)
-
-
-def load_speculative(draft_path, num_draft_tokens: int, prompt_lookup: int, dtype, quiet: bool = False):
-    """The `SpeculativeOptions` of the speculative options, loading the draft model (the library
-    checks it against the model where the two meet)."""
-    if draft_path and prompt_lookup:
-        raise click.UsageError("--draft-model and --prompt-lookup are two ways to propose tokens; pick one")
-    from .speculative import SpeculativeOptions
-
-    draft = None
-    if draft_path:
-        from .hub import resolve_model_path
-        from .loading import load_model
-
-        if not quiet:
-            click.echo(f"Loading draft model {draft_path} ...", err=True)
-        draft = load_model(resolve_model_path(draft_path), dtype=dtype)
-    return SpeculativeOptions(draft_model=draft, num_draft_tokens=num_draft_tokens, prompt_lookup=prompt_lookup)
 
 
 def _nonempty_stops(ctx, param, value):
@@ -346,13 +312,12 @@ def format_memory(gigabytes: float) -> str:
     return f"{gigabytes:.2f} GB" if gigabytes >= 1 else f"{gigabytes * 1000:.1f} MB"
 
 
-def format_stats(response, speculative: bool = False) -> str:
-    """The statistics line of a finished generation (with `speculative`, the drafts accepted)."""
+def format_stats(response) -> str:
+    """The statistics line of a finished generation."""
     return (
         f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s | "
         f"generation: {response.generation_tokens} tokens, {response.generation_tps:.1f} tok/s | "
         f"peak memory: {format_memory(response.peak_memory_gb)}"
-        + (f" | {format_speculative(response)}" if speculative else "")
     )
 
 
@@ -361,28 +326,6 @@ def format_finish(response) -> str:
     if getattr(response, "context_full", False):
         return "finish: length (the model's context is full)"
     return f"finish: {response.finish_reason}"
-
-
-def format_speculative(response) -> str:
-    """'drafts: 45/60 accepted (75%), 0.41 target passes/token' for a finished generation."""
-    rate = f" ({response.acceptance_rate:.0%})" if response.acceptance_rate is not None else ""
-    return (f"drafts: {response.accepted_tokens}/{response.drafted_tokens} accepted{rate}, "
-            f"{passes_per_token(response):.2f} target passes/token")
-
-
-def passes_per_token(response) -> float:
-    return response.target_forward_passes / response.generation_tokens
-
-
-def speculative_fields(response) -> dict:
-    """The speculative-decoding statistics for `--json` (plain decoding: nothing drafted, 1 pass a token)."""
-    return {
-        "drafted_tokens": response.drafted_tokens,
-        "accepted_tokens": response.accepted_tokens,
-        "acceptance_rate": response.acceptance_rate,
-        "target_forward_passes": response.target_forward_passes,
-        "target_passes_per_token": passes_per_token(response),
-    }
 
 
 def echo_stream(responses: Iterable, echo: bool = True, pieces: list | None = None):

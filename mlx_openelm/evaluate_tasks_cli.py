@@ -12,7 +12,7 @@ import time
 
 import click
 
-from .cli_common import _apply, load_model_and_tokenizer, note
+from .cli_common import apply_options, load_model_and_tokenizer, note
 
 # metrics lm-eval reports that are not scores
 _NOT_METRICS = {"alias", "name", "sample_len", "sample_count"}
@@ -20,7 +20,7 @@ _NOT_METRICS = {"alias", "name", "sample_len", "sample_count"}
 
 def task_options(fn):
     """The `--tasks` options of `eval`."""
-    return _apply([
+    return apply_options([
         click.option("--tasks", default=None, metavar="NAMES",
                      help="Comma-separated lm-eval tasks (arc_easy,hellaswag,...), or a preset of the OpenELM "
                           "paper: paper-zeroshot, paper-openllm, paper-llm360 (Apple's shots per task). Needs "

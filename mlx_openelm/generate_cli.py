@@ -14,17 +14,15 @@ from .cli_common import (
     format_finish,
     format_stats,
     load_model_and_tokenizer,
-    load_speculative,
     make_generation_kwargs,
     model_options,
     read_stdin,
     sampling_options,
     sampling_settings,
     stop_option,
-    speculative_fields,
-    speculative_options,
     user_errors,
 )
+from .speculative_cli import format_speculative, load_speculative, speculative_fields, speculative_options
 from .constrain.cli import constraint_options, validate_constraint_options
 
 
@@ -53,7 +51,7 @@ def _json_fields(last) -> dict:
 @chat_template_option
 @click.option("--system", "-s", default=None, help="System prompt for --chat (implies --chat).")
 @sampling_options
-@speculative_options
+@speculative_options(single_stream=True)
 @stop_option
 @constraint_options
 @click.option("--quiet", "-q", is_flag=True, help="Print only the generated text.")
@@ -98,4 +96,5 @@ def generate_command(model_path, tokenizer_path, dtype, prompt, chat, chat_templ
         return
     click.echo()
     if not quiet and last is not None:
-        click.echo(format_stats(last, speculative.enabled) + f" | {format_finish(last)}", err=True)
+        drafts = f" | {format_speculative(last)}" if speculative.enabled else ""
+        click.echo(f"{format_stats(last)}{drafts} | {format_finish(last)}", err=True)

@@ -15,6 +15,7 @@ from .compat import keyword_names, print_generation, translate_kwargs
 from .errors import ContextLengthError, OptionError, PromptError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
+from .drafting import LOOKUP_NGRAM
 from .speculative import DraftProposer, SpeculativeDecoder, SpeculativeOptions
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
@@ -151,7 +152,7 @@ def generate_step(
     draft_cache: Optional[Sequence[KVCache]] = None,
     num_draft_tokens: int = 3,
     prompt_lookup: int = 0,
-    prompt_lookup_ngram: int = 2,
+    prompt_lookup_ngram: int = LOOKUP_NGRAM,
     cached_ids: Optional[Sequence[int]] = None,
     speculative: Optional[SpeculativeOptions] = None,
 ) -> Iterator[GenerationStep]:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import KVCache, truncate_caches
 from .config import same_vocabulary
+from .drafting import LOOKUP_NGRAM, DraftLength, find_lookup_tokens
 from .errors import ConfigError, OptionError
 from .model import Model
 from .sampling import LogitsProcessor, Sampler, to_logprobs
@@ -67,7 +67,7 @@ class SpeculativeOptions:
     draft_model: Optional[Model] = None
     num_draft_tokens: int = 3
     prompt_lookup: int = 0
-    prompt_lookup_ngram: int = 2
+    prompt_lookup_ngram: int = LOOKUP_NGRAM
     adaptive: bool = True
     target: Optional[Model] = field(default=None, repr=False, compare=False)
 
@@ -106,20 +106,6 @@ def match_vocab(logits: mx.array, vocab_size: int) -> mx.array:
         pad = mx.full((*logits.shape[:-1], vocab_size - size), -mx.inf, dtype=logits.dtype)
         return mx.concatenate([logits, pad], axis=-1)
     return logits
-
-
-def find_lookup_tokens(context: Sequence[int], num_tokens: int, max_ngram_size: int = 2) -> list[int]:
-    """Prompt lookup: up to `num_tokens` tokens that followed the first earlier occurrence of the
-    context's last n-gram, trying n = `max_ngram_size` down to 1 (Hugging Face's rule)."""
-    tokens = np.asarray(context)
-    length = tokens.size
-    for n in range(min(max_ngram_size, length - 1), 0, -1):
-        windows = np.lib.stride_tricks.sliding_window_view(tokens, n)
-        starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1)) + n  # where each match's continuation starts
-        starts = starts[starts < length]  # the last n-gram matches itself, with nothing after it
-        if starts.size:
-            return tokens[starts[0] : starts[0] + num_tokens].tolist()
-    return []
 
 
 # ---- the acceptance rule, batched over leading dimensions so it can be checked on many draws at once
@@ -198,44 +184,6 @@ class DraftProposer:
         return mx.concatenate(tokens), mx.concatenate(rows)
 
 
-class DraftLength:
-    """How many tokens to propose next round, from how many were kept so far; the output never
-    depends on it (every proposal is verified), only the speed does.
-
-    It starts at `limit`. A round that keeps every proposal grows it by one (up to `limit`); one that
-    does not sets it to one more than were kept. A round that keeps fewer than `min_rate` of its
-    proposals is a miss: after `patience` misses in a row drafting pauses for `pause` rounds (plain
-    decoding steps, since verifying proposals makes a target pass dearer and a draft model's passes
-    are lost), then probes with one proposal. A miss right after a pause pauses again, twice as long
-    (up to `max_pause`); a round that is not a miss ends the doubling.
-    """
-
-    def __init__(self, limit: int, min_rate: float = 0.25, patience: int = 2, pause: int = 4, max_pause: int = 64):
-        self.limit, self.min_rate, self.patience = limit, min_rate, patience
-        self.first_pause, self.max_pause = pause, max_pause
-        self.length, self.pause, self.misses, self.paused = limit, pause, 0, 0
-
-    def next(self) -> int:
-        """Proposals for the next round (0: a plain step)."""
-        if self.paused:
-            self.paused -= 1
-            return 0
-        return self.length
-
-    def update(self, drafted: int, kept: int) -> None:
-        """Record a round that proposed `drafted` tokens and kept `kept` of them."""
-        if drafted == 0:  # a pause, or prompt lookup that found nothing: no evidence
-            return
-        self.length = min(self.limit, self.length + 1) if kept == drafted else kept + 1
-        if kept >= self.min_rate * drafted:
-            self.misses, self.pause = 0, self.first_pause
-            return
-        self.misses += 1
-        if self.misses >= self.patience:
-            self.paused, self.pause = self.pause, min(self.max_pause, 2 * self.pause)
-            self.misses = self.patience - 1  # one more miss pauses again
-
-
 class SpeculativeDecoder:
     """Rounds of propose -> verify -> accept -> trim for one generation.
 
@@ -256,7 +204,7 @@ class SpeculativeDecoder:
         draft: Optional[DraftProposer] = None,
         num_draft_tokens: int = 3,
         prompt_lookup: int = 0,
-        lookup_ngram_size: int = 2,
+        lookup_ngram_size: int = LOOKUP_NGRAM,
         adaptive: bool = True,
     ):
         self.model = model

@@ -2,7 +2,7 @@
 against plain decoding and mlx-lm's plain (and draft-model) decoding in the same rounds.
 
     python scripts/measure_trained_speculative.py [--draft q4:64] [--draft layers:0-9,25-29] [--draft FOLDER]
-        [--tokens 48] [--draft-tokens 2,3,4,5,6] [--lookup 2,3,4,6,8,10] [--prompts repeat,edit,code,story,continue]
+        [--tokens 48] [--draft-tokens 2,3,4,5,6] [--lookup 2,3,4,6,8,10] [--prompts repeat,edit,code,summarize,story,continue]
         [--plain-every 1] [--mlx-lm] [--fixed] [--json PATH]
 
 A draft (repeatable): `qBITS:GROUP`, the target quantized in memory (the self-draft; `q4:64` is what
@@ -13,7 +13,8 @@ text (`trained.real_text("eval")`). Prompts:
 
 - input-grounded (the answer copies the input, where prompt lookup should shine): `repeat` (plain text:
   a passage, then 'The same text, quoted: "' and its first six words), `edit` (chat: rewrite a passage with one
-  word replaced), `code` (chat: rename a function in a Python file: this script's `decode_run`);
+  word replaced), `code` (chat: rename a function in a short Python file, `CODE`), `summarize` (chat: a passage in one
+  sentence);
 - free generation: `story` (chat: a short story), `continue` (plain text: the passage, continued).
 
 `--mlx-lm` adds mlx-lm's plain greedy decoding (its generate_step on the same arrays, in this process, so on
@@ -55,13 +56,18 @@ def _passage(words: int = 70) -> str:
     return text[: text.rfind(".") + 1]
 
 
-def _code() -> str:
-    """This script's `decode_run` function: a real code file to edit."""
-    text = Path(__file__).read_text()
-    start = text.index("def decode_run")
-    return text[start : text.index("\n\n\n", start) + 1]
+CODE = '''def decode_run(model, prompt, caches, tokens):
+    """One greedy decoding after the prefilled prompt; the caches are trimmed back afterwards."""
+    start = time.perf_counter()
+    steps = list(generate_step(prompt[-1:], model, max_tokens=tokens, cache=caches["target"]))
+    seconds = time.perf_counter() - start
+    for cache in caches.values():
+        truncate_caches(cache, len(prompt) - 1)
+    return {"tokens": [s.token for s in steps], "seconds": seconds, "tps": len(steps) / seconds}
+'''  # a fixed Python function to edit (versions before this one quoted a fragment of this script by mistake)
 
 
+EOS = 2  # <|im_end|>, the trained model's end of a reply (main() checks it against the tokenizer)
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's default
 
 
@@ -80,7 +86,8 @@ def prompts(tokenizer, names: list[str]) -> dict[str, tuple[str, list[int]]]:
     chat = {  # user messages in the chat format
         "edit": ("grounded", f"Rewrite the following text, replacing the word \"target\" with \"name\".\n\n{passage}"),
         "code": ("grounded", "Rename the function `decode_run` to `timed_decode` in this Python code and show "
-                             f"the whole code.\n\n```python\n{_code()}```"),
+                             f"the whole code.\n\n```python\n{CODE}```"),
+        "summarize": ("grounded", f"Summarize this text in one sentence.\n\n{passage}"),
         "story": ("free", "Write a short story about a lighthouse keeper who finds a message in a bottle."),
     }
     plain = {  # plain text
@@ -98,14 +105,27 @@ def prompts(tokenizer, names: list[str]) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
+def _until_eos(tokens):
+    """The tokens up to and including the end of the reply (EOS), as the product's commands stop there."""
+    for token in tokens:
+        yield token
+        if token == EOS:
+            return
+
+
 def decode_run(model, prompt: list[int], caches: dict, tokens: int, adaptive: bool = True, **speculative) -> dict:
-    """One greedy decoding after the prefilled `prompt[:-1]`; the caches are trimmed back afterwards."""
+    """One greedy decoding after the prefilled `prompt[:-1]`, to EOS or `tokens` tokens; the caches are trimmed
+    back afterwards."""
     kwargs = {"speculative": SpeculativeOptions(**speculative, adaptive=adaptive)} if speculative else {}
     if "draft_model" in speculative:
         kwargs["draft_cache"] = caches[id(speculative["draft_model"])]
     start = time.perf_counter()
-    steps = list(generate_step(prompt[-1:], model, max_tokens=tokens, cache=caches["target"],
-                               cached_ids=prompt[:-1], **kwargs))
+    steps = []
+    for step in generate_step(prompt[-1:], model, max_tokens=tokens, cache=caches["target"],
+                              cached_ids=prompt[:-1], **kwargs):
+        steps.append(step)
+        if step.token == EOS:
+            break
     seconds = time.perf_counter() - start
     for key in ("target", id(speculative.get("draft_model"))):
         if key in caches:
@@ -123,10 +143,15 @@ def mlx_lm_run(lm, caches: list, prompt: list[int], tokens: int, draft=None, k: 
 
     start = time.perf_counter()
     if draft is None:
-        steps = [(int(t), False) for t, _ in lm_step(mx.array(prompt[-1:]), lm, max_tokens=tokens, prompt_cache=caches[0])]
+        steps = [(t, False) for t in _until_eos(int(t) for t, _ in lm_step(mx.array(prompt[-1:]), lm, max_tokens=tokens,
+                                                                            prompt_cache=caches[0]))]
     else:
-        steps = [(int(t), d) for t, _, d in speculative_generate_step(
-            mx.array(prompt[-1:]), lm, draft, num_draft_tokens=k, max_tokens=tokens, prompt_cache=caches[0] + caches[1])]
+        steps = []
+        for t, _, d in speculative_generate_step(mx.array(prompt[-1:]), lm, draft, num_draft_tokens=k,
+                                                 max_tokens=tokens, prompt_cache=caches[0] + caches[1]):
+            steps.append((int(t), d))
+            if int(t) == EOS:
+                break
     seconds = time.perf_counter() - start
     for cache in caches:
         trim_prompt_cache(cache, cache[0].offset - (len(prompt) - 1))
@@ -241,7 +266,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=48, help="tokens generated per run")
     parser.add_argument("--draft-tokens", type=_ints, default=[2, 3, 4, 5, 6])
     parser.add_argument("--lookup", type=_ints, default=[2, 3, 4, 6, 8, 10])
-    parser.add_argument("--prompts", type=lambda s: s.split(","), default=["repeat", "edit", "code", "story", "continue"])
+    parser.add_argument("--prompts", type=lambda s: s.split(","), default=["repeat", "edit", "code", "summarize", "story", "continue"])
     parser.add_argument("--plain-every", type=int, default=1, help="a plain run before every Nth setting")
     parser.add_argument("--mlx-lm", action="store_true", help="mlx-lm's plain (and draft) decoding beside ours")
     parser.add_argument("--fixed", action="store_true", help="draft the full length every round (not adaptive)")
@@ -249,6 +274,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = trained.trained_model_path()
     model, tokenizer = load(folder, dtype="float32")
+    assert tokenizer.eos_id == EOS, f"the trained model's EOS is {tokenizer.eos_id}"
     drafts = [build_draft(model, spec, folder) for spec in args.draft or ["q4:64"]]
     load_before = os.getloadavg()[0]
     rows = measure(model, drafts, tokenizer, args)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import click
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -351,10 +352,32 @@ def test_prompt_lookup_follows_hugging_face():
     context = [5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 6, 7]
     assert find_lookup_tokens(context, 3) == [8, 9, 5]  # first earlier "6 7"
     assert find_lookup_tokens(context, 10) == [8, 9, 5, 6, 7, 1, 2, 6, 7]  # not past the end
-    assert find_lookup_tokens([4, 1, 2, 9, 3, 2], 2) == [9, 3]  # no bigram match: the unigram "2"
-    assert find_lookup_tokens([4, 1, 2, 9, 3, 2], 2, max_ngram_size=1) == [9, 3]
+    assert find_lookup_tokens([4, 1, 2, 9, 3, 2], 2, min_ngram_size=1) == [9, 3]  # no bigram: the unigram "2"
+    assert find_lookup_tokens([4, 1, 2, 9, 3, 2], 2) == []  # by default one matching token proposes nothing
+    assert find_lookup_tokens([4, 1, 2, 9, 3, 2], 2, max_ngram_size=1) == [9, 3]  # unless n is at most 1
     assert find_lookup_tokens([1, 2, 3], 4) == []
     assert find_lookup_tokens([7], 4) == []
+
+
+def _hugging_face_lookup(context, num_tokens, max_ngram_size):
+    """Hugging Face's prompt lookup, written plainly: n = max down to 1, the first earlier match's continuation."""
+    for n in range(min(max_ngram_size, len(context) - 1), 0, -1):
+        for start in range(len(context) - n):
+            if context[start : start + n] == context[-n:]:
+                return context[start + n : start + n + num_tokens]
+    return []
+
+
+def test_prompt_lookup_prefers_the_longest_match_and_equals_the_plain_rule():
+    # "3 4" first continues with 9, but the longer suffix "2 3 4" continues with 5
+    context = [3, 4, 9, 1, 2, 3, 4, 5, 6, 0, 2, 3, 4]
+    assert find_lookup_tokens(context, 2, max_ngram_size=2) == [9, 1]
+    assert find_lookup_tokens(context, 2) == [5, 6]
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        context = rng.integers(0, 4, size=int(rng.integers(1, 40))).tolist()
+        k, n = int(rng.integers(1, 6)), int(rng.integers(1, 10))
+        assert find_lookup_tokens(context, k, n, min_ngram_size=1) == _hugging_face_lookup(context, k, n), (context, k, n)
 
 
 # ---- responses and chat -------------------------------------------------------------------------
@@ -417,8 +440,10 @@ def test_generate_with_a_draft_or_prompt_lookup_prints_the_plain_text_and_the_ac
     import json
 
     base = ["generate", "--model", str(hf_checkpoint), "--prompt", "Once upon a time", "-m", "12", "--json"]
-    plain = json.loads(invoke_cli(*base, catch_exceptions=False).stdout)
+    plain = json.loads(invoke_cli(*base, "--prompt-lookup", "0", catch_exceptions=False).stdout)
     assert (plain["drafted_tokens"], plain["acceptance_rate"], plain["target_passes_per_token"]) == (0, None, 1.0)
+    by_default = json.loads(invoke_cli(*base, catch_exceptions=False).stdout)  # prompt lookup, 4 tokens
+    assert by_default["text"] == plain["text"]
     drafted = json.loads(invoke_cli(*base, "--draft-model", str(hf_checkpoint), "--num-draft-tokens", "2",
                                     catch_exceptions=False).stdout)
     assert drafted["text"] == plain["text"]
@@ -429,6 +454,19 @@ def test_generate_with_a_draft_or_prompt_lookup_prints_the_plain_text_and_the_ac
     result = invoke_cli(*base[:-1], "--draft-model", str(hf_checkpoint), catch_exceptions=False)
     assert result.exit_code == 0
     assert "drafts: 9/9 accepted (100%), 0.25 target passes/token" in result.stderr  # 12 tokens in 3 passes
+
+
+def test_prompt_lookup_is_on_by_default_for_one_stream_only():
+    from mlx_openelm.drafting import SINGLE_STREAM_LOOKUP
+    from mlx_openelm.speculative_cli import load_speculative, speculative_options
+
+    assert load_speculative(None, 3, None, "float32").prompt_lookup == SINGLE_STREAM_LOOKUP > 0
+    assert load_speculative(None, 3, 0, "float32").enabled is False
+    defaults = {}
+    for single_stream in (True, False):
+        command = speculative_options(single_stream)(click.command()(lambda **kw: None))
+        defaults[single_stream] = next(p.default for p in command.params if p.name == "prompt_lookup")
+    assert defaults == {True: None, False: 0}  # None: SINGLE_STREAM_LOOKUP, or 0 beside a draft model
 
 
 def test_cli_refuses_a_draft_with_another_vocabulary_and_two_proposers(hf_checkpoint, tmp_path, invoke_cli):
@@ -445,7 +483,10 @@ def test_cli_refuses_a_draft_with_another_vocabulary_and_two_proposers(hf_checkp
 
 def test_chat_with_a_draft_model_says_what_plain_chat_says(hf_checkpoint, invoke_cli):
     lines = "Hello there\nWhat is MLX?\n"
-    plain = invoke_cli("chat", "--model", str(hf_checkpoint), "-m", "8", input=lines, catch_exceptions=False)
+    plain = invoke_cli("chat", "--model", str(hf_checkpoint), "-m", "8", "--prompt-lookup", "0", input=lines,
+                       catch_exceptions=False)
+    looked_up = invoke_cli("chat", "--model", str(hf_checkpoint), "-m", "8", input=lines, catch_exceptions=False)
+    assert looked_up.exit_code == 0 and looked_up.stdout == plain.stdout and "target passes/token" in looked_up.stderr
     drafted = invoke_cli("chat", "--model", str(hf_checkpoint), "-m", "8", "--draft-model", str(hf_checkpoint),
                          input=lines, catch_exceptions=False)
     assert drafted.exit_code == 0 and drafted.stdout == plain.stdout

@@ -11,13 +11,12 @@ from ..cli_common import (
     adapter_option,
     chat_template_option,
     load_model_and_tokenizer,
-    load_speculative,
     model_options,
     sampling_options,
     sampling_settings,
-    speculative_options,
     user_errors,
 )
+from ..speculative_cli import load_speculative, speculative_options
 from .limits import ServerLimits
 
 LIMITS = ServerLimits()
@@ -82,7 +81,7 @@ def _model_id(model_ref) -> str:
 @click.option("--prefill-chunk", type=int, default=256, show_default=True,
               help="Prompt tokens read per worker turn while other requests decode (0: a whole prompt at once).")
 @sampling_options
-@speculative_options
+@speculative_options(single_stream=False)
 @bound_options
 @click.option("--quiet", "-q", is_flag=True, help="No loading message and no per-request log lines.")
 @user_errors
