@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
 import subprocess
 import sys
 
@@ -19,6 +20,14 @@ from synthetic import (
     train_tokenizer,
     write_hf_checkpoint,
 )
+
+
+def pytest_configure(config):
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would
+    # every command the signal tests start (a program keeps an ignored signal ignored). A handled signal is
+    # reset to the default at exec, so with Python's own handler here those commands get Ctrl-C back.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -264,9 +264,7 @@ def finish(proc: subprocess.Popen, input: bytes = b"") -> tuple[int, str]:
     (signal.SIGTERM, 128 + signal.SIGTERM, ""),
 ])
 def test_a_signal_during_generate_stops_it_cleanly(slow_checkpoint, signum, code, words):
-    # plain decoding: prompt lookup copies a random model's loops so fast that 2000 tokens beat the signal
-    proc = start("generate", "--model", slow_checkpoint, "-p", "Once upon a time", "-m", 2000, "--repetition-penalty", 1,
-                 "--prompt-lookup", 0)
+    proc = start("generate", "--model", slow_checkpoint, "-p", "Once upon a time", "-m", 2000, "--repetition-penalty", 1)
     wait_for_output(proc)
     proc.send_signal(signum)
     returncode, err = finish(proc)
@@ -287,7 +285,7 @@ def test_sigterm_ends_a_waiting_chat_cleanly(hf_checkpoint):
 
 
 def test_sigint_during_a_chat_reply_keeps_the_chat(slow_checkpoint):
-    proc = start("chat", "--model", slow_checkpoint, "-m", 120, "--repetition-penalty", 1, "--prompt-lookup", 0)
+    proc = start("chat", "--model", slow_checkpoint, "-m", 120, "--repetition-penalty", 1)
     proc.stdin.write(b"tell me everything\n")
     proc.stdin.flush()
     wait_for_output(proc)

@@ -183,15 +183,22 @@ def test_generate_command_continues_with_the_librarys_greedy_tokens(run_cli, tra
     assert greedy_text.startswith(" Paris"), greedy_text  # a trained model knows it; a random one does not
 
 
-@pytest.mark.parametrize("proposals", ["draft", "lookup"])
-def test_speculative_generate_commands_give_the_plain_greedy_text(run_cli, trained_model_path, converted_4bit,
-                                                                  greedy_text, proposals):
-    how = ["--draft-model", converted_4bit[0], "--num-draft-tokens", 3] if proposals == "draft" else \
-        ["--prompt-lookup", 4]
+def test_speculative_generate_command_gives_the_plain_greedy_text(run_cli, trained_model_path, converted_4bit,
+                                                                 greedy_text):
+    how = ["--draft-model", converted_4bit[0], "--num-draft-tokens", 3]
     out = _json_output(run_cli("generate", "--model", trained_model_path, "-p", PROMPT, "-m", NEW_TOKENS,
                                "--repetition-penalty", 1, "--json", *how))
     assert out["text"] == greedy_text
     assert out["drafted_tokens"] > 0 and 0 < out["target_passes_per_token"] <= 1
+
+
+def test_prompt_lookup_by_default_gives_the_plain_greedy_text(run_cli, trained_model_path):
+    prompt = "Roses are red, violets are blue. Roses are red, violets are blue. Roses are"
+    base = ["generate", "--model", trained_model_path, "-p", prompt, "-m", 12, "--repetition-penalty", 1, "--json"]
+    plain = _json_output(run_cli(*base, "--prompt-lookup", 0))
+    looked_up = _json_output(run_cli(*base))  # prompt lookup, 4 tokens
+    assert looked_up["text"] == plain["text"] and plain["drafted_tokens"] == 0
+    assert looked_up["accepted_tokens"] > 0 and looked_up["target_passes_per_token"] < 1, looked_up
 
 
 def test_convert_4_bit_then_eval_against_the_float_folder(run_cli, trained_model_path, converted_4bit, words,
