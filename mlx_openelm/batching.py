@@ -3,9 +3,11 @@
 `batch_generate` completes a list of prompts this way (each with its own sampler, logits
 processors, stop strings and token limit); the server's scheduler drives a `Batch` itself.
 
-Each request's prompt is read alone (in its own `KVCache`, as `generate_step` does), at
-most `prefill_chunk` tokens per `Batch.step` so that the decoding rows keep getting a
-token every step, then it joins the `Batch` as a row. A row's keys and values sit in one `BatchKVCache` per layer,
+Each request's prompt is read in its own `KVCache`, as `generate_step` does, at most
+`prefill_chunk` tokens per `Batch.step` so that the decoding rows keep getting a token every
+step, then it joins the `Batch` as a row. Prompts waiting together that start from an empty
+cache are read in one model call, right-padded (a token never attends to the padding after
+it), and their caches split by row. A row's keys and values sit in one `BatchKVCache` per layer,
 left-padded so that every row ends at the same column; a boolean mask keeps each row's
 queries off its padding, and each row's RoPE positions are its own (RoPE is relative,
 so a row computes what it would alone, up to float round-off). Every `Batch.step` feeds
@@ -137,6 +139,7 @@ class Batch:
         """Read up to `prefill_chunk` prompt tokens of the waiting rows, oldest first; rows whose
         prompt is read (all but its last token, which the step feeds) join the batch."""
         budget = self.prefill_chunk or self.model.args.max_context_length
+        budget -= self._read_together(budget)
         while self.waiting and budget:
             row = self.waiting[0]
             n = min(budget, row.prompt.size - 1 - row.read)
@@ -152,6 +155,46 @@ class Batch:
             if row.read == row.prompt.size - 1:
                 self._join(self.waiting.pop(0), row.cache)
                 row.cache = []
+
+    def _fresh_group(self, budget: int) -> list[Row]:
+        """The oldest waiting rows, in order, that start from an empty cache and whose prompts (all but
+        the last token), right-padded to the longest, fit in `budget` and in one model call."""
+        group, longest = [], 0
+        for row in self.waiting:
+            n = row.prompt.size - 1
+            padded = (len(group) + 1) * max(longest, n)
+            if row.read or row.cache[0].offset or not 0 < n <= budget or padded > PREFILL_STEP:
+                break
+            group.append(row)
+            longest, budget = max(longest, n), budget - n
+        return group
+
+    def _read_together(self, budget: int) -> int:
+        """Read the prompts of the oldest fresh rows (`_fresh_group`) in one right-padded model call, where
+        each prompt's tokens attend only to earlier ones, never to the padding after them; split the cache
+        by row and join them. Returns the prompt tokens read: none when the call fails, and the rows are
+        then read alone, which finds the one that fails."""
+        group = self._fresh_group(budget)
+        if len(group) < 2:
+            return 0
+        lengths = [row.prompt.size - 1 for row in group]
+        tokens = mx.stack([mx.pad(row.prompt[:n], (0, max(lengths) - n)) for row, n in zip(group, lengths)])
+        cache = make_cache(self.model)
+        try:
+            self.model(tokens, cache=cache)
+            mx.eval([c.state for c in cache])
+        except Exception:  # noqa: BLE001 - read alone below, where a row's own failure stays its own
+            return 0
+        for i, (row, n) in enumerate(zip(group, lengths)):
+            own = [layer.take(mx.array([i])) for layer in cache]
+            for layer in own:
+                layer.truncate(n)
+            row.read = n
+            self.waiting.remove(row)
+            self._join(row, own)
+            row.cache = []
+        mx.clear_cache()
+        return sum(lengths)
 
     def _join(self, row: Row, cache: Sequence[KVCache]) -> None:
         for batch_cache, layer_cache in zip(self.caches, cache):

@@ -105,7 +105,8 @@ def physical_cores(cpus: list[int], sysfs: str = "/sys/devices/system/cpu") -> i
     for cpu in cpus:
         topology = Path(sysfs) / f"cpu{cpu}" / "topology"
         try:
-            cores.add(((topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()))
+            package = (topology / "physical_package_id").read_text().strip()
+            cores.add((package, (topology / "core_id").read_text().strip()))
         except OSError:
             return len(cpus)
     return len(cores)

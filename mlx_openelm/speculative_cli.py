@@ -26,7 +26,8 @@ def speculative_options(single_stream: bool):
         click.option("--prompt-lookup", type=click.IntRange(min=0), default=None if single_stream else 0,
                      metavar="N",
                      help="Propose up to N tokens copied from the context after its longest earlier match of "
-                          f"{LOOKUP_MIN_NGRAM} to {LOOKUP_NGRAM} tokens (prompt lookup decoding: the same output, faster where the reply "
+                          f"{LOOKUP_MIN_NGRAM} to {LOOKUP_NGRAM} tokens (prompt lookup decoding: the same output, "
+                          "faster where the reply "
                           "copies its input; drafting pauses while proposals are rejected). 0: off. "
                           f"[default: {default}]"),
     ], fn)

@@ -221,6 +221,26 @@ def test_a_failure_while_reading_one_prompt_fails_that_row_alone(model):
     assert requests[0].error is None and requests[0].tokens == alone(model, requests[0])[0]
 
 
+def test_prompts_waiting_together_are_read_in_one_call_and_decode_as_alone(model):
+    requests = [Request(p, max_tokens=6) for p in PROMPTS]  # all waiting at step 0, lengths 2 to 13
+    counting = PoisonedModel(model, poison=-1)  # never raises: counts the calls
+    together(counting, requests)
+    reads = [shape for shape in counting.calls if shape[1] > 1]
+    assert reads == [(len(PROMPTS), max(map(len, PROMPTS)) - 1)]  # one right-padded call for every prompt
+    assert_same_as_alone(model, requests)
+
+
+def test_a_failure_while_reading_prompts_together_fails_only_its_row(model):
+    requests = [Request(p, max_tokens=6) for p in PROMPTS]
+    poison = PROMPTS[2][4]  # only in the third prompt
+    assert all(poison not in r.prompt + alone(model, r)[0] for r in requests if r is not requests[2])
+    poisoned = PoisonedModel(model, poison)
+    together(poisoned, requests)
+    assert requests[2].tokens == [] and isinstance(requests[2].error, InjectedFault)
+    assert all(r.error is None for r in requests if r is not requests[2])
+    assert_same_as_alone(model, [r for r in requests if r is not requests[2]])
+
+
 @pytest.mark.parametrize("value", [-1, 1.5, True, "8"])
 def test_prefill_chunk_is_a_non_negative_integer(model, value):
     with pytest.raises(OptionError, match="prefill_chunk"):
