@@ -21,6 +21,8 @@ import json
 import os
 from pathlib import Path
 
+import mlx_openelm  # noqa: F401  first: the optimized BLAS is loaded before MLX (mlx_openelm/blas.py)
+
 import mlx.core as mx
 
 from measure_batching import QUESTIONS, _timed, blas

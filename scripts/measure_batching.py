@@ -30,6 +30,8 @@ import os
 import time
 from pathlib import Path
 
+import mlx_openelm  # noqa: F401  first: the optimized BLAS is loaded before MLX (mlx_openelm/blas.py)
+
 import mlx.core as mx
 
 from mlx_openelm import batch_generate, load, make_cache, stream_generate
@@ -52,7 +54,9 @@ GPUS = {"Apple M2 Max": (400e9, 27e12), "NVIDIA H100 SXM": (3.35e12, 990e12)}
 
 
 def blas() -> str:
-    return "OpenBLAS (LD_PRELOAD)" if "openblas" in os.environ.get("LD_PRELOAD", "") else "MLX's bundled BLAS"
+    from mlx_openelm.blas import describe
+
+    return describe()
 
 
 def _timed(fn):
