@@ -105,11 +105,12 @@ def prompts(tokenizer, names: list[str]) -> dict[str, tuple[str, list[int]]]:
     return out
 
 
-def _until_eos(tokens):
-    """The tokens up to and including the end of the reply (EOS), as the product's commands stop there."""
-    for token in tokens:
-        yield token
-        if token == EOS:
+def _until_eos(items, token):
+    """`items` up to and including the one whose `token(item)` ends the reply (EOS), as the product's
+    commands stop there."""
+    for item in items:
+        yield item
+        if token(item) == EOS:
             return
 
 
@@ -120,12 +121,8 @@ def decode_run(model, prompt: list[int], caches: dict, tokens: int, adaptive: bo
     if "draft_model" in speculative:
         kwargs["draft_cache"] = caches[id(speculative["draft_model"])]
     start = time.perf_counter()
-    steps = []
-    for step in generate_step(prompt[-1:], model, max_tokens=tokens, cache=caches["target"],
-                              cached_ids=prompt[:-1], **kwargs):
-        steps.append(step)
-        if step.token == EOS:
-            break
+    steps = list(_until_eos(generate_step(prompt[-1:], model, max_tokens=tokens, cache=caches["target"],
+                                          cached_ids=prompt[:-1], **kwargs), lambda step: step.token))
     seconds = time.perf_counter() - start
     for key in ("target", id(speculative.get("draft_model"))):
         if key in caches:
@@ -143,15 +140,12 @@ def mlx_lm_run(lm, caches: list, prompt: list[int], tokens: int, draft=None, k: 
 
     start = time.perf_counter()
     if draft is None:
-        steps = [(t, False) for t in _until_eos(int(t) for t, _ in lm_step(mx.array(prompt[-1:]), lm, max_tokens=tokens,
-                                                                            prompt_cache=caches[0]))]
+        produced = ((int(t), False) for t, _ in lm_step(mx.array(prompt[-1:]), lm, max_tokens=tokens,
+                                                        prompt_cache=caches[0]))
     else:
-        steps = []
-        for t, _, d in speculative_generate_step(mx.array(prompt[-1:]), lm, draft, num_draft_tokens=k,
-                                                 max_tokens=tokens, prompt_cache=caches[0] + caches[1]):
-            steps.append((int(t), d))
-            if int(t) == EOS:
-                break
+        produced = ((int(t), d) for t, _, d in speculative_generate_step(
+            mx.array(prompt[-1:]), lm, draft, num_draft_tokens=k, max_tokens=tokens, prompt_cache=caches[0] + caches[1]))
+    steps = list(_until_eos(produced, lambda step: step[0]))
     seconds = time.perf_counter() - start
     for cache in caches:
         trim_prompt_cache(cache, cache[0].offset - (len(prompt) - 1))
