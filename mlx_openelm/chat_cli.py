@@ -21,8 +21,8 @@ from .cli_common import (
     stop_option,
     user_errors,
 )
-from .speculative_cli import format_speculative, load_speculative, speculative_options
 from .constrain.cli import constraint_options, validate_constraint_options
+from .speculative_cli import format_speculative, load_speculative, speculative_options
 
 HELP = """Commands:
   /reset   start a new conversation (the system prompt stays)

@@ -22,8 +22,8 @@ from .cli_common import (
     stop_option,
     user_errors,
 )
-from .speculative_cli import format_speculative, load_speculative, speculative_fields, speculative_options
 from .constrain.cli import constraint_options, validate_constraint_options
+from .speculative_cli import format_speculative, load_speculative, speculative_fields, speculative_options
 
 
 def _json_fields(last) -> dict:

@@ -12,10 +12,10 @@ import mlx.core as mx
 
 from .cache import KVCache
 from .compat import keyword_names, print_generation, translate_kwargs
+from .drafting import LOOKUP_NGRAM
 from .errors import ContextLengthError, OptionError, PromptError
 from .model import Model, make_cache
 from .sampling import LogitsProcessor, Sampler, greedy, to_logprobs
-from .drafting import LOOKUP_NGRAM
 from .speculative import DraftProposer, SpeculativeDecoder, SpeculativeOptions
 from .stopping import StopMatcher
 from .tokenizer import Tokenizer
